@@ -1,0 +1,73 @@
+"""dra-core: a framework for Kubernetes Dynamic Resource Allocation drivers.
+
+This module is the public facade for backend authors: the hook marker, the model and the
+errors. Everything a backend needs is importable from here; the rest of the package is the
+core's own business.
+"""
+
+from __future__ import annotations
+
+from dra_core._version import __version__
+from dra_core.errors import AllocationError, PrepareError
+from dra_core.hookspecs import BackendOption, NodeContext, hookimpl
+from dra_core.model import (
+    LIMITS,
+    AllocatedClaim,
+    AllocatedDevice,
+    AttributeValue,
+    BackendIdentity,
+    Capacity,
+    ClaimRef,
+    ContainerEdits,
+    CounterConsumption,
+    CounterSet,
+    Device,
+    DeviceClassSpec,
+    DeviceHealth,
+    DeviceNode,
+    Inventory,
+    ModelError,
+    Mount,
+    PreparedClaim,
+    PreparedDevice,
+    RequestPolicy,
+    Taint,
+    ValidRange,
+    Version,
+)
+from dra_core.quantity import QuantityError, format_bytes, parse_quantity
+
+__all__ = (
+    "LIMITS",
+    "AllocatedClaim",
+    "AllocatedDevice",
+    "AllocationError",
+    "AttributeValue",
+    "BackendIdentity",
+    "BackendOption",
+    "Capacity",
+    "ClaimRef",
+    "ContainerEdits",
+    "CounterConsumption",
+    "CounterSet",
+    "Device",
+    "DeviceClassSpec",
+    "DeviceHealth",
+    "DeviceNode",
+    "Inventory",
+    "ModelError",
+    "Mount",
+    "NodeContext",
+    "PrepareError",
+    "PreparedClaim",
+    "PreparedDevice",
+    "QuantityError",
+    "RequestPolicy",
+    "Taint",
+    "ValidRange",
+    "Version",
+    "__version__",
+    "format_bytes",
+    "hookimpl",
+    "parse_quantity",
+)

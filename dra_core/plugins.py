@@ -1,0 +1,386 @@
+"""Loading backends and extension plugins, and calling their hooks through a typed facade.
+
+The backend named by ``--backend`` is loaded strictly: missing, broken, or installed twice
+under one name is a :class:`PluginLoadError` that names it, its distribution and the
+installed backends. Extension plugins load tolerantly (a warning) unless strict loading is
+asked for. Every hook call goes through :class:`Hooks`, which gives call sites types and turns
+an exception into a :class:`HookError` naming the plugin and the hook.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, TypeVar, cast
+
+import importlib_metadata
+import pluggy
+from loguru import logger
+
+from dra_core import hookspecs
+from dra_core.hookspecs import BackendOption, NodeContext
+from dra_core.model import (
+    AllocatedClaim,
+    AttributeValue,
+    BackendIdentity,
+    Device,
+    DeviceClassSpec,
+    DeviceHealth,
+    Inventory,
+    PreparedClaim,
+    PreparedDevice,
+)
+
+__all__ = (
+    "BACKEND_GROUP",
+    "PLUGIN_GROUP",
+    "EntryPointInfo",
+    "HookError",
+    "Hooks",
+    "PluginLoadError",
+    "from_objects",
+    "installed_backends",
+    "installed_plugins",
+    "load",
+)
+
+BACKEND_GROUP: Final = "dra_core.backends"
+PLUGIN_GROUP: Final = "dra_core.plugins"
+#: Set to "1" to make a broken extension plugin fatal, as a broken backend always is.
+STRICT_PLUGINS_ENV: Final = "DRA_STRICT_PLUGINS"
+#: Comma-separated extension plugin names not to load.
+DISABLED_PLUGINS_ENV: Final = "DRA_DISABLED_PLUGINS"
+
+T = TypeVar("T")
+
+
+class PluginLoadError(Exception):
+    """A backend or plugin could not be loaded; the message says which and what is installed."""
+
+
+class HookError(Exception):
+    """A hook implementation raised; ``plugin`` and ``hook`` name it, ``__cause__`` is the error."""
+
+    def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(f"plugin {plugin!r} hook {hook!r} failed: {cause}")
+
+
+@dataclass(frozen=True)
+class EntryPointInfo:
+    """An installed backend or plugin, as ``dra-core backends`` lists it."""
+
+    name: str
+    group: str
+    value: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...] = field(default=())
+    error: str | None = None
+
+    @property
+    def origin(self) -> str:
+        if self.distribution is None:
+            return self.value
+        return f"{self.distribution} {self.version}"
+
+
+def _entry_points(group: str) -> list[importlib_metadata.EntryPoint]:
+    return list(importlib_metadata.entry_points(group=group))
+
+
+def _describe(ep: importlib_metadata.EntryPoint) -> EntryPointInfo:
+    dist = ep.dist
+    return EntryPointInfo(
+        name=ep.name,
+        group=ep.group,
+        value=ep.value,
+        distribution=dist.name if dist is not None else None,
+        version=dist.version if dist is not None else None,
+    )
+
+
+def _with_hooks(info: EntryPointInfo, ep: importlib_metadata.EntryPoint) -> EntryPointInfo:
+    try:
+        module = ep.load()
+    except Exception as exc:  # noqa: BLE001 - listing must show a broken plugin, not die of it
+        return replace(info, error=f"{type(exc).__name__}: {exc}")
+    hooks = tuple(
+        sorted(n for n in dir(module) if n.startswith("dra_") and callable(getattr(module, n)))
+    )
+    return replace(info, hooks=hooks)
+
+
+def installed_backends(*, with_hooks: bool = False) -> list[EntryPointInfo]:
+    """The backends installed in this environment, sorted by name."""
+    eps = _entry_points(BACKEND_GROUP)
+    infos = [_with_hooks(_describe(ep), ep) if with_hooks else _describe(ep) for ep in eps]
+    return sorted(infos, key=lambda i: (i.name, i.distribution or ""))
+
+
+def installed_plugins(*, with_hooks: bool = False) -> list[EntryPointInfo]:
+    """The extension plugins installed in this environment, sorted by name."""
+    eps = _entry_points(PLUGIN_GROUP)
+    infos = [_with_hooks(_describe(ep), ep) if with_hooks else _describe(ep) for ep in eps]
+    return sorted(infos, key=lambda i: (i.name, i.distribution or ""))
+
+
+def _installed_names() -> str:
+    names = sorted({ep.name for ep in _entry_points(BACKEND_GROUP)})
+    return ", ".join(names) if names else "none"
+
+
+def _load_entry_point(ep: importlib_metadata.EntryPoint, kind: str) -> object:
+    info = _describe(ep)
+    try:
+        return ep.load()
+    except Exception as exc:
+        msg = (
+            f"{kind} {ep.name!r} from {info.origin} cannot be imported ({ep.value}): "
+            f"{type(exc).__name__}: {exc}. Reinstall it, or choose another; installed backends: "
+            f"{_installed_names()}"
+        )
+        raise PluginLoadError(msg) from exc
+
+
+def _load_backend(name: str) -> object:
+    matches = [ep for ep in _entry_points(BACKEND_GROUP) if ep.name == name]
+    if not matches:
+        msg = (
+            f"backend {name!r} is not installed (no entry point {name!r} in group "
+            f"{BACKEND_GROUP!r}); installed backends: {_installed_names()}"
+        )
+        raise PluginLoadError(msg)
+    origins = sorted({_describe(ep).origin for ep in matches})
+    if len(origins) > 1:
+        msg = (
+            f"backend {name!r} is registered by more than one distribution ({', '.join(origins)}); "
+            f"uninstall all but one"
+        )
+        raise PluginLoadError(msg)
+    return _load_entry_point(matches[0], "backend")
+
+
+def _plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def load(
+    backend: str,
+    *,
+    plugins: bool = True,
+    strict_plugins: bool | None = None,
+    extra: Sequence[tuple[str, object]] = (),
+) -> Hooks:
+    """Load the backend called ``backend`` and the installed extension plugins.
+
+    :param backend: the entry-point name of the backend.
+    :param plugins: load extension plugins too.
+    :param strict_plugins: make a broken extension plugin fatal; defaults to the
+        ``DRA_STRICT_PLUGINS`` environment variable.
+    :param extra: ``(name, module_or_object)`` pairs registered as well (tests, embedding).
+    :raises PluginLoadError: the backend is missing or broken, or a strict plugin is.
+    """
+    pm = _plugin_manager()
+    module = _load_backend(backend)
+    _register(pm, backend, module)
+    if strict_plugins is None:
+        strict_plugins = os.environ.get(STRICT_PLUGINS_ENV, "") == "1"
+    if plugins:
+        disabled = {n.strip() for n in os.environ.get(DISABLED_PLUGINS_ENV, "").split(",") if n}
+        for ep in _entry_points(PLUGIN_GROUP):
+            if ep.name in disabled or pm.has_plugin(ep.name):
+                continue
+            try:
+                _register(pm, ep.name, _load_entry_point(ep, "plugin"))
+            except PluginLoadError as exc:
+                if strict_plugins:
+                    raise
+                logger.warning(
+                    "{} (loading without it; set {}=1 to make this fatal)", exc, STRICT_PLUGINS_ENV
+                )
+    for name, obj in extra:
+        _register(pm, name, obj)
+    return Hooks(pm, backend)
+
+
+def from_objects(backend: str, module: object, *extras: tuple[str, object]) -> Hooks:
+    """Hooks over plugin objects given directly, without entry points (tests, embedding)."""
+    pm = _plugin_manager()
+    _register(pm, backend, module)
+    for name, obj in extras:
+        _register(pm, name, obj)
+    return Hooks(pm, backend)
+
+
+def _register(pm: pluggy.PluginManager, name: str, obj: object) -> None:
+    try:
+        pm.register(obj, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        msg = f"plugin {name!r} does not fit the dra-core contract: {exc}"
+        raise PluginLoadError(msg) from exc
+
+
+class Hooks:
+    """The typed facade over ``pm.hook``: one method per hookspec, keyword arguments only.
+
+    Exceptions raised by an implementation come out as :class:`HookError` naming the plugin
+    and the hook, with the original exception as ``__cause__``.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, backend: str) -> None:
+        self.pm = pm
+        self.backend = backend
+
+    @contextmanager
+    def _named(self, hook: str) -> Iterator[None]:
+        try:
+            yield
+        except HookError:
+            raise
+        except Exception as exc:
+            raise HookError(self._culprit(hook, exc), hook, exc) from exc
+
+    def _culprit(self, hook: str, exc: BaseException) -> str:
+        """The plugin whose implementation raised, found from the traceback's frames."""
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        codes = {impl.function.__code__: impl.plugin_name for impl in impls}
+        tb = exc.__traceback__
+        culprit = None
+        while tb is not None:
+            culprit = codes.get(tb.tb_frame.f_code, culprit)
+            tb = tb.tb_next
+        return culprit or self.backend
+
+    def _call(self, hook: str, **kwargs: Any) -> Any:
+        with self._named(hook):
+            return getattr(self.pm.hook, hook)(**kwargs)
+
+    def _each(
+        self, hook: str, fallback: Callable[[HookError], None] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
+        """Call every implementation separately, so one plugin's failure spares the others."""
+        results = []
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            args = {k: v for k, v in kwargs.items() if k in impl.argnames}
+            try:
+                value = impl.function(**args)
+            except Exception as exc:
+                error = HookError(impl.plugin_name, hook, exc)
+                error.__cause__ = exc
+                if fallback is None:
+                    raise error from exc
+                fallback(error)
+                continue
+            if value is not None:
+                results.append((impl.plugin_name, value))
+        return results
+
+    def implemented(self, hook: str) -> bool:
+        """Whether any loaded plugin implements ``hook``."""
+        return bool(getattr(self.pm.hook, hook).get_hookimpls())
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def backend_options(self) -> list[BackendOption]:
+        return [opt for opts in self._call("dra_backend_options") for opt in opts]
+
+    def start(self, context: NodeContext) -> None:
+        self._call("dra_start", context=context)
+
+    def stop(self, context: NodeContext) -> None:
+        def log(error: HookError) -> None:
+            logger.opt(exception=error.__cause__).error("{}", error)
+
+        self._each("dra_stop", fallback=log, context=context)
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def backend_identity(self) -> BackendIdentity:
+        identity = self._call("dra_backend_identity")
+        if not isinstance(identity, BackendIdentity):
+            msg = f"backend {self.backend!r} does not implement dra_backend_identity"
+            raise PluginLoadError(msg)
+        return cast(BackendIdentity, identity)
+
+    def discover(self, context: NodeContext) -> Inventory:
+        """The backend's inventory, with extension plugins' attributes merged in."""
+        inventory = self._call("dra_discover", context=context)
+        if not isinstance(inventory, Inventory):
+            msg = f"backend {self.backend!r} returned {type(inventory).__name__} from dra_discover"
+            raise HookError(self.backend, "dra_discover", TypeError(msg))
+        if not self.implemented("dra_device_attributes"):
+            return inventory
+        devices = tuple(self._with_attributes(d, context) for d in inventory.devices)
+        return replace(inventory, devices=devices)
+
+    def _with_attributes(self, device: Device, context: NodeContext) -> Device:
+        def log(error: HookError) -> None:
+            logger.bind(device=device.name).warning("{}; attributes ignored", error)
+
+        extra: dict[str, AttributeValue] = {}
+        for _, attrs in self._each(
+            "dra_device_attributes", fallback=log, device=device, context=context
+        ):
+            extra.update(attrs)
+        return replace(device, attributes={**device.attributes, **extra}) if extra else device
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def device_classes(self, identity: BackendIdentity) -> list[DeviceClassSpec]:
+        return [
+            c for cs in reversed(self._call("dra_device_classes", identity=identity)) for c in cs
+        ]
+
+    def decode_config(self, parameters: Mapping[str, Any], context: NodeContext) -> object:
+        """The backend's decoded config; the raw parameters when no plugin decodes."""
+        result = self._call("dra_decode_config", parameters=parameters, context=context)
+        return parameters if result is None else result
+
+    def check_allocation(
+        self, claim: AllocatedClaim, inventory: Inventory, context: NodeContext
+    ) -> None:
+        self._each("dra_check_allocation", claim=claim, inventory=inventory, context=context)
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    def prepare(self, claim: AllocatedClaim, context: NodeContext) -> list[PreparedDevice]:
+        """The backend's prepared devices, with extension plugins' container edits merged in."""
+        prepared = self._call("dra_prepare", claim=claim, context=context)
+        if prepared is None:
+            msg = f"backend {self.backend!r} does not implement dra_prepare"
+            raise HookError(self.backend, "dra_prepare", NotImplementedError(msg))
+        result = []
+        for device in prepared:
+            edits = device.edits
+            for _, more in self._each(
+                "dra_container_edits", device=device, claim=claim, context=context
+            ):
+                edits = edits.merged(more)
+            result.append(replace(device, edits=edits) if edits is not device.edits else device)
+        return result
+
+    def unprepare(self, claim: PreparedClaim, context: NodeContext) -> None:
+        self._call("dra_unprepare", claim=claim, context=context)
+
+    # -- health --------------------------------------------------------------------------------
+
+    def device_health(self, inventory: Inventory, context: NodeContext) -> list[DeviceHealth]:
+        """Every plugin's health reports; a failing health source is logged and skipped."""
+
+        def log(error: HookError) -> None:
+            logger.warning("{}; its health reports are skipped this round", error)
+
+        return [
+            h
+            for _, hs in self._each(
+                "dra_device_health", fallback=log, inventory=inventory, context=context
+            )
+            for h in hs
+        ]
