@@ -7,7 +7,7 @@ is flushed too. `remove_durably` is the matching delete.
 
 Temp files are named ``.<name>.<random>.tmp`` so that a crash between write and rename leaves
 something recognisable (hidden, and without the ``.json`` suffix that CDI runtimes load);
-`temp_prefix` and `is_temp_for` let owners collect their own leftovers.
+`temp_target` and `is_temp_for` let owners collect their own leftovers.
 """
 
 from __future__ import annotations
@@ -15,9 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ("TEMP_SUFFIX", "atomic_write", "fsync_directory", "is_temp_for", "remove_durably")
+__all__ = (
+    "TEMP_SUFFIX",
+    "atomic_write",
+    "fsync_directory",
+    "is_temp_for",
+    "remove_durably",
+    "remove_stale_temps",
+    "temp_target",
+)
 
 #: The suffix of every temp file `atomic_write` creates.
 TEMP_SUFFIX = ".tmp"
@@ -27,13 +37,22 @@ def _temp_name(target: Path) -> str:
     return f".{target.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
 
 
+def temp_target(candidate: str) -> str | None:
+    """The target file name when ``candidate`` is a temp name `atomic_write` makes, else None."""
+    if not (candidate.startswith(".") and candidate.endswith(TEMP_SUFFIX)):
+        return None
+    stem = candidate[1 : -len(TEMP_SUFFIX)]
+    target, dot, token = stem.rpartition(".")
+    if not dot or not target or len(token) != 16:
+        return None
+    if not all(c in "0123456789abcdef" for c in token):
+        return None
+    return target
+
+
 def is_temp_for(candidate: str, target_name: str) -> bool:
     """True when ``candidate`` is a temp file name `atomic_write` makes for ``target_name``."""
-    prefix = f".{target_name}."
-    if not (candidate.startswith(prefix) and candidate.endswith(TEMP_SUFFIX)):
-        return False
-    middle = candidate[len(prefix) : -len(TEMP_SUFFIX)]
-    return len(middle) == 16 and all(c in "0123456789abcdef" for c in middle)
+    return temp_target(candidate) == target_name
 
 
 def fsync_directory(directory: Path) -> None:
@@ -71,6 +90,37 @@ def atomic_write(path: Path, data: bytes, mode: int) -> None:
             temp.unlink()
         raise
     fsync_directory(directory)
+
+
+def remove_stale_temps(
+    directory: Path, owns: Callable[[str], bool], older_than: float = 60.0
+) -> list[Path]:
+    """Delete temp files `atomic_write` left in ``directory`` (a crash between write and rename).
+
+    Only temps whose target name ``owns`` accepts and that were last modified more than
+    ``older_than`` seconds ago are removed, so a write in flight in another process survives.
+    Returns the removed paths; a missing directory has none.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    deadline = time.time() - older_than
+    for entry in entries:
+        target = temp_target(entry.name)
+        if target is None or not owns(target):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime > deadline:
+                continue
+            Path(entry.path).unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(Path(entry.path))
+    if removed:
+        fsync_directory(Path(directory))
+    return removed
 
 
 def remove_durably(path: Path) -> bool:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from dra_core.fileio import atomic_write, is_temp_for, remove_durably
+from dra_core.fileio import (
+    atomic_write,
+    is_temp_for,
+    remove_durably,
+    remove_stale_temps,
+    temp_target,
+)
 
 
 def _mode(path: Path) -> int:
@@ -85,6 +91,11 @@ def test_temp_names_are_recognised(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not is_temp_for(seen[0], "other.json")
     assert not is_temp_for(".spec.json.zz.tmp", "spec.json")
     assert not is_temp_for("spec.json", "spec.json")
+    assert temp_target(seen[0]) == "spec.json"
+    assert temp_target(".x.0123456789abcdef.tmp") == "x"
+    assert temp_target("..0123456789abcdef.tmp") is None
+    assert temp_target(".x.0123456789abcdeg.tmp") is None
+    assert temp_target("x.0123456789abcdef.tmp") is None
 
 
 def test_remove_durably(tmp_path: Path) -> None:
@@ -93,3 +104,18 @@ def test_remove_durably(tmp_path: Path) -> None:
     assert remove_durably(target) is True
     assert not target.exists()
     assert remove_durably(target) is False
+
+
+def test_remove_stale_temps(tmp_path: Path) -> None:
+    old_ours = tmp_path / ".a.json.0123456789abcdef.tmp"
+    new_ours = tmp_path / ".a.json.fedcba9876543210.tmp"
+    old_theirs = tmp_path / ".b.json.0123456789abcdef.tmp"
+    unrelated = tmp_path / "a.json"
+    for p in (old_ours, new_ours, old_theirs, unrelated):
+        p.write_bytes(b"x")
+    for p in (old_ours, old_theirs, unrelated):
+        os.utime(p, (1, 1))
+    removed = remove_stale_temps(tmp_path, lambda name: name == "a.json", older_than=60)
+    assert removed == [old_ours]
+    assert sorted(os.listdir(tmp_path)) == sorted([new_ours.name, old_theirs.name, unrelated.name])
+    assert remove_stale_temps(tmp_path / "missing", lambda name: True) == []
