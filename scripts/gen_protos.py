@@ -117,8 +117,9 @@ def check() -> list[str]:
                 problems.append(f"{rel}: missing")
             elif not filecmp.cmp(out_root / rel, committed, shallow=False):
                 problems.append(f"{rel}: stale")
-        problems.extend(f"{rel}: not generated from any .proto" for rel in
-                        sorted(_committed() - set(fresh)))
+        problems.extend(
+            f"{rel}: not generated from any .proto" for rel in sorted(_committed() - set(fresh))
+        )
         return problems
 
 

@@ -1,0 +1,38 @@
+"""The boundary between the kubelet gRPC servers and the node's prepare/unprepare pipeline.
+
+The servers in this package translate kubelet messages into `dra_core.model` values and hand
+them to an object implementing `NodeService`; they know nothing about claims beyond that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+from dra_core.model import ClaimRef, ClaimResult
+
+__all__ = ["NodeService"]
+
+
+@runtime_checkable
+class NodeService(Protocol):
+    """Prepares and unprepares claims for the kubelet.
+
+    Both calls get every (distinct, well-formed) claim of one kubelet request and run on a
+    gRPC worker thread; the kubelet gives each call 45 seconds. Both must be idempotent.
+    """
+
+    def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, ClaimResult]:
+        """Prepare ``claims``; return a result for each claim UID.
+
+        A claim that failed has a non-empty ``ClaimResult.error``. A UID missing from the
+        result is reported to the kubelet as an error. Raising fails every claim of the call.
+        """
+        ...
+
+    def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
+        """Unprepare ``claims``; return claim UID -> error message ("" for success).
+
+        Claims this node never prepared succeed. Raising fails every claim of the call.
+        """
+        ...

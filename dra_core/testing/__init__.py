@@ -1,0 +1,1 @@
+"""Test helpers for dra-core and for backend authors (fakes of the kubelet and friends)."""
