@@ -1,0 +1,485 @@
+"""A real Kubernetes control plane (etcd, kube-apiserver, optionally kube-scheduler and
+kube-controller-manager) on loopback, for integration tests.
+
+Binaries come from ``tests/controlplane/build.sh`` (which honours ``DRA_TEST_BINARIES`` or builds
+pinned versions into a cache), see :func:`find_binaries`.
+
+Usage::
+
+    cp = ControlPlane(binaries=find_binaries())
+    cp.start()
+    try:
+        api = cp.api_client()
+        ...
+    finally:
+        cp.stop()
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build.sh"
+BINARY_NAMES = ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-manager")
+
+# Feature gates pinned for Kubernetes v1.37 (see pkg/features/kube_features.go at v1.37.2):
+#   DRAPartitionableDevices, DRAConsumableCapacity, DRADeviceBindingConditions: beta, default on
+#   DRADeviceTaints: GA, default on, not yet locked
+#   DRAPrioritizedList, DRAResourceClaimDeviceStatus: GA, locked to true (setting true is fine)
+# Setting them explicitly pins behaviour instead of relying on defaults.
+DEFAULT_FEATURE_GATES: Dict[str, bool] = {
+    "DRAPartitionableDevices": True,
+    "DRAConsumableCapacity": True,
+    "DRADeviceTaints": True,
+    "DRADeviceBindingConditions": True,
+    "DRAPrioritizedList": True,
+    "DRAResourceClaimDeviceStatus": True,
+}
+DEFAULT_RUNTIME_CONFIG = ("resource.k8s.io/v1=true",)
+# Controllers needed for DRA tests: ResourceClaimTemplates -> claims, ServiceAccounts + tokens so
+# pods can be created in fresh namespaces, namespace deletion, garbage collection of owned claims.
+DEFAULT_CONTROLLERS = (
+    "resourceclaim-controller",
+    "serviceaccount-controller",
+    "serviceaccount-token-controller",
+    "namespace-controller",
+    "garbage-collector-controller",
+    "device-taint-eviction-controller",
+)
+
+
+class ControlPlaneError(RuntimeError):
+    """A component could not be provided, failed to start, or exited."""
+
+
+class BinariesUnavailable(ControlPlaneError):
+    """The control-plane binaries are not available and could not be built."""
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def find_binaries(build: bool = True, timeout: Optional[float] = None) -> Path:
+    """Return the directory holding the four binaries.
+
+    Runs build.sh (which uses ``DRA_TEST_BINARIES`` when set, else a cached or fresh build).
+    Raises :class:`BinariesUnavailable` with the script's error output when that fails. With
+    ``build=False`` only ``DRA_TEST_BINARIES`` is consulted.
+    """
+    env_dir = os.environ.get("DRA_TEST_BINARIES")
+    if not build:
+        if not env_dir:
+            raise BinariesUnavailable("DRA_TEST_BINARIES is not set and building is disabled")
+        d = Path(env_dir)
+        missing = [b for b in BINARY_NAMES if not os.access(d / b, os.X_OK)]
+        if missing:
+            raise BinariesUnavailable(f"DRA_TEST_BINARIES={d} lacks executable {missing}")
+        return d
+    try:
+        proc = subprocess.run(
+            ["bash", str(BUILD_SCRIPT)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise BinariesUnavailable(f"{BUILD_SCRIPT} could not run: {e}") from e
+    if proc.returncode != 0:
+        err = "\n".join(proc.stderr.splitlines()[-40:])
+        raise BinariesUnavailable(f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{err}")
+    out = [line for line in proc.stdout.splitlines() if line.strip()]
+    if not out:
+        raise BinariesUnavailable(f"{BUILD_SCRIPT} printed no bin directory")
+    return Path(out[-1].strip())
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Component:
+    def __init__(self, name: str, argv: List[str], log_path: Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: Optional[subprocess.Popen] = None
+        self._log = None
+
+    def start(self) -> None:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def check_alive(self) -> None:
+        if self.proc is None:
+            raise ControlPlaneError(f"{self.name} was never started")
+        rc = self.proc.poll()
+        if rc is not None:
+            raise ControlPlaneError(
+                f"{self.name} exited with code {rc}; last lines of {self.log_path}:\n"
+                f"{tail(self.log_path)}"
+            )
+
+    def stop(self, grace: float = 10.0) -> None:
+        p = self.proc
+        if p is not None and p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class ControlPlane:
+    """etcd + kube-apiserver (+ kube-scheduler, kube-controller-manager) on 127.0.0.1."""
+
+    def __init__(
+        self,
+        binaries: Optional[Path] = None,
+        *,
+        scheduler: bool = True,
+        controller_manager: bool = True,
+        feature_gates: Optional[Mapping[str, bool]] = None,
+        runtime_config: Sequence[str] = DEFAULT_RUNTIME_CONFIG,
+        controllers: Sequence[str] = DEFAULT_CONTROLLERS,
+        extra_apiserver_args: Sequence[str] = (),
+        start_timeout: float = 120.0,
+        keep_dir_on_failure: bool = False,
+    ):
+        self.binaries = Path(binaries) if binaries is not None else None
+        self.want_scheduler = scheduler
+        self.want_controller_manager = controller_manager
+        gates = dict(DEFAULT_FEATURE_GATES)
+        gates.update(feature_gates or {})
+        self.feature_gates = gates
+        self.runtime_config = list(runtime_config)
+        self.controllers = list(controllers)
+        self.extra_apiserver_args = list(extra_apiserver_args)
+        self.start_timeout = start_timeout
+        self.keep_dir_on_failure = keep_dir_on_failure
+
+        self.workdir: Optional[Path] = None
+        self.token = uuid.uuid4().hex
+        self.server: Optional[str] = None
+        self.kubeconfig_path: Optional[Path] = None
+        self.ca_path: Optional[Path] = None
+        self.components: Dict[str, _Component] = {}
+        self._ports: Dict[str, int] = {}
+        self._atexit_registered = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ControlPlane":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "ControlPlane":
+        if self.binaries is None:
+            self.binaries = find_binaries()
+        for b in BINARY_NAMES:
+            if not os.access(self.binaries / b, os.X_OK):
+                raise BinariesUnavailable(f"{self.binaries / b} is missing or not executable")
+        self.workdir = Path(tempfile.mkdtemp(prefix="dra-core-cp-"))
+        if not self._atexit_registered:
+            atexit.register(self.stop)
+            self._atexit_registered = True
+        t0 = time.monotonic()
+        try:
+            self._write_credentials()
+            self._start_etcd()
+            self._start_apiserver()
+            if self.want_scheduler:
+                self._start_scheduler()
+            if self.want_controller_manager:
+                self._start_controller_manager()
+        except BaseException:
+            keep = self.keep_dir_on_failure
+            self.stop(remove_dir=not keep)
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self, remove_dir: bool = True) -> None:
+        for name in ("kube-controller-manager", "kube-scheduler", "kube-apiserver", "etcd"):
+            comp = self.components.pop(name, None)
+            if comp is not None:
+                comp.stop()
+        if remove_dir and self.workdir is not None and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def check_alive(self) -> None:
+        """Raise ControlPlaneError (with log tail) if any started component has exited."""
+        for comp in self.components.values():
+            comp.check_alive()
+
+    def log_path(self, component: str) -> Path:
+        return self.components[component].log_path
+
+    # ------------------------------------------------------------------ setup pieces
+    def _write_credentials(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        wd = self.workdir
+        assert wd is not None
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        (wd / "sa.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+        (wd / "sa.pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        # token,user,uid,"group1,group2"
+        (wd / "tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
+        os.chmod(wd / "tokens.csv", 0o600)
+        (wd / "certs").mkdir()
+
+    def _component(self, name: str, argv: List[str]) -> _Component:
+        assert self.workdir is not None
+        comp = _Component(name, argv, self.workdir / f"{name}.log")
+        self.components[name] = comp
+        comp.start()
+        return comp
+
+    def _wait(self, comp: _Component, probe, what: str, timeout: Optional[float] = None) -> None:
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        last = "not probed yet"
+        while True:
+            comp.check_alive()
+            try:
+                ok, last = probe()
+            except Exception as e:  # noqa: BLE001 - keep polling, report last error
+                ok, last = False, f"{type(e).__name__}: {e}"
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"{comp.name} not {what} after {timeout or self.start_timeout:.0f}s "
+                    f"(last probe: {last}); last lines of {comp.log_path}:\n{tail(comp.log_path)}"
+                )
+            time.sleep(0.2)
+
+    def _start_etcd(self) -> None:
+        wd = self.workdir
+        assert wd is not None and self.binaries is not None
+        client, peer = free_port(), free_port()
+        self._ports["etcd"] = client
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        comp = self._component(
+            "etcd",
+            [
+                str(self.binaries / "etcd"),
+                "--name=default",
+                f"--data-dir={wd / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer}",
+                "--initial-cluster-state=new",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+                "--quota-backend-bytes=4294967296",
+            ],
+        )
+
+        def probe():
+            with urllib.request.urlopen(self.etcd_url + "/health", timeout=2) as r:
+                body = r.read().decode()
+            return json.loads(body).get("health") == "true", body
+
+        self._wait(comp, probe, "healthy")
+
+    def _start_apiserver(self) -> None:
+        wd = self.workdir
+        assert wd is not None and self.binaries is not None
+        port = free_port()
+        self._ports["kube-apiserver"] = port
+        self.server = f"https://127.0.0.1:{port}"
+        gates = ",".join(f"{k}={'true' if v else 'false'}" for k, v in sorted(self.feature_gates.items()))
+        argv = [
+            str(self.binaries / "kube-apiserver"),
+            f"--etcd-servers={self.etcd_url}",
+            "--etcd-prefix=/registry",
+            f"--cert-dir={wd / 'certs'}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--token-auth-file={wd / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={wd / 'sa.pub'}",
+            f"--service-account-signing-key-file={wd / 'sa.key'}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            f"--feature-gates={gates}",
+            f"--runtime-config={','.join(self.runtime_config)}",
+            "--enable-priority-and-fairness=false",
+            "--endpoint-reconciler-type=none",
+            "--v=1",
+        ] + self.extra_apiserver_args
+        comp = self._component("kube-apiserver", argv)
+
+        cert = wd / "certs" / "apiserver.crt"
+
+        def probe():
+            if not cert.exists():
+                return False, f"{cert} not written yet"
+            ctx = ssl.create_default_context(cafile=str(cert))
+            req = urllib.request.Request(
+                self.server + "/readyz", headers={"Authorization": f"Bearer {self.token}"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+                    return r.status == 200, r.read().decode()[:200]
+            except urllib.error.HTTPError as e:
+                return False, f"HTTP {e.code}: {e.read().decode(errors='replace')[-400:]}"
+
+        self._wait(comp, probe, "ready (/readyz)")
+        self.ca_path = cert
+        self.kubeconfig_path = wd / "admin.kubeconfig"
+        self._write_kubeconfig(self.kubeconfig_path)
+
+    def _write_kubeconfig(self, path: Path) -> None:
+        assert self.ca_path is not None
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "dra-core-test",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.ca_path)},
+                }
+            ],
+            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "contexts": [
+                {"name": "admin", "context": {"cluster": "dra-core-test", "user": "admin"}}
+            ],
+            "current-context": "admin",
+        }
+        # JSON is valid YAML; no yaml dependency needed.
+        path.write_text(json.dumps(cfg, indent=2))
+        os.chmod(path, 0o600)
+
+    def _healthz_probe(self, port: int):
+        def probe():
+            ctx = ssl._create_unverified_context()  # self-signed in-memory serving cert
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{port}/healthz", timeout=3, context=ctx
+            ) as r:
+                return r.status == 200, r.read().decode()[:200]
+
+        return probe
+
+    def _start_scheduler(self) -> None:
+        assert self.binaries is not None and self.workdir is not None
+        port = free_port()
+        self._ports["kube-scheduler"] = port
+        gates = ",".join(f"{k}={'true' if v else 'false'}" for k, v in sorted(self.feature_gates.items()))
+        comp = self._component(
+            "kube-scheduler",
+            [
+                str(self.binaries / "kube-scheduler"),
+                f"--kubeconfig={self.kubeconfig_path}",
+                f"--authentication-kubeconfig={self.kubeconfig_path}",
+                f"--authorization-kubeconfig={self.kubeconfig_path}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--feature-gates={gates}",
+                "--v=2",
+            ],
+        )
+        self._wait(comp, self._healthz_probe(port), "healthy (/healthz)")
+
+    def _start_controller_manager(self) -> None:
+        assert self.binaries is not None and self.workdir is not None
+        port = free_port()
+        self._ports["kube-controller-manager"] = port
+        gates = ",".join(f"{k}={'true' if v else 'false'}" for k, v in sorted(self.feature_gates.items()))
+        comp = self._component(
+            "kube-controller-manager",
+            [
+                str(self.binaries / "kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig_path}",
+                f"--authentication-kubeconfig={self.kubeconfig_path}",
+                f"--authorization-kubeconfig={self.kubeconfig_path}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--controllers={','.join(self.controllers)}",
+                f"--service-account-private-key-file={self.workdir / 'sa.key'}",
+                f"--root-ca-file={self.ca_path}",
+                "--use-service-account-credentials=false",
+                f"--feature-gates={gates}",
+                "--v=2",
+            ],
+        )
+        self._wait(comp, self._healthz_probe(port), "healthy (/healthz)")
+
+    # ------------------------------------------------------------------ clients
+    def client_configuration(self):
+        from kubernetes import client
+
+        if self.server is None:
+            raise ControlPlaneError("control plane not started")
+        cfg = client.Configuration()
+        cfg.host = self.server
+        cfg.ssl_ca_cert = str(self.ca_path)
+        cfg.verify_ssl = True
+        cfg.api_key = {"authorization": self.token}
+        cfg.api_key_prefix = {"authorization": "Bearer"}
+        return cfg
+
+    def api_client(self):
+        """A new ``kubernetes.client.ApiClient`` authenticated as a system:masters admin."""
+        from kubernetes import client
+
+        return client.ApiClient(self.client_configuration())

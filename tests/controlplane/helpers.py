@@ -1,0 +1,389 @@
+"""Test helpers for the real control plane: plain-dict objects through the kubernetes client.
+
+Everything goes through :func:`request` (``ApiClient.call_api`` with raw JSON in and out), so no
+field is dropped by the typed models of a client older than the server (DESIGN.md, "Practical
+notes"). Errors are ``kubernetes.client.exceptions.ApiException`` with ``.status`` and ``.body``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+RESOURCE_API = "/apis/resource.k8s.io/v1"
+TEST_DRIVER = "test.dra-core.example.com"
+
+
+# ---------------------------------------------------------------------------- raw access
+def request(
+    api,
+    method: str,
+    path: str,
+    body: Optional[Any] = None,
+    *,
+    query: Optional[Dict[str, Any]] = None,
+    content_type: str = "application/json",
+    timeout: float = 30.0,
+) -> Any:
+    """Send ``method path`` with a JSON body; return the decoded JSON response (or None)."""
+    headers = {"Accept": "application/json", "Content-Type": content_type}
+    # kubernetes client >= 35 (openapi-generator "python" style): serialize, send, deserialize.
+    m, url, hdrs, data, post = api.param_serialize(
+        method=method.upper(),
+        resource_path=path,
+        query_params=list((query or {}).items()) or None,
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    resp = api.call_api(m, url, header_params=hdrs, body=data, post_params=post, _request_timeout=timeout)
+    resp.read()
+    result = api.response_deserialize(resp, {"2XX": "object"}).data
+    return result if result != "" else None
+
+
+def get(api, path: str, **kw) -> Any:
+    return request(api, "GET", path, **kw)
+
+
+def create(api, path: str, body: Dict[str, Any], **kw) -> Dict[str, Any]:
+    return request(api, "POST", path, body, **kw)
+
+
+def delete(api, path: str, *, ignore_missing: bool = True, **kw) -> Any:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return request(api, "DELETE", path, **kw)
+    except ApiException as e:
+        if ignore_missing and e.status == 404:
+            return None
+        raise
+
+
+def merge_patch(api, path: str, patch: Dict[str, Any], **kw) -> Dict[str, Any]:
+    return request(api, "PATCH", path, patch, content_type="application/merge-patch+json", **kw)
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------------- waiting
+def wait_for(
+    condition_fn: Callable[[], Any],
+    timeout: float = 30.0,
+    description: str = "condition",
+    interval: float = 0.2,
+) -> Any:
+    """Poll ``condition_fn`` until it returns a truthy value, and return that value.
+
+    Exceptions raised by ``condition_fn`` count as "not yet" and the last one is reported.
+    Raises ``TimeoutError`` naming ``description`` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: Optional[BaseException] = None
+    last_val: Any = None
+    while True:
+        try:
+            last_val = condition_fn()
+            last_exc = None
+            if last_val:
+                return last_val
+        except Exception as e:  # noqa: BLE001
+            last_exc = e
+        if time.monotonic() >= deadline:
+            detail = (
+                f"last error: {type(last_exc).__name__}: {last_exc}"
+                if last_exc is not None
+                else f"last value: {last_val!r}"
+            )
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {description} ({detail})")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------- core objects
+def create_namespace(api, name: Optional[str] = None, labels: Optional[Dict[str, str]] = None) -> str:
+    name = name or unique_name("ns")
+    create(api, "/api/v1/namespaces", {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels or {}},
+    })
+    return name
+
+
+def delete_namespace(api, name: str, wait: bool = False, timeout: float = 60.0) -> None:
+    delete(api, f"/api/v1/namespaces/{name}")
+    if wait:
+        from kubernetes.client.exceptions import ApiException
+
+        def gone():
+            try:
+                get(api, f"/api/v1/namespaces/{name}")
+                return False
+            except ApiException as e:
+                return e.status == 404
+
+        wait_for(gone, timeout, f"namespace {name} to be deleted")
+
+
+def wait_for_default_service_account(api, namespace: str, timeout: float = 30.0) -> None:
+    wait_for(
+        lambda: get(api, f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
+        timeout,
+        f"ServiceAccount {namespace}/default (created by kube-controller-manager)",
+    )
+
+
+def node_body(
+    name: str,
+    labels: Optional[Dict[str, str]] = None,
+    cpu: str = "64",
+    memory: str = "256Gi",
+    pods: str = "250",
+) -> Dict[str, Any]:
+    all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}
+    all_labels.update(labels or {})
+    resources = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "1Ti"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": all_labels},
+        "spec": {},
+        "status": _node_status(resources),
+    }
+
+
+def _node_status(resources: Dict[str, str]) -> Dict[str, Any]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {
+        "capacity": dict(resources),
+        "allocatable": dict(resources),
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "fake node for dra-core tests",
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": now,
+            }
+        ],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "nodeInfo": {
+            "architecture": "amd64",
+            "operatingSystem": "linux",
+            "kubeletVersion": "v1.37.2",
+            "kubeProxyVersion": "",
+            "containerRuntimeVersion": "fake://1.0",
+            "kernelVersion": "",
+            "osImage": "fake",
+            "bootID": "",
+            "machineID": "",
+            "systemUUID": "",
+        },
+    }
+
+
+def create_node(
+    api,
+    name: Optional[str] = None,
+    labels: Optional[Dict[str, str]] = None,
+    *,
+    untaint: bool = True,
+    **resources,
+) -> Dict[str, Any]:
+    """Create a fake Node with large allocatable and a Ready condition; no kubelet behind it.
+
+    Status is written through the ``status`` subresource as well, since create may not keep it.
+    The TaintNodesByCondition admission plugin gives every new node the
+    ``node.kubernetes.io/not-ready:NoSchedule`` taint, which the node-lifecycle controller would
+    lift once the node reports Ready; that controller does not run here, so the taints are
+    cleared explicitly (``untaint=False`` keeps them).
+    """
+    name = name or unique_name("node")
+    body = node_body(name, labels, **resources)
+    create(api, "/api/v1/nodes", body)
+    node = merge_patch(api, f"/api/v1/nodes/{name}/status", {"status": body["status"]})
+    if untaint and node.get("spec", {}).get("taints"):
+        node = merge_patch(api, f"/api/v1/nodes/{name}", {"spec": {"taints": None}})
+    return node
+
+
+def delete_node(api, name: str) -> None:
+    delete(api, f"/api/v1/nodes/{name}")
+
+
+def pod_body(
+    name: str,
+    claims: Iterable[Dict[str, Any]] = (),
+    *,
+    node_name: Optional[str] = None,
+    image: str = "registry.k8s.io/pause:3.10",
+) -> Dict[str, Any]:
+    """A pod with one container using every entry of ``claims``.
+
+    ``claims`` are pod-level entries: ``{"name": "gpu", "resourceClaimName": "c1"}`` or
+    ``{"name": "gpu", "resourceClaimTemplateName": "t1"}``.
+    """
+    claims = list(claims)
+    container: Dict[str, Any] = {"name": "main", "image": image}
+    if claims:
+        container["resources"] = {"claims": [{"name": c["name"]} for c in claims]}
+    spec: Dict[str, Any] = {
+        "containers": [container],
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": 0,
+    }
+    if claims:
+        spec["resourceClaims"] = claims
+    if node_name:
+        spec["nodeName"] = node_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+
+
+def create_pod(api, namespace: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    return create(api, f"/api/v1/namespaces/{namespace}/pods", body)
+
+
+def get_pod(api, namespace: str, name: str) -> Dict[str, Any]:
+    return get(api, f"/api/v1/namespaces/{namespace}/pods/{name}")
+
+
+def delete_pod(api, namespace: str, name: str) -> None:
+    delete(api, f"/api/v1/namespaces/{namespace}/pods/{name}", query={"gracePeriodSeconds": 0})
+
+
+def wait_for_pod_scheduled(api, namespace: str, name: str, timeout: float = 60.0) -> Dict[str, Any]:
+    def scheduled():
+        pod = get_pod(api, namespace, name)
+        return pod if pod.get("spec", {}).get("nodeName") else None
+
+    try:
+        return wait_for(scheduled, timeout, f"pod {namespace}/{name} to be bound to a node")
+    except TimeoutError as e:
+        pod = get_pod(api, namespace, name)
+        conds = pod.get("status", {}).get("conditions", [])
+        raise TimeoutError(f"{e}; pod conditions: {json.dumps(conds)}") from None
+
+
+# ---------------------------------------------------------------------------- resource.k8s.io
+def device_class_body(name: str, driver: str = TEST_DRIVER, extra_selectors: Iterable[str] = ()) -> Dict[str, Any]:
+    selectors = [{"cel": {"expression": f'device.driver == "{driver}"'}}]
+    selectors += [{"cel": {"expression": e}} for e in extra_selectors]
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": name},
+        "spec": {"selectors": selectors},
+    }
+
+
+def create_device_class(api, name: Optional[str] = None, driver: str = TEST_DRIVER, **kw) -> Dict[str, Any]:
+    name = name or unique_name("class")
+    return create(api, f"{RESOURCE_API}/deviceclasses", device_class_body(name, driver, **kw))
+
+
+def delete_device_class(api, name: str) -> None:
+    delete(api, f"{RESOURCE_API}/deviceclasses/{name}")
+
+
+def device(name: str, attributes: Optional[Dict[str, Any]] = None, capacity: Optional[Dict[str, str]] = None, **extra) -> Dict[str, Any]:
+    """A v1 Device. ``attributes`` values: str -> string, bool -> bool, int -> int, or a raw
+    DeviceAttribute dict; ``capacity`` values are quantities."""
+    attrs: Dict[str, Any] = {}
+    for k, v in (attributes or {}).items():
+        if isinstance(v, dict):
+            attrs[k] = v
+        elif isinstance(v, bool):
+            attrs[k] = {"bool": v}
+        elif isinstance(v, int):
+            attrs[k] = {"int": v}
+        else:
+            attrs[k] = {"string": str(v)}
+    d: Dict[str, Any] = {"name": name}
+    if attrs:
+        d["attributes"] = attrs
+    if capacity:
+        d["capacity"] = {k: {"value": v} for k, v in capacity.items()}
+    d.update(extra)
+    return d
+
+
+def resource_slice_body(
+    name: str,
+    node_name: str,
+    devices: List[Dict[str, Any]],
+    *,
+    driver: str = TEST_DRIVER,
+    pool: Optional[str] = None,
+    generation: int = 1,
+    slice_count: int = 1,
+) -> Dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": driver,
+            "nodeName": node_name,
+            "pool": {"name": pool or node_name, "generation": generation, "resourceSliceCount": slice_count},
+            "devices": devices,
+        },
+    }
+
+
+def create_resource_slice(api, body: Dict[str, Any]) -> Dict[str, Any]:
+    return create(api, f"{RESOURCE_API}/resourceslices", body)
+
+
+def delete_resource_slice(api, name: str) -> None:
+    delete(api, f"{RESOURCE_API}/resourceslices/{name}")
+
+
+def resource_claim_body(
+    name: str,
+    device_class: str,
+    *,
+    request_name: str = "req",
+    count: int = 1,
+    selectors: Iterable[str] = (),
+) -> Dict[str, Any]:
+    exactly: Dict[str, Any] = {"deviceClassName": device_class, "allocationMode": "ExactCount", "count": count}
+    sel = [{"cel": {"expression": e}} for e in selectors]
+    if sel:
+        exactly["selectors"] = sel
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name},
+        "spec": {"devices": {"requests": [{"name": request_name, "exactly": exactly}]}},
+    }
+
+
+def create_resource_claim(api, namespace: str, body: Dict[str, Any]) -> Dict[str, Any]:
+    return create(api, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims", body)
+
+
+def get_resource_claim(api, namespace: str, name: str) -> Dict[str, Any]:
+    return get(api, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims/{name}")
+
+
+def create_resource_claim_template(api, namespace: str, name: str, claim_spec: Dict[str, Any]) -> Dict[str, Any]:
+    return create(api, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaimtemplates", {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name},
+        "spec": {"spec": claim_spec},
+    })
+
+
+def wait_for_claim_allocated(api, namespace: str, name: str, timeout: float = 60.0) -> Dict[str, Any]:
+    def allocated():
+        claim = get_resource_claim(api, namespace, name)
+        return claim if claim.get("status", {}).get("allocation") else None
+
+    return wait_for(allocated, timeout, f"ResourceClaim {namespace}/{name} to be allocated")
