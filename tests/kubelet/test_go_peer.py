@@ -1,0 +1,174 @@
+"""Wire compatibility: the kubelet side is a Go program built from the official k8s.io/kubelet
+clients (tests/kubeletpeer), talking to a KubeletPlugin over its real unix sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from dra_core.kubelet import DeviceHealthState, HealthBoard, KubeletPlugin
+
+from .conftest import DRIVER, PluginFactory, TableNodeService, claim
+
+PEER_DIR = Path(__file__).resolve().parents[1] / "kubeletpeer"
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"the Go kubelet peer is required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def kubeletpeer() -> Path:
+    """The built peer binary (cached by tests/kubeletpeer/build.sh)."""
+    if shutil.which("go") is None and "DRA_TEST_CACHE" not in os.environ:
+        _unavailable("the go toolchain is not on PATH")
+    try:
+        result = subprocess.run(
+            ["bash", str(PEER_DIR / "build.sh")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        _unavailable(f"building the Go kubelet peer timed out: {exc}")
+    if result.returncode != 0:
+        _unavailable(
+            f"building the Go kubelet peer failed ({result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    binary = Path(result.stdout.strip().splitlines()[-1])
+    if not os.access(binary, os.X_OK):
+        _unavailable(f"build.sh printed {binary}, which is not an executable")
+    return binary
+
+
+def run_peer(binary: Path, plugin: KubeletPlugin, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [str(binary), "--registration-socket", str(plugin.registration_socket), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubeletpeer failed:\n{result.stdout}\n{result.stderr}"
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def spec(*claims: Any) -> str:
+    return ",".join(f"{c.namespace}/{c.name}/{c.uid}" for c in claims)
+
+
+def test_registration(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
+    plugin = make_plugin()
+    report = run_peer(kubeletpeer, plugin)
+    assert report["info"] == {
+        "type": "DRAPlugin",
+        "name": DRIVER,
+        "endpoint": str(plugin.dra_socket),
+        "supported_versions": ["v1.DRAPlugin", "v1beta1.DRAPlugin"],
+    }
+    assert report["chosen_version"] == "v1.DRAPlugin"
+    assert report["health_offered"] is False
+    assert plugin.registered.wait(2)
+
+
+@pytest.mark.parametrize("api", ["v1", "v1beta1"])
+def test_prepare_and_unprepare(
+    kubeletpeer: Path, make_plugin: PluginFactory, service: TableNodeService, api: str
+) -> None:
+    plugin = make_plugin(instance_id="33333333-3333-3333-3333-333333333333")
+    shared, plain, broken = claim("shared-gpu"), claim("plain", "team-a"), claim("broken")
+    service.errors[broken.uid] = "device gpu-broken is unhealthy"
+    report = run_peer(kubeletpeer, plugin, "--api", api, "--prepare", spec(shared, plain, broken))
+    assert report["chosen_version"] == f"{api}.DRAPlugin"
+    prepared = report["prepare"]
+    assert set(prepared) == {shared.uid, plain.uid, broken.uid}
+    assert prepared[plain.uid] == {
+        "devices": [
+            {
+                "request_names": ["gpu"],
+                "pool_name": "node-1",
+                "device_name": "gpu-plain",
+                "cdi_device_ids": [f"example.com/gpu={plain.uid}"],
+                "share_id": None,
+            }
+        ],
+        "error": "",
+    }
+    expected_share = f"share-{shared.uid[:8]}" if api == "v1" else None
+    assert prepared[shared.uid]["devices"][0]["share_id"] == expected_share
+    assert prepared[broken.uid] == {"devices": [], "error": "device gpu-broken is unhealthy"}
+    assert service.prepared.keys() == {shared.uid, plain.uid}
+
+    report = run_peer(kubeletpeer, plugin, "--api", api, "--unprepare", spec(shared, plain))
+    assert report["unprepare"] == {shared.uid: {"error": ""}, plain.uid: {"error": ""}}
+    assert service.prepared == {}
+
+
+def test_node_service_exception(
+    kubeletpeer: Path, make_plugin: PluginFactory, service: TableNodeService
+) -> None:
+    plugin = make_plugin()
+    one, two = claim("one"), claim("two")
+    service.fail = RuntimeError("API server unavailable")
+    report = run_peer(kubeletpeer, plugin, "--prepare", spec(one, two))
+    for uid in (one.uid, two.uid):
+        assert "RuntimeError: API server unavailable" in report["prepare"][uid]["error"]
+
+
+class _Watched(HealthBoard):
+    """A HealthBoard that tells the test when a stream has taken its first snapshot."""
+
+    def __init__(self, states: list[DeviceHealthState]) -> None:
+        super().__init__(states)
+        self.opened = threading.Event()
+
+    def snapshot(self) -> list[DeviceHealthState]:
+        states = super().snapshot()
+        self.opened.set()
+        return states
+
+
+def test_health_stream(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
+    board = _Watched(
+        [DeviceHealthState("node-1", "gpu-0", True), DeviceHealthState("node-1", "gpu-1", None)]
+    )
+    plugin = make_plugin(health=board)
+
+    def degrade() -> None:
+        if board.opened.wait(30):
+            board.set(
+                [
+                    DeviceHealthState("node-1", "gpu-0", False, "wedged"),
+                    DeviceHealthState("node-1", "gpu-1", None),
+                ]
+            )
+
+    changer = threading.Thread(target=degrade, daemon=True)
+    changer.start()
+    report = run_peer(kubeletpeer, plugin, "--watch-health", "2", "--health-timeout", "20s")
+    changer.join(5)
+    assert report["health_offered"] is True
+    assert report["info"]["supported_versions"][-1] == "v1alpha1.DRAResourceHealth"
+    first, second = report["health"]
+    assert [(d["device_name"], d["health"]) for d in first] == [
+        ("gpu-0", "HEALTHY"),
+        ("gpu-1", "UNKNOWN"),
+    ]
+    assert [(d["device_name"], d["health"], d["message"]) for d in second] == [
+        ("gpu-0", "UNHEALTHY", "wedged"),
+        ("gpu-1", "UNKNOWN", ""),
+    ]
+    assert all(d["health_check_timeout_seconds"] == 30 for d in first + second)
+    assert all(d["pool_name"] == "node-1" and d["last_updated_time"] > 0 for d in first)
