@@ -56,6 +56,12 @@ def _call_failed(call: str, claims: Sequence[ClaimRef], exc: Exception) -> dict[
     return dict.fromkeys(uids, text)
 
 
+def _warn_extra(call: str, refs: Sequence[ClaimRef], answered: Mapping[str, object]) -> None:
+    extra = sorted(set(answered) - {r.uid for r in refs})
+    if extra:
+        logger.warning("{}: the node service answered unrequested claims {}; dropped", call, extra)
+
+
 def _missing(call: str, uid: str) -> str:
     logger.bind(claim=uid).error("{}: the node service returned no result for this claim", call)
     return (
@@ -80,6 +86,7 @@ class _DRAService:
             logger.debug("NodePrepareResources ({}) for {}", self._version, [r.uid for r in refs])
             try:
                 results = self._service.prepare(refs)
+                _warn_extra("NodePrepareResources", refs, results)
             except Exception as exc:  # noqa: BLE001 - becomes every claim's error, logged with traceback
                 errors.update(_call_failed("NodePrepareResources", refs, exc))
         response = self._messages.NodePrepareResourcesResponse()
@@ -127,6 +134,7 @@ class _DRAService:
             logger.debug("NodeUnprepareResources ({}) for {}", self._version, [r.uid for r in refs])
             try:
                 results = self._service.unprepare(refs)
+                _warn_extra("NodeUnprepareResources", refs, results)
             except Exception as exc:  # noqa: BLE001 - becomes every claim's error, logged with traceback
                 errors.update(_call_failed("NodeUnprepareResources", refs, exc))
         response = self._messages.NodeUnprepareResourcesResponse()

@@ -8,15 +8,19 @@ import os
 import shutil
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
+import grpc
 import pytest
 
-from dra_core.kubelet import DeviceHealthState, HealthBoard, KubeletPlugin
+from dra_core.kubelet import DeviceHealthState, HealthBoard, KubeletPlugin, RegistrationServicer
+from dra_core.kubelet.proto import dra_v1_pb2, dra_v1_pb2_grpc, pluginregistration_pb2_grpc
 
 from .conftest import DRIVER, PluginFactory, TableNodeService, claim
 
+SOME_UID = "0b5f7d7e-2a6c-4c1e-9a0e-1f2d3c4b5a69"
 PEER_DIR = Path(__file__).resolve().parents[1] / "kubeletpeer"
 
 
@@ -172,3 +176,48 @@ def test_health_stream(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
     ]
     assert all(d["health_check_timeout_seconds"] == 30 for d in first + second)
     assert all(d["pool_name"] == "node-1" and d["last_updated_time"] > 0 for d in first)
+
+
+class _SkippingServicer(dra_v1_pb2_grpc.DRAPluginServicer):
+    """A broken plugin: answers no claim at all."""
+
+    def NodePrepareResources(self, request, context):  # type: ignore[no-untyped-def]
+        return dra_v1_pb2.NodePrepareResourcesResponse()
+
+    def NodeUnprepareResources(self, request, context):  # type: ignore[no-untyped-def]
+        return dra_v1_pb2.NodeUnprepareResourcesResponse()
+
+
+@pytest.mark.parametrize(
+    ("versions", "args", "error"),
+    [
+        (["v9.Unknown"], [], "none of the plugin's versions"),
+        (["v1.DRAPlugin"], ["--api", "v1beta1"], "is not among the plugin's versions"),
+        (["v1.DRAPlugin"], ["--prepare", f"ns/name/{SOME_UID}"], "skipped 1"),
+    ],
+)
+def test_peer_rejects_protocol_errors(
+    kubeletpeer: Path, sockdir: Path, versions: list[str], args: list[str], error: str
+) -> None:
+    """The peer is not vacuous: it fails where the kubelet would."""
+    reg, dra = sockdir / "reg.sock", sockdir / "dra.sock"
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(
+        RegistrationServicer(DRIVER, str(dra), versions), server
+    )
+    dra_v1_pb2_grpc.add_DRAPluginServicer_to_server(_SkippingServicer(), server)
+    server.add_insecure_port(f"unix://{reg}")
+    server.add_insecure_port(f"unix://{dra}")
+    server.start()
+    try:
+        result = subprocess.run(
+            [str(kubeletpeer), "--registration-socket", str(reg), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        server.stop(None).wait()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert error in json.loads(result.stdout)["error"]
