@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +32,6 @@ def _unavailable(reason: str) -> NoReturn:
 @pytest.fixture(scope="session")
 def kubeletpeer() -> Path:
     """The built peer binary (cached by tests/kubeletpeer/build.sh)."""
-    if shutil.which("go") is None and "DRA_TEST_CACHE" not in os.environ:
-        _unavailable("the go toolchain is not on PATH")
     try:
         result = subprocess.run(
             ["bash", str(PEER_DIR / "build.sh")],
