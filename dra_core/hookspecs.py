@@ -139,6 +139,8 @@ def dra_backend_identity() -> BackendIdentity:
     implement it.
 
     :returns: the identity. The driver name must be a lower-case DNS subdomain.
+
+    Raising aborts the command or stops the agent from starting, with the plugin named.
     """
 
 
@@ -192,6 +194,8 @@ def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
 
     :param identity: the backend's identity, for the driver name in CEL selectors.
     :returns: the classes.
+
+    Raising aborts ``dra-core render`` with the plugin named.
     """
 
 

@@ -1,0 +1,390 @@
+"""The ``dra-core`` command: run the node agent, list backends, discover, inspect checkpoints,
+render manifests.
+
+Backends add their own options (``--sysfs-root`` and the like) to ``run`` and ``discover``; the
+backend is therefore chosen first (``--backend`` or ``DRA_BACKEND``), then the full command
+line is parsed with its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dra_core._version import __version__
+from dra_core.logs import configure_logging
+
+__all__ = ("main",)
+
+BACKEND_ENV = "DRA_BACKEND"
+
+_DESCRIPTION = """\
+dra-core runs a Kubernetes Dynamic Resource Allocation (DRA) driver on a node: it registers
+with the kubelet, publishes the node's devices as ResourceSlices, and prepares devices for pods.
+A backend (installed separately, e.g. dra-backend-i915 or dra-backend-fake) knows the hardware.
+"""
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback, exit status 2."""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name) or default
+
+
+def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default=_env(BACKEND_ENV),
+        help=f"the backend to load by entry-point name, e.g. 'fake' or 'i915' (env {BACKEND_ENV};"
+        " 'dra-core backends' lists the installed ones)",
+    )
+
+
+def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--node-name",
+        default=_env("NODE_NAME", socket.gethostname()),
+        help="the Kubernetes node this agent serves (env NODE_NAME; default: the host name)",
+    )
+    parser.add_argument(
+        "--driver-name",
+        default=_env("DRA_DRIVER_NAME"),
+        help="override the backend's default driver name (env DRA_DRIVER_NAME)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=_env("DRA_CONFIG"),
+        help="YAML file whose 'backend' section is passed to the backend (env DRA_CONFIG)",
+    )
+
+
+def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dra-core",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dra-core {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=_env("DRA_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env DRA_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("plain", "json"),
+        default=_env("DRA_LOG_FORMAT", "plain"),
+        help="plain text for people, JSON lines for log pipelines (env DRA_LOG_FORMAT)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run the node agent until SIGTERM",
+        description="Run the node agent: register with the kubelet, publish ResourceSlices, "
+        "prepare and unprepare claims. Stops cleanly on SIGTERM; prepared devices stay "
+        "prepared across restarts.",
+    )
+    _add_backend_argument(run)
+    _add_node_arguments(run)
+    run.add_argument(
+        "--kubeconfig",
+        default=_env("KUBECONFIG"),
+        help="kubeconfig file (env KUBECONFIG; default: in-cluster service account)",
+    )
+    run.add_argument(
+        "--registration-dir",
+        type=Path,
+        default=Path(_env("DRA_REGISTRATION_DIR", "/var/lib/kubelet/plugins_registry")),
+        help="the kubelet's plugin registration directory (env DRA_REGISTRATION_DIR)",
+    )
+    run.add_argument(
+        "--plugins-dir",
+        type=Path,
+        default=Path(_env("DRA_PLUGINS_DIR", "/var/lib/kubelet/plugins")),
+        help="parent of the driver's socket and checkpoint directory (env DRA_PLUGINS_DIR)",
+    )
+    run.add_argument(
+        "--cdi-dir",
+        type=Path,
+        default=Path(_env("DRA_CDI_DIR", "/var/run/cdi")),
+        help="dynamic CDI spec directory the container runtime reads (env DRA_CDI_DIR)",
+    )
+    run.add_argument(
+        "--instance-id",
+        default=_env("DRA_INSTANCE_ID"),
+        help="per-instance socket names for rolling updates, usually the pod UID "
+        "(env DRA_INSTANCE_ID; needs kubelet 1.33 or later)",
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        default=int(_env("DRA_HTTP_PORT", "8080") or 0),
+        help="port of /healthz and /metrics; 0 disables (env DRA_HTTP_PORT)",
+    )
+    run.add_argument(
+        "--poll-interval",
+        type=float,
+        default=float(_env("DRA_POLL_INTERVAL", "5") or 5),
+        help="seconds between rediscoveries and health checks",
+    )
+    run.add_argument(
+        "--no-publish",
+        action="store_true",
+        help="do not publish ResourceSlices (local experiments without a cluster)",
+    )
+
+    discover = commands.add_parser(
+        "discover",
+        help="print the devices and ResourceSlices this node would publish",
+        description="Discover this node's devices with the chosen backend and print them, and "
+        "the ResourceSlices that would be published, as YAML. Needs no cluster.",
+    )
+    _add_backend_argument(discover)
+    _add_node_arguments(discover)
+
+    for sub in (run, discover):
+        group = sub.add_argument_group("backend options")
+        for option in backend_options:
+            default = _env(option.env, option.default) if option.env else option.default
+            env_note = f" (env {option.env})" if option.env else ""
+            group.add_argument(f"--{option.name}", default=default, help=option.help + env_note)
+
+    backends = commands.add_parser(
+        "backends",
+        help="list installed backends and extension plugins",
+        description="List the installed backends (entry-point group dra_core.backends) and "
+        "extension plugins (dra_core.plugins) with their distribution, version and hooks.",
+    )
+    backends.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    render = commands.add_parser(
+        "render",
+        help="print the DeviceClasses of a backend as YAML",
+        description="Render the DeviceClasses users request this backend's devices with.",
+    )
+    _add_backend_argument(render)
+    render.add_argument(
+        "--driver-name",
+        default=_env("DRA_DRIVER_NAME"),
+        help="override the backend's default driver name",
+    )
+
+    checkpoint = commands.add_parser(
+        "checkpoint",
+        help="inspect or repair the checkpoint of prepared claims",
+        description="The checkpoint records which claims are prepared on this node. A corrupt "
+        "checkpoint stops the agent; inspect shows what is in it, repair keeps every record "
+        "that can be read and saves the damaged file beside it.",
+    )
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION")
+    for action, text in (
+        ("inspect", "show the checkpoint's state and records"),
+        ("repair", "salvage readable records into a valid checkpoint"),
+    ):
+        sub = checkpoint_commands.add_parser(action, help=text, description=text)
+        sub.add_argument(
+            "--path",
+            type=Path,
+            required=True,
+            help="the checkpoint file, e.g. /var/lib/kubelet/plugins/<driver>/checkpoint.json",
+        )
+    return parser
+
+
+def _backend_name(argv: Sequence[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", default=_env(BACKEND_ENV))
+    known, _ = pre.parse_known_args(argv)
+    return known.backend
+
+
+def _load_hooks(name: str | None) -> Any:
+    from dra_core.plugins import load  # only commands that need a backend
+
+    if not name:
+        msg = f"no backend chosen: pass --backend NAME or set {BACKEND_ENV}"
+        raise CliError(msg)
+    return load(name)
+
+
+def _options(args: argparse.Namespace, hooks: Any) -> dict[str, str | None]:
+    return {o.name: getattr(args, o.name.replace("-", "_")) for o in hooks.backend_options()}
+
+
+def _backend_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        msg = f"cannot read the configuration file {path}: {exc}"
+        raise CliError(msg) from None
+    section = data.get("backend", {}) if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        msg = f"{path}: 'backend' must be a mapping"
+        raise CliError(msg)
+    return section
+
+
+def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.runtime import Agent, AgentSettings
+
+    settings = AgentSettings(
+        node_name=args.node_name,
+        driver_name=args.driver_name,
+        kubeconfig=args.kubeconfig,
+        registration_dir=args.registration_dir,
+        plugins_dir=args.plugins_dir,
+        cdi_dir=args.cdi_dir,
+        instance_id=args.instance_id,
+        poll_interval=args.poll_interval,
+        http_port=args.http_port,
+        publish=not args.no_publish,
+        backend_options=_options(args, hooks),
+        backend_config=_backend_config(args.config),
+    )
+    Agent(settings, hooks).run()
+    return 0
+
+
+def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.hookspecs import NodeContext
+    from dra_core.model import validate_inventory
+    from dra_core.slices.build import build_slices
+
+    identity = hooks.backend_identity()
+    driver = args.driver_name or identity.driver_name
+    context = NodeContext(
+        node_name=args.node_name,
+        driver_name=driver,
+        options=_options(args, hooks),
+        config=_backend_config(args.config),
+    )
+    hooks.start(context)
+    try:
+        inventory = hooks.discover(context)
+        validate_inventory(inventory)
+        health = hooks.device_health(inventory, context)
+    finally:
+        hooks.stop(context)
+    slices = build_slices(driver, args.node_name, args.node_name, inventory, generation=1)
+    unhealthy = {h.device: h.message for h in health if not h.healthy}
+    print(
+        f"# driver {driver} on node {args.node_name}: {len(inventory.devices)} devices, "
+        f"{len(inventory.counter_sets)} counter sets, {len(slices)} ResourceSlices"
+        + (f"; unhealthy: {unhealthy}" if unhealthy else "")
+    )
+    yaml.safe_dump_all(slices, sys.stdout, sort_keys=False)
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.manifests import device_class_manifests
+
+    identity = hooks.backend_identity()
+    classes = hooks.device_classes(identity)
+    yaml.safe_dump_all(device_class_manifests(classes), sys.stdout, sort_keys=False)
+    return 0
+
+
+def _cmd_backends(args: argparse.Namespace) -> int:
+    from dra_core.plugins import installed_backends, installed_plugins
+
+    rows = [("backend", i) for i in installed_backends(with_hooks=True)]
+    rows += [("plugin", i) for i in installed_plugins(with_hooks=True)]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "kind": kind,
+                        "name": i.name,
+                        "distribution": i.distribution,
+                        "version": i.version,
+                        "entry_point": i.value,
+                        "hooks": list(i.hooks),
+                        "error": i.error,
+                    }
+                    for kind, i in rows
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not rows:
+        print(
+            "no backends installed (pip install dra-backend-fake, or backends/fake from the "
+            "source tree)"
+        )
+        return 1
+    for kind, info in rows:
+        state = f"BROKEN: {info.error}" if info.error else ", ".join(info.hooks)
+        print(f"{kind:8} {info.name:12} {info.origin:28} {state}")
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from dra_core import checkpoint
+
+    if args.checkpoint_command == "inspect":
+        inspected = checkpoint.inspect(args.path)
+        print(checkpoint.render_inspect(inspected))
+        return 0 if inspected.ok else 1
+    if args.checkpoint_command == "repair":
+        print(f"repairing {args.path} ...", file=sys.stderr)
+        print(checkpoint.render_repair(checkpoint.repair(args.path)))
+        return 0
+    msg = "checkpoint needs an action: inspect or repair"
+    raise CliError(msg)
+
+
+_WITH_BACKEND: dict[str, Callable[[argparse.Namespace, Any], int]] = {
+    "run": _cmd_run,
+    "discover": _cmd_discover,
+    "render": _cmd_render,
+}
+_WITHOUT_BACKEND: dict[str, Callable[[argparse.Namespace], int]] = {
+    "backends": _cmd_backends,
+    "checkpoint": _cmd_checkpoint,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dra-core``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from dra_core.checkpoint import CheckpointError
+    from dra_core.model import ModelError
+    from dra_core.plugins import HookError, PluginLoadError
+
+    try:
+        hooks = None
+        backend_options: Sequence[Any] = ()
+        command = next((a for a in argv if not a.startswith("-")), None)
+        if command in _WITH_BACKEND and _backend_name(argv):
+            hooks = _load_hooks(_backend_name(argv))
+            backend_options = hooks.backend_options()
+        args = _build_parser(backend_options).parse_args(argv)
+        configure_logging(args.log_level, args.log_format)
+        if args.command is None:
+            _build_parser().print_help()
+            return 2
+        if args.command in _WITHOUT_BACKEND:
+            return _WITHOUT_BACKEND[args.command](args)
+        if hooks is None:
+            hooks = _load_hooks(args.backend)
+        return _WITH_BACKEND[args.command](args, hooks)
+    except (CliError, PluginLoadError, HookError, CheckpointError, ModelError) as exc:
+        print(f"dra-core: error: {exc}", file=sys.stderr)
+        return 2

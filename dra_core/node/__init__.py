@@ -1,0 +1,1 @@
+"""The node side of DRA: preparing and unpreparing claims, and start-up reconciliation."""

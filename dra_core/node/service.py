@@ -1,0 +1,360 @@
+"""The prepare and unprepare pipeline behind the kubelet's DRA calls.
+
+For each claim: answer from the checkpoint if it is already prepared; otherwise read the
+ResourceClaim, take this driver's results in this node's pool, decode the opaque configs,
+let the backend check and prepare, write the CDI spec, and record the claim, in two phases
+so that a crash at any step is rolled back on the next call or at start. One claim's failure
+is that claim's error; the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+from loguru import logger
+
+from dra_core import metrics
+from dra_core.cdi import CdiSpecs
+from dra_core.checkpoint import Checkpoint, ClaimRecord
+from dra_core.hookspecs import NodeContext
+from dra_core.kube.claims import ClaimAllocation, ClaimError, fetch_claim, parse_allocation
+from dra_core.kube.client import ApiError, KubeClient
+from dra_core.model import (
+    AllocatedClaim,
+    ClaimRef,
+    ClaimResult,
+    Inventory,
+    ModelError,
+    PreparedClaim,
+    PreparedDevice,
+    ResultDevice,
+    validate_claim_ref,
+)
+from dra_core.node.lock import DriverLock
+from dra_core.plugins import HookError, Hooks
+
+__all__ = ("ClaimService", "ReconcileReport")
+
+#: A claim read from the API may be retried once within one kubelet call (45 s budget).
+_API_ATTEMPTS: Final = 2
+
+
+@dataclass
+class ReconcileReport:
+    """What start-up reconciliation changed."""
+
+    rolled_back: list[str] = field(default_factory=list)
+    regenerated_specs: list[str] = field(default_factory=list)
+    removed_orphan_specs: list[str] = field(default_factory=list)
+    reprepared: list[str] = field(default_factory=list)
+    released_gone_claims: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class ClaimService:
+    """Implements the kubelet plugin's ``NodeService``: prepare and unprepare claims."""
+
+    def __init__(
+        self,
+        *,
+        hooks: Hooks,
+        context: NodeContext,
+        client: KubeClient | None,
+        checkpoint: Checkpoint,
+        cdi: CdiSpecs,
+        lock: DriverLock,
+        inventory: Callable[[], Inventory],
+        pools: Collection[str],
+        boot_id: str,
+    ) -> None:
+        self.hooks = hooks
+        self.context = context
+        self.client = client
+        self.checkpoint = checkpoint
+        self.cdi = cdi
+        self.lock = lock
+        self.inventory = inventory
+        self.pools = frozenset(pools)
+        self.boot_id = boot_id
+        self.driver = context.driver_name
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    def prepare(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
+        """Prepare each claim; every requested UID gets a result."""
+        results: dict[str, ClaimResult] = {}
+        pending: dict[str, ClaimRef] = {}
+        for ref in claims:
+            if ref.uid in results or ref.uid in pending:
+                continue
+            try:
+                validate_claim_ref(ref)
+            except ModelError as exc:
+                results[ref.uid] = self._failed(ref, "prepare", str(exc))
+                continue
+            done = self._prepared(ref)
+            if done is not None:
+                results[ref.uid] = done
+            else:
+                pending[ref.uid] = ref
+        # Read claims outside the lock: a slow API must not hold up calls the checkpoint answers.
+        allocations: dict[str, ClaimAllocation] = {}
+        for uid, ref in pending.items():
+            try:
+                allocations[uid] = self._read_claim(ref)
+            except (ClaimError, ApiError) as exc:
+                results[uid] = self._failed(ref, "prepare", str(exc))
+        with self.lock.held():
+            for uid, allocation in allocations.items():
+                results[uid] = self._prepare_locked(pending[uid], allocation)
+        return results
+
+    def _prepared(self, ref: ClaimRef) -> ClaimResult | None:
+        """The answer of an earlier prepare of this claim in this boot, if there was one."""
+        record = self.checkpoint.get(ref.uid)
+        if record is None or record.phase != "completed" or record.boot_id != self.boot_id:
+            return None
+        if not self.cdi.exists(ref.uid):
+            self.cdi.write(record.claim)
+        metrics.PREPARE_TOTAL.labels(result="cached").inc()
+        return self._result(record.claim)
+
+    def _read_claim(self, ref: ClaimRef) -> ClaimAllocation:
+        if self.client is None:
+            msg = "no Kubernetes API client is configured, so the claim cannot be read"
+            raise ClaimError(msg)
+        for attempt in range(1, _API_ATTEMPTS + 1):
+            try:
+                claim = fetch_claim(self.client, ref)
+                break
+            except ApiError as exc:
+                if attempt == _API_ATTEMPTS or not exc.retriable:
+                    msg = f"cannot read ResourceClaim {ref.namespace}/{ref.name}: {exc}"
+                    raise ClaimError(msg) from None
+                time.sleep(exc.retry_after or 0.5)
+        return parse_allocation(claim, ref, self.driver, self.pools)
+
+    def _prepare_locked(self, ref: ClaimRef, allocation: ClaimAllocation) -> ClaimResult:
+        log = logger.bind(claim=ref.uid)
+        started_at = time.monotonic()
+        done = self._prepared(ref)  # another call may have finished it while we read the API
+        if done is not None:
+            return done
+        stale = self.checkpoint.get(ref.uid)
+        if stale is not None:
+            log.info(
+                "claim {} was {} in an earlier run; undoing before preparing again",
+                ref,
+                "prepared before a reboot" if stale.phase == "completed" else "interrupted",
+            )
+            try:
+                self._roll_back(stale)
+            except HookError as exc:
+                return self._failed(ref, "prepare", f"cannot undo an earlier prepare: {exc}")
+        try:
+            claim = self._allocated_claim(ref, allocation)
+            self.hooks.check_allocation(
+                claim=claim, inventory=self.inventory(), context=self.context
+            )
+        except (ClaimError, HookError) as exc:
+            return self._failed(ref, "prepare", str(exc))
+        started = PreparedClaim(ref, tuple(PreparedDevice(a) for a in claim.devices))
+        self.checkpoint.put(
+            ClaimRecord(claim=started, phase="started", boot_id=self.boot_id, driver=self.driver)
+        )
+        try:
+            prepared = PreparedClaim(ref, self._prepare_devices(claim))
+            self.cdi.write(prepared)
+        except Exception as exc:  # noqa: BLE001 - any failure is this claim's, and is undone
+            log.opt(exception=exc).warning("prepare of claim {} failed; undoing", ref)
+            try:
+                self._roll_back(self.checkpoint.get(ref.uid))
+            except HookError as undo:
+                log.error(
+                    "undoing claim {} failed too; it is retried at the next call: {}", ref, undo
+                )
+            return self._failed(ref, "prepare", str(exc))
+        self.checkpoint.put(
+            ClaimRecord(claim=prepared, phase="completed", boot_id=self.boot_id, driver=self.driver)
+        )
+        metrics.PREPARE_TOTAL.labels(result="success").inc()
+        metrics.PREPARE_SECONDS.observe(time.monotonic() - started_at)
+        metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
+        log.info(
+            "prepared claim {}: {}", ref, ", ".join(d.allocation.device for d in prepared.devices)
+        )
+        return self._result(prepared)
+
+    def _allocated_claim(self, ref: ClaimRef, allocation: ClaimAllocation) -> AllocatedClaim:
+        """Decode the opaque configs and check the devices are published by this node."""
+        inventory = self.inventory()
+        for device in allocation.devices:
+            if inventory.device(device.device) is None:
+                msg = (
+                    f"device {device.device} of request {device.request} is not published by "
+                    f"this node any more (removed or renamed); delete the pod to reallocate"
+                )
+                raise ClaimError(msg)
+        decoded: dict[str, list[object]] = {d.request: [] for d in allocation.devices}
+        for config in allocation.configs:
+            try:
+                value = self.hooks.decode_config(parameters=config.parameters, context=self.context)
+            except HookError as exc:
+                targets = ", ".join(config.requests) or "all requests"
+                source = "DeviceClass" if config.source == "FromClass" else "ResourceClaim"
+                msg = f"invalid opaque config for {targets} (from the {source}): {exc.__cause__}"
+                raise ClaimError(msg) from None
+            for request, values in decoded.items():
+                if config.applies_to(request):
+                    values.append(value)
+        configs = {request: tuple(values) for request, values in decoded.items()}
+        return AllocatedClaim(ref=ref, devices=allocation.devices, configs=configs)
+
+    def _prepare_devices(self, claim: AllocatedClaim) -> tuple[PreparedDevice, ...]:
+        """The backend's prepared devices, one per allocation result, in result order."""
+        prepared = self.hooks.prepare(claim=claim, context=self.context)
+        by_key = {
+            (p.allocation.device, p.allocation.share_id, p.allocation.request): p for p in prepared
+        }
+        ordered = []
+        for device in claim.devices:
+            match = by_key.get((device.device, device.share_id, device.request))
+            if match is None:
+                msg = (
+                    f"backend {self.hooks.backend!r} prepared no device for {device.device} "
+                    f"(request {device.request}); this is a backend bug"
+                )
+                raise HookError(self.hooks.backend, "dra_prepare", RuntimeError(msg))
+            ordered.append(replace(match, allocation=device))
+        return tuple(ordered)
+
+    def _result(self, claim: PreparedClaim) -> ClaimResult:
+        return ClaimResult(
+            devices=tuple(
+                ResultDevice(
+                    request_names=(d.allocation.base_request,),
+                    pool_name=d.allocation.pool,
+                    device_name=d.allocation.device,
+                    cdi_device_ids=(self.cdi.device_id(claim.ref.uid, d),),
+                    share_id=d.allocation.share_id,
+                )
+                for d in claim.devices
+            )
+        )
+
+    def _failed(self, ref: ClaimRef, action: str, message: str) -> ClaimResult:
+        logger.bind(claim=ref.uid).warning("{} of claim {} failed: {}", action, ref, message)
+        metrics.PREPARE_TOTAL.labels(result="error").inc()
+        return ClaimResult(error=f"{action} of claim {ref} failed: {message}")
+
+    # -- unprepare -----------------------------------------------------------------------------
+
+    def unprepare(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
+        """Unprepare each claim from the checkpoint; unknown claims succeed."""
+        results: dict[str, str] = {}
+        with self.lock.held():
+            for ref in claims:
+                if ref.uid not in results:
+                    results[ref.uid] = self._unprepare_locked(ref)
+        return results
+
+    def _unprepare_locked(self, ref: ClaimRef) -> str:
+        log = logger.bind(claim=ref.uid)
+        started_at = time.monotonic()
+        try:
+            validate_claim_ref(ref)
+        except ModelError as exc:
+            metrics.UNPREPARE_TOTAL.labels(result="error").inc()
+            return f"unprepare of claim {ref} failed: {exc}"
+        record = self.checkpoint.get(ref.uid)
+        try:
+            self._roll_back(record)
+            self.cdi.remove(ref.uid)
+        except (HookError, OSError) as exc:
+            log.opt(exception=exc).warning("unprepare of claim {} failed", ref)
+            metrics.UNPREPARE_TOTAL.labels(result="error").inc()
+            return f"unprepare of claim {ref} failed: {exc}"
+        metrics.UNPREPARE_TOTAL.labels(result="success").inc()
+        metrics.UNPREPARE_SECONDS.observe(time.monotonic() - started_at)
+        metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
+        if record is not None:
+            log.info("unprepared claim {}", ref)
+        return ""
+
+    def _roll_back(self, record: ClaimRecord | None) -> None:
+        """Undo a (possibly partial) prepare: backend, CDI spec, then the checkpoint entry."""
+        if record is None:
+            return
+        self.hooks.unprepare(claim=record.claim, context=self.context)
+        self.cdi.remove(record.claim.ref.uid)
+        self.checkpoint.remove(record.claim.ref.uid)
+
+    # -- start-up reconciliation ---------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Bring checkpoint, CDI specs, API claims and hardware into agreement."""
+        report = ReconcileReport()
+        reboot: list[ClaimRef] = []
+        with self.lock.held():
+            self.cdi.remove_stale_temp_files()
+            for uid, record in self.checkpoint.records().items():
+                if record.phase == "started":
+                    self._reconcile_step(
+                        report, report.rolled_back, uid, lambda r=record: self._roll_back(r)
+                    )
+                elif record.boot_id != self.boot_id:
+                    reboot.append(record.claim.ref)
+                elif not self.cdi.exists(uid):
+                    self._reconcile_step(
+                        report,
+                        report.regenerated_specs,
+                        uid,
+                        lambda r=record: self.cdi.write(r.claim),
+                    )
+            known = set(self.checkpoint.records())
+            for uid in sorted(self.cdi.claim_uids() - known):
+                self._reconcile_step(
+                    report, report.removed_orphan_specs, uid, lambda u=uid: self.cdi.remove(u)
+                )
+            self._release_gone_claims(report)
+        if reboot:
+            # The node rebooted: device state is gone, but the kubelet will not ask again.
+            for uid, result in self.prepare(reboot).items():
+                if result.error:
+                    report.errors.append(result.error)
+                else:
+                    report.reprepared.append(uid)
+        metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
+        return report
+
+    def _reconcile_step(
+        self, report: ReconcileReport, done: list[str], uid: str, step: Callable[[], object]
+    ) -> None:
+        try:
+            step()
+            done.append(uid)
+        except (HookError, OSError) as exc:
+            report.errors.append(f"claim {uid}: {exc}")
+
+    def _release_gone_claims(self, report: ReconcileReport) -> None:
+        """Unprepare claims deleted (or replaced) while the agent was not running."""
+        if self.client is None:
+            return
+        for uid, record in self.checkpoint.records().items():
+            ref = record.claim.ref
+            try:
+                claim: Mapping[str, object] = fetch_claim(self.client, ref)
+            except ClaimError:
+                claim = {}
+            except ApiError as exc:
+                logger.info("API server not reachable, claims are checked later: {}", exc)
+                return
+            metadata = claim.get("metadata")
+            if isinstance(metadata, Mapping) and metadata.get("uid") == uid:
+                continue
+            self._reconcile_step(
+                report, report.released_gone_claims, uid, lambda r=record: self._roll_back(r)
+            )

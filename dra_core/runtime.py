@@ -1,0 +1,229 @@
+"""One node agent, wired together and run until it is told to stop.
+
+Start order matters: the checkpoint is opened first (a corrupt one stops the agent before
+anything is served), then the sockets are served so the kubelet can register within a second,
+then the slower work runs in the background: reconciliation with the API, publishing, and the
+discovery and health loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from loguru import logger
+
+from dra_core import metrics
+from dra_core.cdi import CdiSpecs
+from dra_core.checkpoint import Checkpoint, current_boot_id
+from dra_core.health import HealthTracker
+from dra_core.hookspecs import NodeContext
+from dra_core.httpserver import StatusServer
+from dra_core.kube.client import KubeClient, load_client
+from dra_core.kubelet.health import HealthBoard
+from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
+from dra_core.model import BackendIdentity, Inventory, ModelError, validate_inventory
+from dra_core.node.lock import DriverLock
+from dra_core.node.service import ClaimService
+from dra_core.plugins import HookError, Hooks
+from dra_core.slices.publisher import SlicePublisher
+
+__all__ = ("Agent", "AgentSettings")
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Everything that configures a node agent; the CLI fills it from flags and environment."""
+
+    #: The Kubernetes node served (``NODE_NAME`` in a DaemonSet, from the downward API).
+    node_name: str
+    #: Override of the backend's default driver name.
+    driver_name: str | None = None
+    #: Kubeconfig file; None means ``$KUBECONFIG`` or the in-cluster service account.
+    kubeconfig: str | None = None
+    #: Directory of registration sockets the kubelet watches.
+    registration_dir: Path = Path("/var/lib/kubelet/plugins_registry")
+    #: Parent of the per-driver plugin directory (DRA socket, checkpoint, lock).
+    plugins_dir: Path = Path("/var/lib/kubelet/plugins")
+    #: Dynamic CDI spec directory the container runtime reads.
+    cdi_dir: Path = Path("/var/run/cdi")
+    #: Set to the pod UID for rolling updates (kubelet 1.33+): per-instance socket names.
+    instance_id: str | None = None
+    #: Seconds between rediscoveries and health checks.
+    poll_interval: float = 5.0
+    #: Address of the liveness and metrics endpoint; port 0 disables it.
+    http_host: str = "0.0.0.0"  # probes come from the kubelet over the pod IP
+    http_port: int = 8080
+    #: Publish ResourceSlices (off only for local experiments without an API server).
+    publish: bool = True
+    #: Backend option values, keyed by option name.
+    backend_options: Mapping[str, str | None] = field(default_factory=dict)
+    #: The backend's section of the configuration file.
+    backend_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def plugin_dir(self, driver: str) -> Path:
+        return self.plugins_dir / driver
+
+
+class Agent:
+    """A running node agent: kubelet plugin, publisher, discovery and health loop."""
+
+    def __init__(
+        self, settings: AgentSettings, hooks: Hooks, client: KubeClient | None = None
+    ) -> None:
+        self.settings = settings
+        self.hooks = hooks
+        self.identity: BackendIdentity = hooks.backend_identity()
+        self.driver = settings.driver_name or self.identity.driver_name
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self.plugin_dir = settings.plugin_dir(self.driver)
+        self.context = NodeContext(
+            node_name=settings.node_name,
+            driver_name=self.driver,
+            options=dict(settings.backend_options),
+            config=dict(settings.backend_config),
+            state_dir=self.plugin_dir / "backend",
+            request_rediscovery=self._wake.set,
+        )
+        self.client = client
+        self.board = HealthBoard()
+        self.health = HealthTracker(self.driver, settings.node_name, self.board)
+        self._inventory = Inventory()
+        self._published: Inventory | None = None
+        self._threads: list[threading.Thread] = []
+        self.publisher: SlicePublisher | None = None
+        self.plugin: KubeletPlugin | None = None
+        self.http: StatusServer | None = None
+        self.service: ClaimService | None = None
+
+    @property
+    def inventory(self) -> Inventory:
+        return self._inventory
+
+    def start(self) -> None:
+        """Start everything; raise with a clear message when the agent cannot serve."""
+        started_at = time.monotonic()
+        self.plugin_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        checkpoint = Checkpoint.open(self.plugin_dir / "checkpoint.json")
+        self.hooks.start(self.context)
+        self._discover()
+        if self.client is None and self.settings.publish:
+            self.client = load_client(self.settings.kubeconfig)
+        self.service = ClaimService(
+            hooks=self.hooks,
+            context=self.context,
+            client=self.client,
+            checkpoint=checkpoint,
+            cdi=CdiSpecs(self.settings.cdi_dir, self.identity),
+            lock=DriverLock(self.plugin_dir / "serialize.lock"),
+            inventory=lambda: self._inventory,
+            pools={self.settings.node_name},
+            boot_id=current_boot_id(),
+        )
+        health = self.board if self.hooks.implemented("dra_device_health") else None
+        self.plugin = KubeletPlugin(
+            KubeletPluginSettings(
+                driver_name=self.driver,
+                registration_dir=self.settings.registration_dir,
+                plugin_dir=self.plugin_dir,
+                instance_id=self.settings.instance_id,
+                health=health,
+            ),
+            self.service,
+        )
+        self.plugin.start()
+        logger.info(
+            "serving driver {} for node {} ({:.0f} ms after start)",
+            self.driver,
+            self.settings.node_name,
+            (time.monotonic() - started_at) * 1000,
+        )
+        if self.settings.http_port:
+            self.http = StatusServer(
+                self.settings.http_host, self.settings.http_port, probe=self.plugin.probe
+            )
+            self.http.start()
+        if self.settings.publish and self.client is not None:
+            self.publisher = SlicePublisher(self.client, self.driver, self.settings.node_name)
+            self.publisher.start()
+        self._spawn("reconcile", self._reconcile)
+        self._spawn("discovery", self._discovery_loop)
+
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=f"dra-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _reconcile(self) -> None:
+        assert self.service is not None
+        report = self.service.reconcile()
+        for error in report.errors:
+            logger.error("start-up reconciliation: {}", error)
+        changed = {k: v for k, v in vars(report).items() if v and k != "errors"}
+        if changed:
+            logger.info("start-up reconciliation: {}", changed)
+
+    def _discover(self) -> None:
+        """Rediscover and check health; publish when the result changed."""
+        try:
+            inventory = self.hooks.discover(self.context)
+            validate_inventory(inventory)
+        except (HookError, ModelError) as exc:
+            metrics.DISCOVERY_ERRORS.inc()
+            logger.error("discovery failed, keeping the last inventory: {}", exc)
+            inventory = self._inventory
+        self._inventory = inventory
+        reports = self.hooks.device_health(inventory, self.context)
+        published = self.health.update(inventory, reports)
+        if published != self._published:
+            self._published = published
+            if self.publisher is not None:
+                self.publisher.update(published)
+
+    def _discovery_loop(self) -> None:
+        if self.publisher is not None and self._published is not None:
+            self.publisher.update(self._published)
+        while not self.stop_event.is_set():
+            self._wake.wait(self.settings.poll_interval)
+            self._wake.clear()
+            if self.stop_event.is_set():
+                break
+            self._discover()
+
+    def stop(self) -> None:
+        """Stop serving; prepared claims stay prepared and slices stay published."""
+        self.stop_event.set()
+        self._wake.set()
+        if self.plugin is not None:
+            self.plugin.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
+        if self.http is not None:
+            self.http.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.hooks.stop(self.context)
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received {}, stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            self.stop_event.wait()
+        finally:
+            self.stop()
+        logger.info("stopped (pid {})", os.getpid())

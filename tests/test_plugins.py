@@ -1,0 +1,168 @@
+"""Backend and plugin loading: strict for the backend, tolerant for extension plugins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dra_core import BackendIdentity, Inventory, hookimpl
+from dra_core.plugins import HookError, PluginLoadError, from_objects, load
+from tests.distributions import make_distribution
+
+GOOD_BACKEND = """
+from dra_core import BackendIdentity, Device, Inventory, hookimpl
+
+@hookimpl
+def dra_backend_identity():
+    return BackendIdentity("good.example.com", "example.com", "good")
+
+@hookimpl
+def dra_discover(context):
+    return Inventory(devices=(Device("dev-0"),))
+"""
+
+
+def run_cli(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.getcwd()])}
+    env.pop("DRA_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-m", "dra_core", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_missing_backend_names_installed_ones(tmp_path):
+    result = run_cli(tmp_path, "discover", "--backend", "nonesuch")
+    assert result.returncode == 2
+    assert "backend 'nonesuch' is not installed" in result.stderr
+    assert "installed backends:" in result.stderr
+    assert "fake" in result.stderr and "i915" in result.stderr
+
+
+def test_broken_backend_names_distribution_version_and_cause(tmp_path):
+    make_distribution(
+        tmp_path,
+        "broken-backend",
+        "1.2.3",
+        {"dra_core.backends": {"broken": "broken_backend"}},
+        {"broken_backend": "import no_such_module_anywhere\n"},
+    )
+    result = run_cli(tmp_path, "discover", "--backend", "broken")
+    assert result.returncode == 2, result.stderr
+    assert "backend 'broken' from broken-backend 1.2.3 cannot be imported" in result.stderr
+    assert "no_such_module_anywhere" in result.stderr
+    assert "installed backends: broken, fake, i915" in result.stderr
+
+
+def test_backend_registered_twice_is_refused(tmp_path):
+    for dist in ("first-backend", "second-backend"):
+        make_distribution(
+            tmp_path,
+            dist,
+            "1.0",
+            {"dra_core.backends": {"twin": "twin_mod"}},
+            {"twin_mod": GOOD_BACKEND},
+        )
+    result = run_cli(tmp_path, "discover", "--backend", "twin")
+    assert result.returncode == 2
+    assert "registered by more than one distribution" in result.stderr
+    assert "first-backend 1.0" in result.stderr and "second-backend 1.0" in result.stderr
+
+
+def test_backends_lists_installed_distributions_and_broken_ones(tmp_path):
+    make_distribution(
+        tmp_path,
+        "broken-backend",
+        "0.9",
+        {"dra_core.backends": {"broken": "broken_backend"}},
+        {"broken_backend": "raise RuntimeError('boom at import')\n"},
+    )
+    result = run_cli(tmp_path, "backends")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[1]: line for line in result.stdout.splitlines()}
+    assert "dra-backend-fake" in lines["fake"] and "dra_discover" in lines["fake"]
+    assert "dra-backend-i915" in lines["i915"] and "dra_prepare" in lines["i915"]
+    assert "BROKEN: RuntimeError: boom at import" in lines["broken"]
+
+
+def test_broken_extension_plugin_warns_or_fails_when_strict(tmp_path, monkeypatch):
+    make_distribution(
+        tmp_path,
+        "good-backend",
+        "1.0",
+        {"dra_core.backends": {"good": "good_mod"}},
+        {"good_mod": GOOD_BACKEND},
+    )
+    make_distribution(
+        tmp_path,
+        "bad-plugin",
+        "0.1",
+        {"dra_core.plugins": {"bad": "bad_plugin"}},
+        {"bad_plugin": "raise ImportError('plugin dependency missing')\n"},
+    )
+    result = run_cli(tmp_path, "discover", "--backend", "good", "--node-name", "n1")
+    assert result.returncode == 0, result.stderr
+    assert "plugin 'bad' from bad-plugin 0.1 cannot be imported" in result.stderr
+    assert "name: dev-0" in result.stdout
+    monkeypatch.setenv("DRA_STRICT_PLUGINS", "1")
+    strict = run_cli(tmp_path, "discover", "--backend", "good", "--node-name", "n1")
+    assert strict.returncode == 2
+    assert "plugin 'bad' from bad-plugin 0.1 cannot be imported" in strict.stderr
+
+
+def test_hook_with_wrong_signature_is_refused():
+    class Wrong:
+        @hookimpl
+        def dra_discover(self, context, surprise):  # 'surprise' is no argument of the spec
+            return Inventory()
+
+    with pytest.raises(PluginLoadError, match="plugin 'wrong' does not fit the dra-core contract"):
+        from_objects("wrong", Wrong())
+
+
+def test_hook_error_names_plugin_and_hook():
+    class Backend:
+        @hookimpl
+        def dra_backend_identity(self):
+            return BackendIdentity("x.example.com", "example.com", "x")
+
+    class Attributes:
+        @hookimpl
+        def dra_device_attributes(self, device):
+            raise ValueError("no attributes today")
+
+    class Health:
+        @hookimpl
+        def dra_device_health(self, inventory):
+            raise OSError("sensor gone")
+
+    class Broken:
+        @hookimpl
+        def dra_discover(self, context):
+            raise RuntimeError("sysfs unreadable")
+
+    hooks = from_objects(
+        "backend", Backend(), ("attrs", Attributes()), ("health", Health()), ("broken", Broken())
+    )
+    with pytest.raises(HookError) as info:
+        hooks.discover(context=None)  # type: ignore[arg-type]
+    assert info.value.plugin == "broken"
+    assert str(info.value) == "plugin 'broken' hook 'dra_discover' failed: sysfs unreadable"
+    # A failing health source is skipped, not fatal.
+    assert hooks.device_health(Inventory(), context=None) == []  # type: ignore[arg-type]
+
+
+def test_load_finds_installed_fake_backend():
+    hooks = load("fake", plugins=False)
+    assert hooks.backend == "fake"
+    assert hooks.implemented("dra_prepare")
+    with pytest.raises(PluginLoadError, match="installed backends: fake, i915"):
+        load("nonesuch")
