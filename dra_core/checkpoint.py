@@ -621,7 +621,7 @@ class Checkpoint:
             raise CheckpointError(msg)
         encoded = encode_record(record)
         try:
-            _canonical(encoded)
+            normalised = json.loads(_canonical(encoded))
         except (TypeError, ValueError) as exc:
             msg = (
                 f"checkpoint {self._path}: claim {uid}: the record is not JSON-serialisable "
@@ -629,12 +629,21 @@ class Checkpoint:
                 f"string keys, arrays, strings, finite numbers, booleans, null)"
             )
             raise CheckpointError(msg) from exc
+        try:
+            # What a reload would give: readers see the same value before and after a restart.
+            decoded = _decode(uid, normalised)
+        except _Bad as exc:
+            msg = (
+                f"checkpoint {self._path}: claim {uid}: field {exc.where or '(record)'}: "
+                f"{exc.problem}; the record was not written (a backend returned a value the "
+                f"model does not allow)"
+            )
+            raise CheckpointError(msg) from None
         with self._lock:
             self._refresh()
             updated = {**self._encoded, uid: encoded}
             self._write(self._path, updated)
-            # The stored copy is the decoded form, so readers see what a reload would give.
-            self._records[uid] = _decode(uid, json.loads(_canonical(encoded)))
+            self._records[uid] = decoded
             self._encoded = updated
             self._file_id = _file_id(self._path)
 

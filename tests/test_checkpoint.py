@@ -194,6 +194,27 @@ def test_unserialisable_state_is_refused(ckpt_path: Path) -> None:
     assert ckpt.records() == {}
 
 
+def test_invalid_model_value_is_refused_before_writing(ckpt_path: Path) -> None:
+    ckpt = Checkpoint.open(ckpt_path, boot_id=BOOT)
+    node = DeviceNode(path="/dev/x", type="x")  # type: ignore[arg-type]
+    bad = ClaimRecord.completed(
+        PreparedClaim(
+            ref=_ref(),
+            devices=(
+                PreparedDevice(
+                    allocation=AllocatedDevice(request="r", pool="p", device="d"),
+                    edits=ContainerEdits(device_nodes=(node,)),
+                ),
+            ),
+        ),
+        boot_id=BOOT,
+        driver="d",
+    )
+    with pytest.raises(CheckpointError, match=r"claim .*deviceNodes\[0\]\.type"):
+        ckpt.put(bad)
+    assert Checkpoint.open(ckpt_path, boot_id=BOOT).records() == {}
+
+
 def test_checksum_mismatch_is_refused_not_reset(ckpt_path: Path) -> None:
     Checkpoint.open(ckpt_path, boot_id=BOOT).put(_full_record())
     doc = _doc(ckpt_path)
