@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +324,7 @@ class CdiSpecs:
         data = (json.dumps(spec, indent=2) + "\n").encode("utf-8")
         try:
             with contextlib.suppress(FileNotFoundError):
-                if path.read_bytes() == data:
+                if path.read_bytes() == data and stat.S_IMODE(path.stat().st_mode) == SPEC_MODE:
                     return ids
             self._directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
             atomic_write(path, data, SPEC_MODE)

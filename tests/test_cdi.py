@@ -152,6 +152,10 @@ def test_write_mode_atomic_and_idempotent(specs: CdiSpecs) -> None:
     inode = path.stat().st_ino
     specs.write(claim)
     assert path.stat().st_ino == inode  # unchanged content is not rewritten
+    path.chmod(0o600)
+    specs.write(claim)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    inode = path.stat().st_ino
     specs.write(_claim(_device(edits=ContainerEdits(env={"GPU": "other"}))))
     assert path.stat().st_ino != inode
     assert sorted(os.listdir(specs.directory)) == [path.name]
