@@ -77,6 +77,8 @@ __all__ = (
     "decode_record",
     "encode_record",
     "inspect",
+    "render_inspect",
+    "render_repair",
     "repair",
 )
 
@@ -773,6 +775,16 @@ def inspect(path: Path) -> InspectReport:
         records=list(parsed.records.values()),
         dropped=parsed.dropped,
     )
+
+
+def render_inspect(report: InspectReport) -> str:
+    """`InspectReport.render`, as a function for the CLI."""
+    return report.render()
+
+
+def render_repair(report: RepairReport) -> str:
+    """`RepairReport.render`, as a function for the CLI."""
+    return report.render()
 
 
 def _backup_path(path: Path) -> Path:

@@ -20,6 +20,8 @@ from dra_core.checkpoint import (
     decode_record,
     encode_record,
     inspect,
+    render_inspect,
+    render_repair,
     repair,
 )
 from dra_core.model import (
@@ -377,7 +379,8 @@ def test_inspect_healthy(ckpt_path: Path) -> None:
     assert report.version == 1
     assert report.problems == []
     assert report.records == [_full_record()]
-    text = report.render()
+    text = render_inspect(report)
+    assert text == report.render()
     assert "OK" in text
     assert UID1 in text
     assert "gpu-0000-03-00-0#3f2a-1" in text
@@ -427,7 +430,8 @@ def test_repair_keeps_decodable_records_and_backs_up(ckpt_path: Path) -> None:
     assert report.dropped == [UID2]
     assert _mode(ckpt_path) == 0o600
     assert Checkpoint.open(ckpt_path, boot_id=BOOT).records() == {UID1: _full_record(UID1)}
-    text = report.render()
+    text = render_repair(report)
+    assert text == report.render()
     assert str(report.backup) in text
     assert UID2 in text
 
