@@ -41,6 +41,10 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
+def _env_path(name: str, default: str) -> Path:
+    return Path(os.environ.get(name) or default)
+
+
 def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
@@ -106,19 +110,19 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     run.add_argument(
         "--registration-dir",
         type=Path,
-        default=Path(_env("DRA_REGISTRATION_DIR", "/var/lib/kubelet/plugins_registry")),
+        default=_env_path("DRA_REGISTRATION_DIR", "/var/lib/kubelet/plugins_registry"),
         help="the kubelet's plugin registration directory (env DRA_REGISTRATION_DIR)",
     )
     run.add_argument(
         "--plugins-dir",
         type=Path,
-        default=Path(_env("DRA_PLUGINS_DIR", "/var/lib/kubelet/plugins")),
+        default=_env_path("DRA_PLUGINS_DIR", "/var/lib/kubelet/plugins"),
         help="parent of the driver's socket and checkpoint directory (env DRA_PLUGINS_DIR)",
     )
     run.add_argument(
         "--cdi-dir",
         type=Path,
-        default=Path(_env("DRA_CDI_DIR", "/var/run/cdi")),
+        default=_env_path("DRA_CDI_DIR", "/var/run/cdi"),
         help="dynamic CDI spec directory the container runtime reads (env DRA_CDI_DIR)",
     )
     run.add_argument(
@@ -207,7 +211,8 @@ def _backend_name(argv: Sequence[str]) -> str | None:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backend", default=_env(BACKEND_ENV))
     known, _ = pre.parse_known_args(argv)
-    return known.backend
+    backend: str | None = known.backend
+    return backend
 
 
 def _load_hooks(name: str | None) -> Any:

@@ -93,12 +93,12 @@ _UID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 
 def is_dns_label(value: str) -> bool:
     """True for an RFC 1123 label: lower-case alphanumerics and '-', at most 63 characters."""
-    return len(value) <= 63 and bool(_DNS_LABEL.match(value))
+    return len(value) <= 63 and bool(_DNS_LABEL.fullmatch(value))
 
 
 def is_dns_subdomain(value: str, max_length: int = 253) -> bool:
     """True for an RFC 1123 subdomain: dot-separated DNS labels, at most ``max_length`` long."""
-    return 0 < len(value) <= max_length and all(_DNS_LABEL.match(p) for p in value.split("."))
+    return 0 < len(value) <= max_length and all(_DNS_LABEL.fullmatch(p) for p in value.split("."))
 
 
 def validate_driver_name(name: str) -> None:
@@ -119,7 +119,7 @@ def _check_qualified_name(owner: str, kind: str, name: str) -> None:
             f"{LIMITS.qualified_domain_length} characters"
         )
         raise ModelError(msg)
-    if len(identifier) > LIMITS.identifier_length or not _C_IDENTIFIER.match(identifier):
+    if len(identifier) > LIMITS.identifier_length or not _C_IDENTIFIER.fullmatch(identifier):
         msg = (
             f"{owner}: {kind} {name!r}: {identifier!r} is not a C identifier of at most "
             f"{LIMITS.identifier_length} characters"
@@ -295,7 +295,7 @@ def validate_claim_ref(claim: ClaimRef) -> None:
     The UID names files (CDI spec, checkpoint entries), so it must be a UUID before it is
     used in a path.
     """
-    if not _UID.match(claim.uid):
+    if not _UID.fullmatch(claim.uid):
         msg = f"claim UID {claim.uid!r} is not a UUID"
         raise ModelError(msg)
     if not is_dns_label(claim.namespace):
@@ -446,7 +446,7 @@ def _check_attribute(owner: str, name: str, value: AttributeValue) -> None:
             raise ModelError(msg)
         return
     if isinstance(value, Version):
-        if len(value.value) > LIMITS.attribute_value_length or not _SEMVER.match(value.value):
+        if len(value.value) > LIMITS.attribute_value_length or not _SEMVER.fullmatch(value.value):
             msg = f"{owner}: attribute {name!r}: {value.value!r} is not a semantic version"
             raise ModelError(msg)
         return
@@ -573,18 +573,18 @@ def validate_inventory(inventory: Inventory) -> None:
     for device in inventory.devices:
         validate_device(device)
         for consumption in device.consumes_counters:
-            counter_set = sets.get(consumption.counter_set)
-            if counter_set is None:
+            consumed_set = sets.get(consumption.counter_set)
+            if consumed_set is None:
                 msg = (
                     f"device {device.name!r}: consumes from counter set "
                     f"{consumption.counter_set!r}, which the inventory does not define"
                 )
                 raise ModelError(msg)
-            missing = sorted(set(consumption.counters) - set(counter_set.counters))
+            missing = sorted(set(consumption.counters) - set(consumed_set.counters))
             if missing:
                 msg = (
                     f"device {device.name!r}: counters {missing} are not in counter set "
-                    f"{counter_set.name!r}"
+                    f"{consumed_set.name!r}"
                 )
                 raise ModelError(msg)
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 import importlib_metadata
 import pluggy
@@ -307,7 +307,7 @@ class Hooks:
         if not isinstance(identity, BackendIdentity):
             msg = f"backend {self.backend!r} does not implement dra_backend_identity"
             raise PluginLoadError(msg)
-        return cast(BackendIdentity, identity)
+        return identity
 
     def discover(self, context: NodeContext) -> Inventory:
         """The backend's inventory, with extension plugins' attributes merged in."""

@@ -62,49 +62,75 @@ class KubeClient:
         body: Any = None,
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        timeout: float | None = None,
     ) -> Any:
         """Send one request and return the decoded JSON response (None for an empty body)."""
-        from kubernetes.client.exceptions import ApiException  # slow import
-        from urllib3.exceptions import HTTPError
+        from urllib3.exceptions import HTTPError  # slow import, kept off start-up
 
+        api = self.api
         try:
-            response = self.api.call_api(
-                path,
-                method,
-                query_params=list((query or {}).items()),
+            _, url, headers, data, post = api.param_serialize(
+                method=method,
+                resource_path=path,
+                query_params=list((query or {}).items()) or None,
                 header_params={"Accept": "application/json", "Content-Type": content_type},
                 body=body,
                 auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=self.timeout,
             )
-        except ApiException as exc:
-            raise _api_error(method, path, exc) from None
+            response = api.call_api(
+                method,
+                url,
+                header_params=headers,
+                body=data,
+                post_params=post,
+                _request_timeout=self.timeout if timeout is None else timeout,
+            )
+            raw = response.read()
         except (HTTPError, OSError) as exc:
             raise ApiError(method, path, 0, str(exc)) from None
-        data = response.data
-        return json.loads(data) if data else None
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            if status is None:
+                raise
+            raise _api_error(
+                method,
+                path,
+                int(status or 0),
+                getattr(exc, "body", None),
+                getattr(exc, "reason", ""),
+                getattr(exc, "headers", None),
+            ) from None
+        if not 200 <= response.status < 300:
+            raise _api_error(method, path, response.status, raw, response.reason, response.headers)
+        return json.loads(raw) if raw else None
 
     def get(self, path: str, query: Mapping[str, str] | None = None) -> Any:
         return self.request("GET", path, query=query)
 
 
-def _api_error(method: str, path: str, exc: Any) -> ApiError:
-    message = exc.reason or ""
+def _api_error(
+    method: str,
+    path: str,
+    status: int,
+    body: Any,
+    reason: str | None,
+    headers: Mapping[str, str] | None,
+) -> ApiError:
+    """An ApiError with the message of the API server's Status object, if it sent one."""
+    message = reason or ""
     try:
-        status_obj = json.loads(exc.body or "{}")
+        status_obj = json.loads(body or b"{}")
         message = status_obj.get("message") or message
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         pass
     retry_after = None
-    headers = exc.headers or {}
-    if "Retry-After" in headers:
+    value = (headers or {}).get("Retry-After")
+    if value is not None:
         try:
-            retry_after = float(headers["Retry-After"])
+            retry_after = float(value)
         except ValueError:
             retry_after = None
-    return ApiError(method, path, int(exc.status or 0), message, retry_after)
+    return ApiError(method, path, status, message, retry_after)
 
 
 def load_client(kubeconfig: str | None = None, *, timeout: float = 10.0) -> KubeClient:

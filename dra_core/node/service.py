@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Final
 
 from loguru import logger
@@ -232,13 +233,15 @@ class ClaimService:
         return tuple(ordered)
 
     def _result(self, claim: PreparedClaim) -> ClaimResult:
+        # Devices without container edits have no CDI device, so no ID; the kubelet accepts that.
+        ids = self.cdi.cdi_ids(claim)
         return ClaimResult(
             devices=tuple(
                 ResultDevice(
                     request_names=(d.allocation.base_request,),
                     pool_name=d.allocation.pool,
                     device_name=d.allocation.device,
-                    cdi_device_ids=(self.cdi.device_id(claim.ref.uid, d),),
+                    cdi_device_ids=ids.get((d.allocation.device, d.allocation.share_id), ()),
                     share_id=d.allocation.share_id,
                 )
                 for d in claim.devices
@@ -303,7 +306,7 @@ class ClaimService:
             for uid, record in self.checkpoint.records().items():
                 if record.phase == "started":
                     self._reconcile_step(
-                        report, report.rolled_back, uid, lambda r=record: self._roll_back(r)
+                        report, report.rolled_back, uid, partial(self._roll_back, record)
                     )
                 elif record.boot_id != self.boot_id:
                     reboot.append(record.claim.ref)
@@ -312,12 +315,12 @@ class ClaimService:
                         report,
                         report.regenerated_specs,
                         uid,
-                        lambda r=record: self.cdi.write(r.claim),
+                        partial(self.cdi.write, record.claim),
                     )
             known = set(self.checkpoint.records())
             for uid in sorted(self.cdi.claim_uids() - known):
                 self._reconcile_step(
-                    report, report.removed_orphan_specs, uid, lambda u=uid: self.cdi.remove(u)
+                    report, report.removed_orphan_specs, uid, partial(self.cdi.remove, uid)
                 )
             self._release_gone_claims(report)
         if reboot:
@@ -356,5 +359,5 @@ class ClaimService:
             if isinstance(metadata, Mapping) and metadata.get("uid") == uid:
                 continue
             self._reconcile_step(
-                report, report.released_gone_claims, uid, lambda r=record: self._roll_back(r)
+                report, report.released_gone_claims, uid, partial(self._roll_back, record)
             )
