@@ -1,0 +1,667 @@
+"""Keeping this node's ResourceSlices in the API server equal to the backend's inventory.
+
+`SlicePublisher` owns the slices of one driver on one node (field selector
+``spec.nodeName=<node>,spec.driver=<driver>``). A sync reads them, builds the desired slices
+(`dra_core.slices.build`), and writes only the difference: creates missing slices, updates
+changed ones in place, deletes the rest. Equal slices are never written: the comparison
+covers only the fields the publisher owns and normalises what the server adds (quantities in
+canonical form, ``timeAdded`` on taints, empty maps, labels of others).
+
+Pool generation: consumers use only a pool's highest generation and treat it as complete when
+``resourceSliceCount`` slices exist at it. While the slices at the current generation have
+the membership the new inventory gives them (the same device or counter-set names in each
+slice, the same slice count), they are updated in place at that generation and missing ones
+recreated. When the shape changes, every slice is written at generation + 1 first and the
+leftovers deleted after, so no consumer ever takes a mix of old and new slices for a complete
+pool. The generation starts from the highest one found in the API, so it stays monotonic
+across restarts.
+
+The background thread (`start`/`stop`) debounces `update` bursts, resyncs periodically and
+when the watch reports a change it did not make (a slice edited or deleted behind its back,
+the kubelet wiping a node's slices on restart), and retries API failures with backoff for as
+long as the outage lasts. `stop` leaves the slices in place: a restarted or upgraded agent
+takes them over, and the kubelet removes them when no plugin of the driver is left.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from functools import partial
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from dra_core import metrics
+from dra_core.kube.client import ApiError, KubeClient
+from dra_core.kube.retry import Backoff, call_with_retries
+from dra_core.model import Inventory, validate_inventory
+from dra_core.quantity import QuantityError, parse_quantity
+from dra_core.slices.build import build_slices
+from dra_core.slices.watch import RELIST, SLICES_PATH, SliceWatcher
+
+__all__ = ("FEATURE_GATES", "PublisherSettings", "SlicePublisher", "SyncResult")
+
+T = TypeVar("T")
+
+_MAX_OWN_VERSIONS = 1000
+
+#: The feature gate that makes the API server keep each optional field of a slice.
+FEATURE_GATES: Mapping[str, str] = {
+    "consumesCounters": "DRAPartitionableDevices",
+    "sharedCounters": "DRAPartitionableDevices",
+    "allowMultipleAllocations": "DRAConsumableCapacity",
+    "requestPolicy": "DRAConsumableCapacity",
+    "taints": "DRADeviceTaints",
+}
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    """Timing of the publisher.
+
+    ``resync_period``: seconds between full comparisons when nothing happens (the watch
+    reports drift sooner). ``debounce``: seconds to wait after an update or a watch event so a
+    burst is written once, with its latest state. ``backoff``: delays between failed API calls
+    and failed syncs. ``attempts``: tries per API call within one sync before the sync fails
+    (and is retried by the loop). ``watch``: whether to watch the slices at all (else only the
+    periodic resync repairs drift). ``watch_timeout``: seconds one watch request lasts.
+    """
+
+    resync_period: float = 60.0
+    debounce: float = 0.2
+    backoff: Backoff = field(default_factory=Backoff)
+    attempts: int = 3
+    conflict_retries: int = 5
+    watch: bool = True
+    watch_timeout: int = 300
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What one sync did: the pool generation, the desired slice count and the writes."""
+
+    generation: int
+    slices: int
+    created: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+
+    @property
+    def writes(self) -> int:
+        """Number of API writes of this sync."""
+        return len(self.created) + len(self.updated) + len(self.deleted)
+
+
+class SlicePublisher:
+    """Publishes one node's inventory of one driver as a pool of ResourceSlices.
+
+    ``pool_name`` defaults to the node name. Call `update` whenever discovery or health
+    changes, `start` once, `stop` at shutdown; or drive it with `sync_once` (tests).
+    """
+
+    def __init__(
+        self,
+        client: KubeClient,
+        driver: str,
+        node_name: str,
+        pool_name: str | None = None,
+        settings: PublisherSettings | None = None,
+    ) -> None:
+        self.client = client
+        self.driver = driver
+        self.node_name = node_name
+        self.pool_name = pool_name or node_name
+        self.settings = settings or PublisherSettings()
+        self.field_selector = f"spec.nodeName={node_name},spec.driver={driver}"
+        #: API writes (create, update, delete) since construction.
+        self.writes = 0
+        #: Successful syncs since construction.
+        self.syncs = 0
+        self._cond = threading.Condition()
+        self._inventory: Inventory | None = None
+        self._desired_seq = 0
+        self._synced_seq = 0
+        self._dirty = False
+        self._drift = False
+        self._stop = threading.Event()
+        self._sync_lock = threading.Lock()
+        self._generation = 0
+        self._owner: dict[str, Any] | None = None
+        self._owner_checked_at: float | None = None
+        self._dropped: set[str] = set()
+        self._own_versions: set[str] = set()
+        self._own_deletes: set[str] = set()
+        self._threads: list[threading.Thread] = []
+        self._watcher: SliceWatcher | None = None
+
+    # ---------------------------------------------------------------------------- public API
+
+    @property
+    def generation(self) -> int:
+        """The pool generation last published (0 before the first sync)."""
+        return self._generation
+
+    @property
+    def dropped_fields(self) -> frozenset[str]:
+        """Slice fields the API server dropped (their feature gate is off)."""
+        return frozenset(self._dropped)
+
+    def update(self, inventory: Inventory) -> None:
+        """Make ``inventory`` the desired state; the thread writes it after the debounce.
+
+        The inventory is validated here, so a backend bug raises `ModelError` (naming the
+        device and the rule) to the caller, and the previous state stays published.
+        """
+        validate_inventory(inventory)
+        with self._cond:
+            self._inventory = inventory
+            self._desired_seq += 1
+            self._dirty = True
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        """Start the sync thread and, unless disabled, the watch thread."""
+        if self._threads:
+            msg = "SlicePublisher already started"
+            raise RuntimeError(msg)
+        self._stop.clear()
+        loop = threading.Thread(target=self._run, name=f"slices-{self.driver}", daemon=True)
+        self._threads.append(loop)
+        if self.settings.watch:
+            self._watcher = SliceWatcher(
+                self.client,
+                self.field_selector,
+                self._on_watch_event,
+                stop=self._stop,
+                backoff=self.settings.backoff,
+                timeout_seconds=self.settings.watch_timeout,
+            )
+            self._threads.append(
+                threading.Thread(
+                    target=self._watcher.run, name=f"slices-watch-{self.driver}", daemon=True
+                )
+            )
+        for thread in self._threads:
+            thread.start()
+        logger.info(
+            "publishing ResourceSlices of driver {} for node {} (pool {})",
+            self.driver,
+            self.node_name,
+            self.pool_name,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the threads (the published slices stay)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._watcher is not None:
+            self._watcher.close()
+        for thread in self._threads:
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("thread {} did not stop within {} s", thread.name, timeout)
+        self._threads = []
+        self._watcher = None
+
+    def wait_synced(self, timeout: float) -> bool:
+        """Wait until the latest `update` is published; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._synced_seq < self._desired_seq or self._desired_seq == 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def sync_once(self) -> SyncResult:
+        """Compare the desired slices with the API and write the difference, once.
+
+        Does nothing before the first `update`. Raises `ApiError` when the API keeps failing
+        (after ``settings.attempts`` tries per call).
+        """
+        with self._sync_lock:
+            with self._cond:
+                inventory, seq = self._inventory, self._desired_seq
+            if inventory is None:
+                return SyncResult(generation=self._generation, slices=0)
+            started = time.monotonic()
+            try:
+                result = self._sync(inventory)
+            except Exception:
+                metrics.PUBLISH_ERRORS.inc()
+                raise
+            finally:
+                metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
+            metrics.PUBLISHED_DEVICES.set(len(inventory.devices))
+            metrics.PUBLISHED_SLICES.set(result.slices)
+            with self._cond:
+                self._synced_seq = max(self._synced_seq, seq)
+                self.syncs += 1
+                self._cond.notify_all()
+            if result.writes:
+                logger.info(
+                    "ResourceSlices of {} on {}: generation {}, {} slices, {} devices; "
+                    "created {}, updated {}, deleted {} in {:.3f} s",
+                    self.driver,
+                    self.node_name,
+                    result.generation,
+                    result.slices,
+                    len(inventory.devices),
+                    len(result.created),
+                    len(result.updated),
+                    len(result.deleted),
+                    time.monotonic() - started,
+                )
+            return result
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        settings = self.settings
+        failures = 0
+        next_sync = time.monotonic()  # a first full comparison right away
+        while not self._stop.is_set():
+            with self._cond:
+                while not (self._dirty or self._drift or self._stop.is_set()):
+                    remaining = next_sync - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                triggered = self._dirty or self._drift
+            if self._stop.is_set():
+                break
+            if triggered and self.syncs and settings.debounce > 0:
+                # Coalesce a burst: whatever arrives meanwhile is written in this sync.
+                self._stop.wait(settings.debounce)
+                if self._stop.is_set():
+                    break
+            with self._cond:
+                self._dirty = self._drift = False
+            try:
+                self.sync_once()
+            except Exception as exc:  # noqa: BLE001 - an outage must never end the thread
+                failures += 1
+                delay = settings.backoff.delay(failures, getattr(exc, "retry_after", None))
+                logger.error(
+                    "publishing ResourceSlices of {} on {} failed (attempt #{}); "
+                    "retrying in {:.1f} s: {}",
+                    self.driver,
+                    self.node_name,
+                    failures,
+                    delay,
+                    exc,
+                )
+                next_sync = time.monotonic() + delay
+            else:
+                failures = 0
+                next_sync = time.monotonic() + settings.resync_period
+
+    def _on_watch_event(self, kind: str, obj: Mapping[str, Any]) -> None:
+        """A change seen by the watch: resync unless it is the echo of our own write."""
+        metadata = obj.get("metadata", {})
+        with self._cond:
+            if kind in ("ADDED", "MODIFIED") and metadata.get("resourceVersion") in (
+                self._own_versions
+            ):
+                self._own_versions.discard(metadata["resourceVersion"])
+                return
+            if kind == "DELETED" and metadata.get("name") in self._own_deletes:
+                self._own_deletes.discard(metadata["name"])
+                return
+            if kind != RELIST:
+                logger.info(
+                    "ResourceSlice {} {} by someone else; repairing",
+                    metadata.get("name", "?"),
+                    kind.lower(),
+                )
+                # The Node may have been replaced (new UID): look the owner up again.
+                self._owner_checked_at = None
+            self._drift = True
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------------------- one sync
+
+    def _sync(self, inventory: Inventory) -> SyncResult:
+        owner = self._owner_reference()
+        existing = self._list()
+        ours = [s for s in existing if _pool(s).get("name") == self.pool_name]
+        current_generation = max((_generation(s) for s in ours), default=0)
+        self._generation = max(self._generation, current_generation)
+        generation = max(self._generation, 1)
+        desired = build_slices(
+            self.driver, self.node_name, self.pool_name, inventory, generation, owner=owner
+        )
+        current = [s for s in ours if _generation(s) == current_generation]
+        if not _same_shape(desired, current, self._dropped):
+            generation = self._generation + 1
+            desired = build_slices(
+                self.driver, self.node_name, self.pool_name, inventory, generation, owner=owner
+            )
+        by_name = {s["metadata"]["name"]: s for s in existing}
+        created: list[str] = []
+        updated: list[str] = []
+        deleted: list[str] = []
+        for body in desired:
+            name = body["metadata"]["name"]
+            actual = by_name.get(name)
+            if actual is not None and self._equal(body, actual):
+                continue
+            verb = self._write(body, actual)
+            if verb == "create":
+                created.append(name)
+            elif verb == "update":
+                updated.append(name)
+        self._generation = generation
+        wanted = {b["metadata"]["name"] for b in desired}
+        for name in sorted(set(by_name) - wanted):
+            self._delete(name)
+            deleted.append(name)
+        return SyncResult(
+            generation=generation,
+            slices=len(desired),
+            created=tuple(created),
+            updated=tuple(updated),
+            deleted=tuple(deleted),
+        )
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        return call_with_retries(
+            fn,
+            what=what,
+            attempts=self.settings.attempts,
+            stop=self._stop,
+            backoff=self.settings.backoff,
+        )
+
+    def _list(self) -> list[dict[str, Any]]:
+        data = self._call(
+            lambda: self.client.get(SLICES_PATH, {"fieldSelector": self.field_selector}),
+            f"list ResourceSlices ({self.field_selector})",
+        )
+        return list(data.get("items") or [])
+
+    def _owner_reference(self) -> dict[str, Any] | None:
+        """The Node as owner, looked up once (again after drift, or a resync if missing)."""
+        now = time.monotonic()
+        checked = self._owner_checked_at
+        if checked is not None and (
+            self._owner is not None or now - checked < self.settings.resync_period
+        ):
+            return self._owner
+        path = f"/api/v1/nodes/{self.node_name}"
+        try:
+            node = self._call(lambda: self.client.get(path), f"get Node {self.node_name}")
+        except ApiError as exc:
+            if exc.retriable:
+                raise
+            logger.warning(
+                "cannot read Node {} ({}); publishing ResourceSlices without an owner "
+                "reference, so they are not garbage-collected with the node",
+                self.node_name,
+                exc,
+            )
+            self._owner = None
+        else:
+            uid = node.get("metadata", {}).get("uid")
+            self._owner = {"name": self.node_name, "uid": uid} if uid else None
+        self._owner_checked_at = now
+        return self._owner
+
+    def _write(self, body: dict[str, Any], actual: Mapping[str, Any] | None) -> str:
+        """Create or update one slice, re-reading on conflicts; return the verb used."""
+        name = body["metadata"]["name"]
+        for _ in range(self.settings.conflict_retries):
+            try:
+                if actual is None:
+                    verb = "create"
+                    send = partial(self.client.request, "POST", SLICES_PATH, body=body)
+                else:
+                    verb = "update"
+                    path = f"{SLICES_PATH}/{name}"
+                    merged = _merge_metadata(body, actual)
+                    send = partial(self.client.request, "PUT", path, body=merged)
+                returned = self._call(send, f"{verb} ResourceSlice {name}")
+            except ApiError as exc:
+                if not (exc.conflict or (exc.not_found and actual is not None)):
+                    raise
+                # Stale copy (409) or gone meanwhile (404): read again and decide again.
+                logger.debug("ResourceSlice {}: {}; reading it again", name, exc)
+                actual = self._get(name)
+                if actual is not None and self._equal(body, actual):
+                    return "none"
+                continue
+            self._count_write(verb)
+            with self._cond:
+                version = (returned or {}).get("metadata", {}).get("resourceVersion")
+                if len(self._own_versions) > _MAX_OWN_VERSIONS:  # echoes never seen (no watch)
+                    self._own_versions.clear()
+                if version:
+                    self._own_versions.add(version)
+            self._check_dropped(body, returned or {})
+            return verb
+        msg = (
+            f"ResourceSlice {name}: still conflicting after {self.settings.conflict_retries} tries"
+        )
+        raise ApiError("PUT", f"{SLICES_PATH}/{name}", 409, msg)
+
+    def _get(self, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._call(
+                lambda: self.client.get(f"{SLICES_PATH}/{name}"), f"get ResourceSlice {name}"
+            )
+        except ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+        return result
+
+    def _delete(self, name: str) -> None:
+        with self._cond:
+            self._own_deletes.add(name)
+        try:
+            self._call(
+                lambda: self.client.request("DELETE", f"{SLICES_PATH}/{name}"),
+                f"delete ResourceSlice {name}",
+            )
+        except ApiError as exc:
+            if not exc.not_found:
+                with self._cond:
+                    self._own_deletes.discard(name)
+                raise
+        self._count_write("delete")
+
+    def _count_write(self, verb: str) -> None:
+        self.writes += 1
+        metrics.API_WRITES.labels(verb).inc()
+
+    # ---------------------------------------------------------------------------- comparing
+
+    def _equal(self, desired: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
+        """Whether ``actual`` already holds everything of ``desired`` that we own."""
+        want, have = desired.get("metadata", {}), actual.get("metadata", {})
+        labels = have.get("labels") or {}
+        if any(labels.get(k) != v for k, v in (want.get("labels") or {}).items()):
+            return False
+        if want.get("ownerReferences") and [_owner_key(r) for r in want["ownerReferences"]] != [
+            _owner_key(r) for r in have.get("ownerReferences") or []
+        ]:
+            return False
+        return _norm_spec(desired.get("spec", {}), self._dropped) == _norm_spec(
+            actual.get("spec", {}), self._dropped
+        )
+
+    def _check_dropped(self, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
+        """Report fields the server silently dropped because their feature gate is off."""
+        missing = _features(sent.get("spec", {})) - _features(returned.get("spec", {}))
+        for feature in sorted(missing - self._dropped):
+            self._dropped.add(feature)
+            metrics.PUBLISH_ERRORS.inc()
+            logger.error(
+                "the API server dropped {} from ResourceSlice {}: feature gate {} is off in "
+                "kube-apiserver (and kube-scheduler). Devices are published without it, which "
+                "changes what the scheduler may allocate; enable the gate, then restart this "
+                "agent",
+                feature,
+                sent.get("metadata", {}).get("name"),
+                FEATURE_GATES[feature],
+            )
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _pool(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    pool: Mapping[str, Any] = body.get("spec", {}).get("pool") or {}
+    return pool
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int(_pool(body).get("generation") or 0)
+
+
+def _members(body: Mapping[str, Any], dropped: set[str]) -> tuple[str, tuple[str, ...]]:
+    """What a slice holds: its device names, or its counter-set names."""
+    spec = body.get("spec", {})
+    if spec.get("sharedCounters") and "sharedCounters" not in dropped:
+        return "counters", tuple(s.get("name", "") for s in spec["sharedCounters"])
+    return "devices", tuple(d.get("name", "") for d in spec.get("devices") or ())
+
+
+def _same_shape(
+    desired: list[dict[str, Any]], current: list[dict[str, Any]], dropped: set[str]
+) -> bool:
+    """Whether ``current`` (the slices at the highest generation) can be updated in place.
+
+    True when every current slice is a desired one with the same members and the same
+    slice count, so consumers never see a device twice or a pool complete with stale
+    membership; desired slices missing from the API are simply recreated.
+    """
+    wanted = {b["metadata"]["name"]: b for b in desired}
+    for body in current:
+        want = wanted.get(body.get("metadata", {}).get("name", ""))
+        if want is None or _members(want, dropped) != _members(body, dropped):
+            return False
+        if _pool(body).get("resourceSliceCount") != len(desired):
+            return False
+    return True
+
+
+def _merge_metadata(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> dict[str, Any]:
+    """The update body: ours, keeping others' labels and annotations and the resourceVersion."""
+    have = actual.get("metadata", {})
+    want = desired["metadata"]
+    metadata = {
+        **{k: v for k, v in have.items() if k in ("annotations", "finalizers")},
+        **want,
+        "labels": {**(have.get("labels") or {}), **(want.get("labels") or {})},
+        "resourceVersion": have.get("resourceVersion"),
+    }
+    if "ownerReferences" not in want and have.get("ownerReferences"):
+        metadata["ownerReferences"] = have["ownerReferences"]
+    return {**desired, "metadata": metadata}
+
+
+def _owner_key(ref: Mapping[str, Any]) -> tuple[Any, ...]:
+    return (
+        ref.get("apiVersion"),
+        ref.get("kind"),
+        ref.get("name"),
+        ref.get("uid"),
+        bool(ref.get("controller")),
+    )
+
+
+def _features(spec: Mapping[str, Any]) -> set[str]:
+    """The gated fields present in a slice spec."""
+    found: set[str] = set()
+    if spec.get("sharedCounters"):
+        found.add("sharedCounters")
+    for device in spec.get("devices") or ():
+        for key in ("consumesCounters", "taints", "allowMultipleAllocations"):
+            if device.get(key):
+                found.add(key)
+        if any("requestPolicy" in c for c in (device.get("capacity") or {}).values()):
+            found.add("requestPolicy")
+    return found
+
+
+def _quantity(value: Any) -> Any:
+    """A quantity compared by value ("4096Mi" == "4Gi"), anything else as it is."""
+    try:
+        return parse_quantity(value)
+    except (QuantityError, TypeError):
+        return value
+
+
+def _counters(counters: Mapping[str, Any] | None) -> dict[str, Decimal | Any]:
+    return {k: _quantity((v or {}).get("value")) for k, v in (counters or {}).items()}
+
+
+def _request_policy(policy: Mapping[str, Any] | None) -> Any:
+    if not policy:
+        return None
+    rng = policy.get("validRange")
+    return (
+        _quantity(policy.get("default")) if policy.get("default") is not None else None,
+        tuple(_quantity(v) for v in policy.get("validValues") or ()),
+        None
+        if not rng
+        else tuple(
+            _quantity(rng[k]) if rng.get(k) is not None else None for k in ("min", "max", "step")
+        ),
+    )
+
+
+def _norm_device(device: Mapping[str, Any], dropped: set[str]) -> dict[str, Any]:
+    norm: dict[str, Any] = {
+        "name": device.get("name"),
+        "attributes": {
+            k: {t: v for t, v in (a or {}).items() if t in ("int", "bool", "string", "version")}
+            for k, a in (device.get("attributes") or {}).items()
+        },
+        "capacity": {
+            k: (
+                _quantity((c or {}).get("value")),
+                None
+                if "requestPolicy" in dropped
+                else _request_policy((c or {}).get("requestPolicy")),
+            )
+            for k, c in (device.get("capacity") or {}).items()
+        },
+    }
+    if "consumesCounters" not in dropped:
+        norm["consumesCounters"] = [
+            (c.get("counterSet"), _counters(c.get("counters")))
+            for c in device.get("consumesCounters") or ()
+        ]
+    if "taints" not in dropped:
+        norm["taints"] = [
+            (t.get("key"), t.get("value") or "", t.get("effect"))
+            for t in device.get("taints") or ()
+        ]
+    if "allowMultipleAllocations" not in dropped:
+        norm["allowMultipleAllocations"] = bool(device.get("allowMultipleAllocations"))
+    return norm
+
+
+def _norm_spec(spec: Mapping[str, Any], dropped: Iterable[str]) -> dict[str, Any]:
+    """The fields of a slice spec we own, in a form where server defaults compare equal."""
+    gone = set(dropped)
+    pool = spec.get("pool") or {}
+    norm: dict[str, Any] = {
+        "driver": spec.get("driver"),
+        "nodeName": spec.get("nodeName"),
+        "pool": (pool.get("name"), pool.get("generation"), pool.get("resourceSliceCount")),
+        "devices": [_norm_device(d, gone) for d in spec.get("devices") or ()],
+    }
+    if "sharedCounters" not in gone:
+        norm["sharedCounters"] = [
+            (s.get("name"), _counters(s.get("counters"))) for s in spec.get("sharedCounters") or ()
+        ]
+    return norm

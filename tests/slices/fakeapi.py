@@ -1,0 +1,165 @@
+"""An in-memory stand-in for the API server's ResourceSlice and Node endpoints.
+
+It behaves like the real one where the publisher cares: resource versions and 409 on stale
+updates, 409 on creating an existing name, 404s, field selectors, quantities returned in
+canonical form, ``timeAdded`` stamped on taints, and gated fields dropped when a gate is off.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import uuid
+from typing import Any
+
+from dra_core.kube.client import ApiError
+from dra_core.quantity import parse_quantity
+
+SLICES = "/apis/resource.k8s.io/v1/resourceslices"
+
+
+def canonical(q: str) -> str:
+    """Like the API server: binary quantities in the largest exact binary unit."""
+    value = parse_quantity(q)
+    if q.endswith("i") and value == int(value):
+        v = int(value)
+        for suffix, unit in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+            if v and v % unit == 0:
+                return f"{v // unit}{suffix}"
+    return q
+
+
+def _canon_counters(counters):
+    return {k: {"value": canonical(v["value"])} for k, v in counters.items()}
+
+
+class FakeApi:
+    """The fake server plus a KubeClient-compatible ``request``/``get``."""
+
+    def __init__(self, *, gates_off: tuple[str, ...] = ()):
+        self.slices: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, str] = {}
+        self.gates_off = set(gates_off)
+        self.log: list[tuple[str, str]] = []
+        self.failures: list[ApiError] = []
+        self.before_write = None  # callable(method, name) run before a write is applied
+        self._rv = 100
+        self._lock = threading.RLock()
+
+    # -- what the publisher calls -------------------------------------------------------------
+    def get(self, path: str, query=None) -> Any:
+        return self.request("GET", path, query=query)
+
+    def request(self, method: str, path: str, *, body=None, query=None, content_type=None) -> Any:
+        with self._lock:
+            if self.failures:
+                raise self.failures.pop(0)
+            self.log.append((method, path))
+            if path.startswith("/api/v1/nodes/"):
+                name = path.rsplit("/", 1)[1]
+                if name not in self.nodes:
+                    raise ApiError(method, path, 404, f'nodes "{name}" not found')
+                return {"metadata": {"name": name, "uid": self.nodes[name]}}
+            if path == SLICES and method == "GET":
+                return self._list((query or {}).get("fieldSelector", ""))
+            if path == SLICES and method == "POST":
+                return self._create(body)
+            name = path[len(SLICES) + 1 :]
+            if method == "GET":
+                if name not in self.slices:
+                    raise ApiError(method, path, 404, "not found")
+                return copy.deepcopy(self.slices[name])
+            if method == "PUT":
+                return self._update(name, body)
+            if method == "DELETE":
+                if self.before_write:
+                    self.before_write(method, name)
+                if name not in self.slices:
+                    raise ApiError(method, path, 404, "not found")
+                del self.slices[name]
+                return {"kind": "Status", "status": "Success"}
+            raise AssertionError(f"unexpected {method} {path}")
+
+    # -- helpers for tests --------------------------------------------------------------------
+    def writes(self) -> list[tuple[str, str]]:
+        return [(m, p) for m, p in self.log if m in ("POST", "PUT", "DELETE")]
+
+    def put_raw(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store an object as someone else would (no canonicalisation)."""
+        with self._lock:
+            obj = copy.deepcopy(obj)
+            obj["metadata"]["resourceVersion"] = self._next_rv()
+            obj["metadata"].setdefault("uid", str(uuid.uuid4()))
+            self.slices[obj["metadata"]["name"]] = obj
+            return obj
+
+    def pool_slices(self) -> list[dict[str, Any]]:
+        return [self.slices[n] for n in sorted(self.slices)]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _list(self, selector: str) -> dict[str, Any]:
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if part)
+        items = []
+        for name in sorted(self.slices):
+            obj = self.slices[name]
+            spec = obj["spec"]
+            if wanted.get("spec.nodeName", spec.get("nodeName")) != spec.get("nodeName"):
+                continue
+            if wanted.get("spec.driver", spec.get("driver")) != spec.get("driver"):
+                continue
+            items.append(copy.deepcopy(obj))
+        return {"metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+    def _server_side(self, body: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+        obj = copy.deepcopy(body)
+        spec = obj["spec"]
+        if "DRAPartitionableDevices" in self.gates_off:
+            spec.pop("sharedCounters", None)
+        if spec.get("devices") is not None and spec.get("sharedCounters") is not None:
+            raise ApiError("POST", SLICES, 422, "only one of sharedCounters or devices is allowed")
+        for counter_set in spec.get("sharedCounters") or ():
+            counter_set["counters"] = _canon_counters(counter_set["counters"])
+        for device in spec.get("devices") or ():
+            if "DRAPartitionableDevices" in self.gates_off:
+                device.pop("consumesCounters", None)
+            if "DRAConsumableCapacity" in self.gates_off:
+                device.pop("allowMultipleAllocations", None)
+            if "DRADeviceTaints" in self.gates_off:
+                device.pop("taints", None)
+            for cap in (device.get("capacity") or {}).values():
+                cap["value"] = canonical(cap["value"])
+            for c in device.get("consumesCounters") or ():
+                c["counters"] = _canon_counters(c["counters"])
+            for t in device.get("taints") or ():
+                t.setdefault("timeAdded", "2026-11-26T00:00:00Z")
+        meta = obj["metadata"]
+        meta["resourceVersion"] = self._next_rv()
+        meta["uid"] = old["metadata"]["uid"] if old else str(uuid.uuid4())
+        meta["creationTimestamp"] = "2026-11-26T00:00:00Z"
+        return obj
+
+    def _create(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        if self.before_write:
+            self.before_write("POST", name)
+        if name in self.slices:
+            raise ApiError("POST", SLICES, 409, f'resourceslices "{name}" already exists')
+        obj = self._server_side(body, None)
+        self.slices[name] = obj
+        return copy.deepcopy(obj)
+
+    def _update(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.before_write:
+            self.before_write("PUT", name)
+        old = self.slices.get(name)
+        if old is None:
+            raise ApiError("PUT", f"{SLICES}/{name}", 404, "not found")
+        if body["metadata"].get("resourceVersion") != old["metadata"]["resourceVersion"]:
+            raise ApiError("PUT", f"{SLICES}/{name}", 409, "the object has been modified")
+        obj = self._server_side(body, old)
+        self.slices[name] = obj
+        return copy.deepcopy(obj)
