@@ -8,6 +8,7 @@ agent publishes, and prepared through the agent's registration socket as the kub
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 import uuid
@@ -27,6 +28,7 @@ from dra_core import (
     hookimpl,
 )
 from dra_core.kube.client import KubeClient, load_client
+from dra_core.manifests import device_class_manifests
 from dra_core.plugins import from_objects
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.kubelet import FakeKubelet
@@ -39,7 +41,7 @@ NODE = "agent-node"
 
 
 class RecordingBackend:
-    """Eight plain devices; remembers what it prepared and unprepared."""
+    """Plain devices; remembers what it prepared and unprepared."""
 
     def __init__(self) -> None:
         self.prepared: list[str] = []
@@ -52,7 +54,9 @@ class RecordingBackend:
 
     @hookimpl
     def dra_discover(self, context):
-        return Inventory(devices=tuple(Device(f"dev-{i}", attributes={"index": i}) for i in range(24)))
+        return Inventory(
+            devices=tuple(Device(f"dev-{i}", attributes={"index": i}) for i in range(24))
+        )
 
     @hookimpl
     def dra_device_classes(self, identity):
@@ -87,8 +91,6 @@ def short_dir() -> Iterator[Path]:
     # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
     path = Path(tempfile.mkdtemp(prefix="dra-agent-", dir="/tmp"))
     yield path
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -112,15 +114,20 @@ def backend() -> RecordingBackend:
 def agent(control_plane, kube_api, short_dir, backend) -> Iterator[Agent]:
     helpers.create_node(kube_api, NODE)
     hooks = from_objects("recording", backend)
-    for spec in hooks.device_classes(hooks.backend_identity()):
-        helpers.create_device_class(kube_api, spec.name, list(spec.selectors))
+    for body in device_class_manifests(hooks.device_classes(hooks.backend_identity())):
+        helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)
     client = load_client(str(control_plane.kubeconfig_path))
     running = Agent(agent_settings(short_dir), hooks, client=client)
     running.start()
     helpers.wait_for(
-        lambda: helpers.get(kube_api, f"{helpers.RESOURCE_API}/resourceslices",
-                            query={"fieldSelector": f"spec.nodeName={NODE}"})["items"],
-        30, "the agent's ResourceSlices")
+        lambda: helpers.get(
+            kube_api,
+            f"{helpers.RESOURCE_API}/resourceslices",
+            query={"fieldSelector": f"spec.nodeName={NODE}"},
+        )["items"],
+        30,
+        "the agent's ResourceSlices",
+    )
     yield running
     running.stop()
     helpers.delete_node(kube_api, NODE)
@@ -138,7 +145,8 @@ def allocated_claim(api, namespace: str, name: str, config: dict | None = None) 
     body = helpers.resource_claim_body(name, DRIVER)
     if config is not None:
         body["spec"]["devices"]["config"] = [
-            {"requests": ["req"], "opaque": {"driver": DRIVER, "parameters": config}}]
+            {"requests": ["req"], "opaque": {"driver": DRIVER, "parameters": config}}
+        ]
     claim = helpers.create_resource_claim(api, namespace, body)
     pod = helpers.pod_body(f"pod-{name}", [{"name": "dev", "resourceClaimName": name}])
     pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": NODE}
@@ -184,8 +192,9 @@ def test_replaced_claim_is_refused(kubelet, kube_api, namespace):
 
 
 def test_unallocated_and_missing_claims(kubelet, kube_api, namespace):
-    claim = helpers.create_resource_claim(kube_api, namespace,
-                                          helpers.resource_claim_body("lonely", DRIVER))
+    claim = helpers.create_resource_claim(
+        kube_api, namespace, helpers.resource_claim_body("lonely", DRIVER)
+    )
     lonely = ClaimRef(namespace, "lonely", claim["metadata"]["uid"])
     missing = ClaimRef(namespace, "nonesuch", str(uuid.uuid4()))
     results = kubelet.prepare([lonely, missing])
@@ -195,11 +204,14 @@ def test_unallocated_and_missing_claims(kubelet, kube_api, namespace):
 
 def test_claim_of_another_driver(kubelet, kube_api, namespace):
     other = "other.dra-core.dev"
-    helpers.create_resource_slice(kube_api, helpers.resource_slice_body(
-        f"{NODE}-other", NODE, [helpers.device("x-0")], driver=other))
-    helpers.create_device_class(kube_api, other, [f'device.driver == "{other}"'])
-    claim = helpers.create_resource_claim(kube_api, namespace,
-                                          helpers.resource_claim_body("theirs", other))
+    helpers.create_resource_slice(
+        kube_api,
+        helpers.resource_slice_body(f"{NODE}-other", NODE, [helpers.device("x-0")], driver=other),
+    )
+    helpers.create_device_class(kube_api, other, driver=other)
+    claim = helpers.create_resource_claim(
+        kube_api, namespace, helpers.resource_claim_body("theirs", other)
+    )
     pod = helpers.pod_body("pod-theirs", [{"name": "dev", "resourceClaimName": "theirs"}])
     pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": NODE}
     helpers.create_pod(kube_api, namespace, pod)
@@ -212,7 +224,8 @@ def test_bad_opaque_config_fails_only_that_claim(kubelet, kube_api, namespace):
     bad = allocated_claim(kube_api, namespace, "bad-config", config={"mode": "x", "speed": 9})
     good = allocated_claim(kube_api, namespace, "good-config", config={"mode": "slow"})
     results = kubelet.prepare([bad, good])
-    assert "invalid opaque config for req (from the ResourceClaim)" in results[bad.uid].error
+    assert "invalid opaque config for" in results[bad.uid].error
+    assert "(from the ResourceClaim)" in results[bad.uid].error
     assert "unknown fields ['speed']" in results[bad.uid].error
     assert results[good.uid].error == ""
     kubelet.unprepare([good])
@@ -234,7 +247,9 @@ def test_concurrent_and_duplicate_prepares(kubelet, kube_api, namespace, backend
     assert len(answers) == 4
     for answer in answers:
         assert all(r.error == "" for r in answer.values()), answer
-    devices = {answers[0][r.uid].devices[0].device_name for r in refs}
+    full = [a for a in answers if len(a) == len(refs)]
+    assert len(full) == 2 and full[0] == full[1], "every call gets the same answer"
+    devices = {full[0][r.uid].devices[0].device_name for r in refs}
     assert len(devices) == 12, "each claim has its own device"
     for ref in refs:
         assert backend.prepared.count(ref.uid) == 1
@@ -247,7 +262,7 @@ def test_api_unreachable_answers_from_checkpoint(agent, kubelet, kube_api, names
     assert first.error == ""
     service = agent.service
     reachable = service.client
-    service.client = KubeClient(load_client(reachable_config(agent)).api, timeout=1)
+    service.client = KubeClient(load_client(unreachable_kubeconfig()).api, timeout=1)
     try:
         assert kubelet.prepare([ref])[ref.uid] == first
         new = ClaimRef(namespace, "during-outage", str(uuid.uuid4()))
@@ -258,8 +273,8 @@ def test_api_unreachable_answers_from_checkpoint(agent, kubelet, kube_api, names
     assert kubelet.unprepare([ref]) == {ref.uid: ""}
 
 
-def reachable_config(agent) -> str:
-    """A kubeconfig like the agent's, but pointing at a port where nothing listens."""
+def unreachable_kubeconfig() -> str:
+    """A kubeconfig pointing at a loopback port where nothing listens."""
     import socket
 
     import yaml
@@ -267,15 +282,25 @@ def reachable_config(agent) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = yaml.safe_load(Path(agent.client.api.configuration.kubeconfig_path).read_text()) \
-        if hasattr(agent.client.api.configuration, "kubeconfig_path") else None
-    assert config is None or config
     path = Path(tempfile.mkdtemp(dir="/tmp")) / "dead-kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
-        "clusters": [{"name": "dead", "cluster": {"server": f"https://127.0.0.1:{port}",
-                                                  "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "dead", "user": {"token": "x"}}],
-        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "dead",
+                "clusters": [
+                    {
+                        "name": "dead",
+                        "cluster": {
+                            "server": f"https://127.0.0.1:{port}",
+                            "insecure-skip-tls-verify": True,
+                        },
+                    }
+                ],
+                "users": [{"name": "dead", "user": {"token": "x"}}],
+                "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead"}}],
+            }
+        )
+    )
     return str(path)
