@@ -71,12 +71,13 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]] && check_dir "$BIN" >
 fi
 
 mkdir -p "$BIN" "$CACHE_ROOT/src/k8s" "$CACHE_ROOT/src/etcd" "$CACHE_ROOT/logs"
-rm -f "$STAMP"
 # Serialize concurrent builders (e.g. parallel pytest sessions).
 exec 9>"$CACHE_ROOT/.lock"
 if command -v flock >/dev/null 2>&1; then
-    log "waiting for build lock $CACHE_ROOT/.lock"
-    flock 9
+    if ! flock -n 9; then
+        log "another build is running; waiting for lock $CACHE_ROOT/.lock"
+        flock 9
+    fi
     if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$STAMP_TEXT" ]] && check_dir "$BIN" >/dev/null; then
         log "binaries were built by a concurrent run: $BIN"
         print_versions "$BIN"
@@ -85,6 +86,8 @@ if command -v flock >/dev/null 2>&1; then
     fi
 fi
 
+rm -f "$STAMP"
+log "building pinned binaries into $BIN (first build: several minutes)"
 export GOTOOLCHAIN=local GOFLAGS="-buildvcs=false" CGO_ENABLED=0
 GO_VERSION="$(go env GOVERSION)"
 log "go: $GO_VERSION ($(go env GOOS)/$(go env GOARCH)); build cache $(go env GOCACHE)"

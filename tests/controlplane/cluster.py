@@ -30,8 +30,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "build.sh"
@@ -42,7 +42,7 @@ BINARY_NAMES = ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-man
 #   DRADeviceTaints: GA, default on, not yet locked
 #   DRAPrioritizedList, DRAResourceClaimDeviceStatus: GA, locked to true (setting true is fine)
 # Setting them explicitly pins behaviour instead of relying on defaults.
-DEFAULT_FEATURE_GATES: Dict[str, bool] = {
+DEFAULT_FEATURE_GATES: dict[str, bool] = {
     "DRAPartitionableDevices": True,
     "DRAConsumableCapacity": True,
     "DRADeviceTaints": True,
@@ -83,7 +83,7 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def find_binaries(build: bool = True, timeout: Optional[float] = None) -> Path:
+def find_binaries(build: bool = True, timeout: float | None = None) -> Path:
     """Return the directory holding the four binaries.
 
     Runs build.sh (which uses ``DRA_TEST_BINARIES`` when set, else a cached or fresh build).
@@ -102,8 +102,7 @@ def find_binaries(build: bool = True, timeout: Optional[float] = None) -> Path:
     try:
         proc = subprocess.run(
             ["bash", str(BUILD_SCRIPT)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
             timeout=timeout,
         )
@@ -125,15 +124,15 @@ def free_port() -> int:
 
 
 class _Component:
-    def __init__(self, name: str, argv: List[str], log_path: Path):
+    def __init__(self, name: str, argv: list[str], log_path: Path):
         self.name = name
         self.argv = argv
         self.log_path = log_path
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self._log = None
 
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -173,16 +172,16 @@ class ControlPlane:
 
     def __init__(
         self,
-        binaries: Optional[Path] = None,
+        binaries: Path | None = None,
         *,
         scheduler: bool = True,
         controller_manager: bool = True,
-        feature_gates: Optional[Mapping[str, bool]] = None,
+        feature_gates: Mapping[str, bool] | None = None,
         runtime_config: Sequence[str] = DEFAULT_RUNTIME_CONFIG,
         controllers: Sequence[str] = DEFAULT_CONTROLLERS,
         extra_apiserver_args: Sequence[str] = (),
         start_timeout: float = 120.0,
-        keep_dir_on_failure: bool = False,
+        keep_dir_on_failure: bool | None = None,
     ):
         self.binaries = Path(binaries) if binaries is not None else None
         self.want_scheduler = scheduler
@@ -194,26 +193,28 @@ class ControlPlane:
         self.controllers = list(controllers)
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.start_timeout = start_timeout
+        if keep_dir_on_failure is None:  # DRA_TEST_KEEP_DIRS=1 keeps logs of a failed start
+            keep_dir_on_failure = os.environ.get("DRA_TEST_KEEP_DIRS", "") not in ("", "0", "false")
         self.keep_dir_on_failure = keep_dir_on_failure
 
-        self.workdir: Optional[Path] = None
+        self.workdir: Path | None = None
         self.token = uuid.uuid4().hex
-        self.server: Optional[str] = None
-        self.kubeconfig_path: Optional[Path] = None
-        self.ca_path: Optional[Path] = None
-        self.components: Dict[str, _Component] = {}
-        self._ports: Dict[str, int] = {}
+        self.server: str | None = None
+        self.kubeconfig_path: Path | None = None
+        self.ca_path: Path | None = None
+        self.components: dict[str, _Component] = {}
+        self._ports: dict[str, int] = {}
         self._atexit_registered = False
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         if self.binaries is None:
             self.binaries = find_binaries()
         for b in BINARY_NAMES:
@@ -233,8 +234,8 @@ class ControlPlane:
             if self.want_controller_manager:
                 self._start_controller_manager()
         except BaseException:
-            keep = self.keep_dir_on_failure
-            self.stop(remove_dir=not keep)
+            self.stop(remove_dir=not self.keep_dir_on_failure)
+            self.workdir = None  # kept (if at all) for inspection; not ours to delete later
             raise
         self.startup_seconds = time.monotonic() - t0
         return self
@@ -281,14 +282,17 @@ class ControlPlane:
         os.chmod(wd / "tokens.csv", 0o600)
         (wd / "certs").mkdir()
 
-    def _component(self, name: str, argv: List[str]) -> _Component:
+    def _gates_flag(self) -> str:
+        return ",".join(f"{k}={str(v).lower()}" for k, v in sorted(self.feature_gates.items()))
+
+    def _component(self, name: str, argv: list[str]) -> _Component:
         assert self.workdir is not None
         comp = _Component(name, argv, self.workdir / f"{name}.log")
         self.components[name] = comp
         comp.start()
         return comp
 
-    def _wait(self, comp: _Component, probe, what: str, timeout: Optional[float] = None) -> None:
+    def _wait(self, comp: _Component, probe, what: str, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.start_timeout)
         last = "not probed yet"
         while True:
@@ -343,7 +347,7 @@ class ControlPlane:
         port = free_port()
         self._ports["kube-apiserver"] = port
         self.server = f"https://127.0.0.1:{port}"
-        gates = ",".join(f"{k}={'true' if v else 'false'}" for k, v in sorted(self.feature_gates.items()))
+        gates = self._gates_flag()
         argv = [
             str(self.binaries / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
@@ -364,7 +368,8 @@ class ControlPlane:
             "--enable-priority-and-fairness=false",
             "--endpoint-reconciler-type=none",
             "--v=1",
-        ] + self.extra_apiserver_args
+            *self.extra_apiserver_args,
+        ]
         comp = self._component("kube-apiserver", argv)
 
         cert = wd / "certs" / "apiserver.crt"
@@ -422,7 +427,7 @@ class ControlPlane:
         assert self.binaries is not None and self.workdir is not None
         port = free_port()
         self._ports["kube-scheduler"] = port
-        gates = ",".join(f"{k}={'true' if v else 'false'}" for k, v in sorted(self.feature_gates.items()))
+        gates = self._gates_flag()
         comp = self._component(
             "kube-scheduler",
             [
@@ -443,7 +448,7 @@ class ControlPlane:
         assert self.binaries is not None and self.workdir is not None
         port = free_port()
         self._ports["kube-controller-manager"] = port
-        gates = ",".join(f"{k}={'true' if v else 'false'}" for k, v in sorted(self.feature_gates.items()))
+        gates = self._gates_flag()
         comp = self._component(
             "kube-controller-manager",
             [

@@ -139,7 +139,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return
     parts = []
     if "binaries_seconds" in _STATE:
-        parts.append(f"binaries ready in {_STATE['binaries_seconds']:.1f}s")
+        state = "ready" if "binaries" in _STATE else "UNAVAILABLE"
+        parts.append(f"binaries {state} after {_STATE['binaries_seconds']:.1f}s")
     if "start_seconds" in _STATE:
         parts.append(f"started in {_STATE['start_seconds']:.1f}s")
     if "stop_seconds" in _STATE:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 RESOURCE_API = "/apis/resource.k8s.io/v1"
 TEST_DRIVER = "test.dra-core.example.com"
@@ -21,9 +22,9 @@ def request(
     api,
     method: str,
     path: str,
-    body: Optional[Any] = None,
+    body: Any | None = None,
     *,
-    query: Optional[Dict[str, Any]] = None,
+    query: dict[str, Any] | None = None,
     content_type: str = "application/json",
     timeout: float = 30.0,
 ) -> Any:
@@ -38,7 +39,9 @@ def request(
         body=body,
         auth_settings=["BearerToken"],
     )
-    resp = api.call_api(m, url, header_params=hdrs, body=data, post_params=post, _request_timeout=timeout)
+    resp = api.call_api(
+        m, url, header_params=hdrs, body=data, post_params=post, _request_timeout=timeout
+    )
     resp.read()
     result = api.response_deserialize(resp, {"2XX": "object"}).data
     return result if result != "" else None
@@ -48,7 +51,7 @@ def get(api, path: str, **kw) -> Any:
     return request(api, "GET", path, **kw)
 
 
-def create(api, path: str, body: Dict[str, Any], **kw) -> Dict[str, Any]:
+def create(api, path: str, body: dict[str, Any], **kw) -> dict[str, Any]:
     return request(api, "POST", path, body, **kw)
 
 
@@ -63,7 +66,7 @@ def delete(api, path: str, *, ignore_missing: bool = True, **kw) -> Any:
         raise
 
 
-def merge_patch(api, path: str, patch: Dict[str, Any], **kw) -> Dict[str, Any]:
+def merge_patch(api, path: str, patch: dict[str, Any], **kw) -> dict[str, Any]:
     return request(api, "PATCH", path, patch, content_type="application/merge-patch+json", **kw)
 
 
@@ -84,7 +87,7 @@ def wait_for(
     Raises ``TimeoutError`` naming ``description`` after ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
-    last_exc: Optional[BaseException] = None
+    last_exc: BaseException | None = None
     last_val: Any = None
     while True:
         try:
@@ -105,13 +108,17 @@ def wait_for(
 
 
 # ---------------------------------------------------------------------------- core objects
-def create_namespace(api, name: Optional[str] = None, labels: Optional[Dict[str, str]] = None) -> str:
+def create_namespace(api, name: str | None = None, labels: dict[str, str] | None = None) -> str:
     name = name or unique_name("ns")
-    create(api, "/api/v1/namespaces", {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"name": name, "labels": labels or {}},
-    })
+    create(
+        api,
+        "/api/v1/namespaces",
+        {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels or {}},
+        },
+    )
     return name
 
 
@@ -140,12 +147,16 @@ def wait_for_default_service_account(api, namespace: str, timeout: float = 30.0)
 
 def node_body(
     name: str,
-    labels: Optional[Dict[str, str]] = None,
+    labels: dict[str, str] | None = None,
     cpu: str = "64",
     memory: str = "256Gi",
     pods: str = "250",
-) -> Dict[str, Any]:
-    all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}
+) -> dict[str, Any]:
+    all_labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+    }
     all_labels.update(labels or {})
     resources = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "1Ti"}
     return {
@@ -157,7 +168,7 @@ def node_body(
     }
 
 
-def _node_status(resources: Dict[str, str]) -> Dict[str, Any]:
+def _node_status(resources: dict[str, str]) -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {
         "capacity": dict(resources),
@@ -190,12 +201,12 @@ def _node_status(resources: Dict[str, str]) -> Dict[str, Any]:
 
 def create_node(
     api,
-    name: Optional[str] = None,
-    labels: Optional[Dict[str, str]] = None,
+    name: str | None = None,
+    labels: dict[str, str] | None = None,
     *,
     untaint: bool = True,
     **resources,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Create a fake Node with large allocatable and a Ready condition; no kubelet behind it.
 
     Status is written through the ``status`` subresource as well, since create may not keep it.
@@ -219,21 +230,21 @@ def delete_node(api, name: str) -> None:
 
 def pod_body(
     name: str,
-    claims: Iterable[Dict[str, Any]] = (),
+    claims: Iterable[dict[str, Any]] = (),
     *,
-    node_name: Optional[str] = None,
+    node_name: str | None = None,
     image: str = "registry.k8s.io/pause:3.10",
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """A pod with one container using every entry of ``claims``.
 
     ``claims`` are pod-level entries: ``{"name": "gpu", "resourceClaimName": "c1"}`` or
     ``{"name": "gpu", "resourceClaimTemplateName": "t1"}``.
     """
     claims = list(claims)
-    container: Dict[str, Any] = {"name": "main", "image": image}
+    container: dict[str, Any] = {"name": "main", "image": image}
     if claims:
         container["resources"] = {"claims": [{"name": c["name"]} for c in claims]}
-    spec: Dict[str, Any] = {
+    spec: dict[str, Any] = {
         "containers": [container],
         "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": 0,
@@ -245,11 +256,11 @@ def pod_body(
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
 
 
-def create_pod(api, namespace: str, body: Dict[str, Any]) -> Dict[str, Any]:
+def create_pod(api, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
     return create(api, f"/api/v1/namespaces/{namespace}/pods", body)
 
 
-def get_pod(api, namespace: str, name: str) -> Dict[str, Any]:
+def get_pod(api, namespace: str, name: str) -> dict[str, Any]:
     return get(api, f"/api/v1/namespaces/{namespace}/pods/{name}")
 
 
@@ -257,7 +268,7 @@ def delete_pod(api, namespace: str, name: str) -> None:
     delete(api, f"/api/v1/namespaces/{namespace}/pods/{name}", query={"gracePeriodSeconds": 0})
 
 
-def wait_for_pod_scheduled(api, namespace: str, name: str, timeout: float = 60.0) -> Dict[str, Any]:
+def wait_for_pod_scheduled(api, namespace: str, name: str, timeout: float = 60.0) -> dict[str, Any]:
     def scheduled():
         pod = get_pod(api, namespace, name)
         return pod if pod.get("spec", {}).get("nodeName") else None
@@ -271,7 +282,9 @@ def wait_for_pod_scheduled(api, namespace: str, name: str, timeout: float = 60.0
 
 
 # ---------------------------------------------------------------------------- resource.k8s.io
-def device_class_body(name: str, driver: str = TEST_DRIVER, extra_selectors: Iterable[str] = ()) -> Dict[str, Any]:
+def device_class_body(
+    name: str, driver: str = TEST_DRIVER, extra_selectors: Iterable[str] = ()
+) -> dict[str, Any]:
     selectors = [{"cel": {"expression": f'device.driver == "{driver}"'}}]
     selectors += [{"cel": {"expression": e}} for e in extra_selectors]
     return {
@@ -282,7 +295,9 @@ def device_class_body(name: str, driver: str = TEST_DRIVER, extra_selectors: Ite
     }
 
 
-def create_device_class(api, name: Optional[str] = None, driver: str = TEST_DRIVER, **kw) -> Dict[str, Any]:
+def create_device_class(
+    api, name: str | None = None, driver: str = TEST_DRIVER, **kw
+) -> dict[str, Any]:
     name = name or unique_name("class")
     return create(api, f"{RESOURCE_API}/deviceclasses", device_class_body(name, driver, **kw))
 
@@ -291,10 +306,15 @@ def delete_device_class(api, name: str) -> None:
     delete(api, f"{RESOURCE_API}/deviceclasses/{name}")
 
 
-def device(name: str, attributes: Optional[Dict[str, Any]] = None, capacity: Optional[Dict[str, str]] = None, **extra) -> Dict[str, Any]:
+def device(
+    name: str,
+    attributes: dict[str, Any] | None = None,
+    capacity: dict[str, str] | None = None,
+    **extra,
+) -> dict[str, Any]:
     """A v1 Device. ``attributes`` values: str -> string, bool -> bool, int -> int, or a raw
     DeviceAttribute dict; ``capacity`` values are quantities."""
-    attrs: Dict[str, Any] = {}
+    attrs: dict[str, Any] = {}
     for k, v in (attributes or {}).items():
         if isinstance(v, dict):
             attrs[k] = v
@@ -304,7 +324,7 @@ def device(name: str, attributes: Optional[Dict[str, Any]] = None, capacity: Opt
             attrs[k] = {"int": v}
         else:
             attrs[k] = {"string": str(v)}
-    d: Dict[str, Any] = {"name": name}
+    d: dict[str, Any] = {"name": name}
     if attrs:
         d["attributes"] = attrs
     if capacity:
@@ -316,13 +336,13 @@ def device(name: str, attributes: Optional[Dict[str, Any]] = None, capacity: Opt
 def resource_slice_body(
     name: str,
     node_name: str,
-    devices: List[Dict[str, Any]],
+    devices: list[dict[str, Any]],
     *,
     driver: str = TEST_DRIVER,
-    pool: Optional[str] = None,
+    pool: str | None = None,
     generation: int = 1,
     slice_count: int = 1,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     return {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceSlice",
@@ -330,13 +350,17 @@ def resource_slice_body(
         "spec": {
             "driver": driver,
             "nodeName": node_name,
-            "pool": {"name": pool or node_name, "generation": generation, "resourceSliceCount": slice_count},
+            "pool": {
+                "name": pool or node_name,
+                "generation": generation,
+                "resourceSliceCount": slice_count,
+            },
             "devices": devices,
         },
     }
 
 
-def create_resource_slice(api, body: Dict[str, Any]) -> Dict[str, Any]:
+def create_resource_slice(api, body: dict[str, Any]) -> dict[str, Any]:
     return create(api, f"{RESOURCE_API}/resourceslices", body)
 
 
@@ -351,8 +375,12 @@ def resource_claim_body(
     request_name: str = "req",
     count: int = 1,
     selectors: Iterable[str] = (),
-) -> Dict[str, Any]:
-    exactly: Dict[str, Any] = {"deviceClassName": device_class, "allocationMode": "ExactCount", "count": count}
+) -> dict[str, Any]:
+    exactly: dict[str, Any] = {
+        "deviceClassName": device_class,
+        "allocationMode": "ExactCount",
+        "count": count,
+    }
     sel = [{"cel": {"expression": e}} for e in selectors]
     if sel:
         exactly["selectors"] = sel
@@ -364,24 +392,32 @@ def resource_claim_body(
     }
 
 
-def create_resource_claim(api, namespace: str, body: Dict[str, Any]) -> Dict[str, Any]:
+def create_resource_claim(api, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
     return create(api, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims", body)
 
 
-def get_resource_claim(api, namespace: str, name: str) -> Dict[str, Any]:
+def get_resource_claim(api, namespace: str, name: str) -> dict[str, Any]:
     return get(api, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims/{name}")
 
 
-def create_resource_claim_template(api, namespace: str, name: str, claim_spec: Dict[str, Any]) -> Dict[str, Any]:
-    return create(api, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaimtemplates", {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaimTemplate",
-        "metadata": {"name": name},
-        "spec": {"spec": claim_spec},
-    })
+def create_resource_claim_template(
+    api, namespace: str, name: str, claim_spec: dict[str, Any]
+) -> dict[str, Any]:
+    return create(
+        api,
+        f"{RESOURCE_API}/namespaces/{namespace}/resourceclaimtemplates",
+        {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "ResourceClaimTemplate",
+            "metadata": {"name": name},
+            "spec": {"spec": claim_spec},
+        },
+    )
 
 
-def wait_for_claim_allocated(api, namespace: str, name: str, timeout: float = 60.0) -> Dict[str, Any]:
+def wait_for_claim_allocated(
+    api, namespace: str, name: str, timeout: float = 60.0
+) -> dict[str, Any]:
     def allocated():
         claim = get_resource_claim(api, namespace, name)
         return claim if claim.get("status", {}).get("allocation") else None

@@ -60,7 +60,11 @@ def test_valid_resource_slice_is_accepted(kube_api, fake_node):
     "case,devices,expect",
     [
         ("too-many-devices", _devices(129), "spec.devices"),
-        ("bad-device-name", [h.device("Bad_Name", attributes={"model": "x"})], "spec.devices[0].name"),
+        (
+            "bad-device-name",
+            [h.device("Bad_Name", attributes={"model": "x"})],
+            "spec.devices[0].name",
+        ),
     ],
 )
 def test_invalid_resource_slice_is_rejected(kube_api, fake_node, case, devices, expect):
