@@ -1,0 +1,370 @@
+"""Discovery of Intel GPUs from sysfs: identity, DRM nodes, memory, NUMA, PCIe root, SR-IOV.
+
+Walks ``<sysfs>/bus/pci/devices``, keeps vendor ``0x8086`` functions of display class
+``0x03xxxx`` bound to ``i915`` or ``xe``, and reads everything from each function's own
+directory: the card and render nodes are the entries of its ``drm/`` directory (never computed
+from each other), the PCIe root is the first component of the resolved path under
+``devices/``, SR-IOV relations come from ``sriov_*``, ``virtfnK`` and ``physfn``.
+
+Devices that cannot be used are not published; they are returned as :class:`Skipped` with the
+reason (unbound or bound to another driver such as ``vfio-pci``, unreadable identity files,
+dangling links, no DRM node yet), and logged, so an operator sees why a GPU is missing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loguru import logger
+
+from dra_backend_i915.memory import MemoryQuery
+from dra_backend_i915.pciids import ModelInfo, lookup, normalize_device_id
+from dra_backend_i915.sysfs import SysfsError, link_name, read_int, read_str
+
+__all__ = (
+    "DRM_DRIVERS",
+    "Discoverer",
+    "Discovery",
+    "Gpu",
+    "Skipped",
+    "SriovInfo",
+    "device_name",
+    "drm_nodes",
+    "vf_address",
+    "vf_name",
+)
+
+INTEL_VENDOR = 0x8086
+#: The kernel drivers whose GPUs this backend publishes.
+DRM_DRIVERS = ("i915", "xe")
+_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_CARD = re.compile(r"^card(\d+)$")
+_RENDER = re.compile(r"^renderD(\d+)$")
+_VIRTFN = re.compile(r"^virtfn(\d+)$")
+
+
+def device_name(address: str) -> str:
+    """The published name of the GPU at a PCI address: ``gpu-0000-03-00-0``."""
+    return "gpu-" + address.replace(":", "-").replace(".", "-")
+
+
+def vf_name(pf_address: str, index: int) -> str:
+    """The published name of VF ``index`` (0-based, as ``virtfnK``) of a PF."""
+    return f"{device_name(pf_address)}-vf{index}"
+
+
+def vf_address(pf_address: str, offset: int, stride: int, index: int) -> str:
+    """The PCI address of VF ``index`` from the PF's ``sriov_offset`` and ``sriov_stride``.
+
+    Routing IDs are ``bus << 8 | device << 3 | function``; VF k has PF + offset + k * stride.
+    """
+    domain, bus, rest = pf_address.split(":")
+    dev, fn = rest.split(".")
+    rid = (int(bus, 16) << 8) | (int(dev, 16) << 3) | int(fn)
+    rid += offset + stride * index
+    bus_n, devfn = divmod(rid, 256)
+    if bus_n > 0xFF:
+        msg = f"VF {index} of {pf_address} would be past bus ff (offset {offset}, stride {stride})"
+        raise ValueError(msg)
+    return f"{domain}:{bus_n:02x}:{devfn >> 3:02x}.{devfn & 7}"
+
+
+@dataclass(frozen=True)
+class SriovInfo:
+    """The SR-IOV state of a physical function."""
+
+    total_vfs: int
+    num_vfs: int
+    offset: int
+    stride: int
+    autoprobe: bool
+    #: The VFs' PCI device ID (``sriov_vf_device``), or None when not offered.
+    vf_device_id: int | None = None
+    #: Existing VFs as (virtfn index, PCI address), in index order.
+    vfs: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One Intel GPU function (whole GPU, PF or VF) as discovered."""
+
+    address: str
+    device_id: int
+    info: ModelInfo
+    driver: str
+    path: Path
+    pcie_root: str
+    numa_node: int | None
+    card: str | None
+    render: str | None
+    #: Bytes of local memory; None when nothing said.
+    memory_bytes: int | None
+    #: Where ``memory_bytes`` came from: ``sysfs``, ``ioctl``, ``integrated`` or ``unknown``.
+    memory_source: str
+    sriov: SriovInfo | None = None
+    #: For a VF: its PF's address and its virtfn index.
+    physfn: str | None = None
+    vf_index: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The published device name (VFs named after their PF)."""
+        if self.physfn is not None and self.vf_index is not None:
+            return vf_name(self.physfn, self.vf_index)
+        return device_name(self.address)
+
+    @property
+    def pci_id(self) -> str:
+        """The PCI device ID as ``0x56c0``."""
+        return f"0x{self.device_id:04x}"
+
+    @property
+    def is_vf(self) -> bool:
+        """Whether this function is an SR-IOV virtual function."""
+        return self.physfn is not None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An Intel display function that is not published, and why."""
+
+    address: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """The result of one walk of sysfs."""
+
+    gpus: tuple[Gpu, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+
+    def by_address(self, address: str) -> Gpu | None:
+        """The GPU at ``address``, or None."""
+        return next((g for g in self.gpus if g.address == address), None)
+
+
+def drm_nodes(device_dir: Path) -> tuple[str | None, str | None]:
+    """The card and render node names in a PCI function's own ``drm/`` directory.
+
+    When several match (it should not happen), the lowest number wins; ``controlD*`` is
+    ignored. Either may be None: a GPU without a render node still works for display.
+    """
+    try:
+        names = [p.name for p in (device_dir / "drm").iterdir()]
+    except OSError:
+        return None, None
+    cards = sorted((int(m.group(1)), n) for n in names if (m := _CARD.match(n)))
+    renders = sorted((int(m.group(1)), n) for n in names if (m := _RENDER.match(n)))
+    return (cards[0][1] if cards else None, renders[0][1] if renders else None)
+
+
+def _pcie_root(resolved: Path, sysfs_root: Path) -> str:
+    """``pci0000:00`` from ``<sysfs>/devices/pci0000:00/.../0000:03:00.0``."""
+    try:
+        parts = resolved.relative_to(sysfs_root.resolve()).parts
+    except ValueError:
+        parts = resolved.parts
+    if "devices" in parts:
+        after = parts[parts.index("devices") + 1 :]
+        if after and after[0].startswith("pci"):
+            return after[0]
+    raise SysfsError(resolved, "is not under devices/pci<domain>:<bus>, no PCIe root")
+
+
+@dataclass
+class Discoverer:
+    """Walks one sysfs tree; keeps ioctl memory answers so rediscovery stays cheap."""
+
+    sysfs_root: Path
+    devfs_root: Path
+    memory_query: MemoryQuery | None = None
+    _memory_cache: dict[tuple[str, str], int | None] = field(default_factory=dict)
+
+    def discover(self) -> Discovery:
+        """Every Intel GPU function bound to i915 or xe, and the ones skipped with a reason."""
+        devices_dir = self.sysfs_root / "bus" / "pci" / "devices"
+        try:
+            entries = sorted(devices_dir.iterdir())
+        except OSError as exc:
+            raise SysfsError(devices_dir, f"cannot be listed ({exc.strerror or exc})") from None
+        gpus: list[Gpu] = []
+        skipped: list[Skipped] = []
+        for entry in entries:
+            try:
+                gpu = self._one(entry)
+            except SysfsError as exc:
+                skipped.append(Skipped(entry.name, str(exc)))
+                continue
+            except _Skip as skip:
+                skipped.append(Skipped(entry.name, skip.reason))
+                continue
+            if gpu is not None:
+                gpus.append(gpu)
+        for item in skipped:
+            logger.bind(device=item.address).warning(
+                "GPU {} not published: {}", item.address, item.reason
+            )
+        return Discovery(tuple(self._with_vf_indexes(gpus)), tuple(skipped))
+
+    def _one(self, entry: Path) -> Gpu | None:
+        address = entry.name
+        if not _ADDRESS.match(address):
+            return None
+        if not entry.exists():
+            msg = f"{entry} is a dangling link"
+            raise _Skip(msg)
+        vendor = read_int(entry / "vendor", 16)
+        pci_class = read_int(entry / "class", 16)
+        if vendor != INTEL_VENDOR or pci_class >> 16 != 0x03:
+            return None
+        try:
+            device_id = normalize_device_id(read_str(entry / "device"))
+        except ValueError as exc:
+            raise SysfsError(entry / "device", str(exc)) from None
+        info = lookup(device_id)
+        driver_link = entry / "driver"
+        if not driver_link.is_symlink():
+            msg = (
+                f"{info.model} (0x{device_id:04x}) is not bound to any driver; bind it to "
+                f"{info.default_driver or 'i915 or xe'} to publish it"
+            )
+            raise _Skip(msg)
+        driver = link_name(driver_link)
+        if driver not in DRM_DRIVERS:
+            msg = f"bound to {driver}, not i915 or xe (e.g. passed through to a VM)"
+            raise _Skip(msg)
+        resolved = entry.resolve()
+        card, render = drm_nodes(resolved)
+        if card is None and render is None:
+            msg = f"bound to {driver} but has no DRM node in {resolved / 'drm'} yet"
+            raise _Skip(msg)
+        physfn = None
+        if (entry / "physfn").is_symlink():
+            physfn = link_name(entry / "physfn")
+        memory, source = self._memory(resolved, driver, card, info)
+        return Gpu(
+            address=address,
+            device_id=device_id,
+            info=info,
+            driver=driver,
+            path=resolved,
+            pcie_root=_pcie_root(resolved, self.sysfs_root),
+            numa_node=_numa(entry),
+            card=card,
+            render=render,
+            memory_bytes=memory,
+            memory_source=source,
+            sriov=None if physfn else _sriov(entry),
+            physfn=physfn,
+        )
+
+    def _memory(
+        self, device_dir: Path, driver: str, card: str | None, info: ModelInfo
+    ) -> tuple[int | None, str]:
+        sysfs = _sysfs_memory(device_dir, driver, card)
+        if sysfs is not None:
+            return sysfs, "sysfs"
+        if not info.local_memory:
+            return 0, "integrated"
+        if card is not None and self.memory_query is not None:
+            key = (device_dir.name, card)
+            if key not in self._memory_cache:
+                self._memory_cache[key] = self.memory_query.query(
+                    driver, self.devfs_root / "dri" / card
+                )
+            value = self._memory_cache[key]
+            if value is not None:
+                return value, "ioctl"
+        logger.bind(device=device_dir.name).info(
+            "local memory of {} unknown (no sysfs size, DRM query failed or not privileged); "
+            "publishing it without a memory capacity",
+            device_dir.name,
+        )
+        return None, "unknown"
+
+    @staticmethod
+    def _with_vf_indexes(gpus: Iterable[Gpu]) -> list[Gpu]:
+        """Give each VF its index from its PF's ``virtfnK`` links."""
+        index_of = {
+            address: index
+            for gpu in gpus
+            if gpu.sriov is not None
+            for index, address in gpu.sriov.vfs
+        }
+        result = []
+        for gpu in gpus:
+            if gpu.physfn is not None:
+                index = index_of.get(gpu.address)
+                if index is None:
+                    logger.warning(
+                        "VF {} has no virtfn link in its PF {}; naming it by its address",
+                        gpu.address,
+                        gpu.physfn,
+                    )
+                    gpu = Gpu(**{**gpu.__dict__, "physfn": None})
+                else:
+                    gpu = Gpu(**{**gpu.__dict__, "vf_index": index})
+            result.append(gpu)
+        return result
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _numa(entry: Path) -> int | None:
+    try:
+        node = read_int(entry / "numa_node")
+    except SysfsError as exc:
+        logger.debug("{}; NUMA node unknown", exc)
+        return None
+    return node if node >= 0 else None
+
+
+def _sysfs_memory(device_dir: Path, driver: str, card: str | None) -> int | None:
+    """i915 backports: ``drm/cardN/lmem_total_bytes`` (all tiles); xe: ``tile*/...vram...``."""
+    try:
+        if driver == "i915" and card is not None:
+            path = device_dir / "drm" / card / "lmem_total_bytes"
+            return read_int(path) if path.exists() else None
+        if driver == "xe":
+            sizes = sorted(device_dir.glob("tile[0-9]*/physical_vram_size_bytes"))
+            return sum(read_int(p) for p in sizes) if sizes else None
+    except SysfsError as exc:
+        logger.warning("{}; trying the DRM memory query instead", exc)
+    return None
+
+
+def _sriov(entry: Path) -> SriovInfo | None:
+    if not (entry / "sriov_totalvfs").exists():
+        return None
+    total = read_int(entry / "sriov_totalvfs")
+    if total <= 0:
+        return None
+    vfs = []
+    for link in entry.glob("virtfn*"):
+        match = _VIRTFN.match(link.name)
+        if match:
+            vfs.append((int(match.group(1)), link_name(link)))
+    autoprobe_path = entry / "sriov_drivers_autoprobe"
+    vf_device_id = None
+    if (entry / "sriov_vf_device").exists():
+        try:  # "%x" today, "0x%04x" with a proposed patch: accept both
+            vf_device_id = normalize_device_id(read_str(entry / "sriov_vf_device"))
+        except ValueError as exc:
+            logger.warning("{}: {}; VF PCI ID unknown", entry / "sriov_vf_device", exc)
+    return SriovInfo(
+        total_vfs=total,
+        num_vfs=read_int(entry / "sriov_numvfs"),
+        offset=read_int(entry / "sriov_offset"),
+        stride=read_int(entry / "sriov_stride"),
+        autoprobe=read_str(autoprobe_path) != "0" if autoprobe_path.exists() else True,
+        vf_device_id=vf_device_id,
+        vfs=tuple(sorted(vfs)),
+    )

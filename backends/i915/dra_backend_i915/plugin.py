@@ -1,0 +1,497 @@
+"""The i915 backend's hook implementations (entry point ``i915`` in ``dra_core.backends``).
+
+The module-level ``dra_*`` functions are what pluggy registers; each delegates to one
+:class:`I915Backend`, which holds the seams (sysfs writer, DRM memory query) and the caches.
+Tests and demos swap it with :func:`use`, e.g. ``use(I915Backend(writer=fs.kernel()))``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from dra_backend_i915 import CDI_CLASS, CDI_VENDOR, DRIVER_NAME
+from dra_backend_i915.config import GpuConfig, NodeSettings, decode_opaque, settings_from
+from dra_backend_i915.discovery import Discoverer, Discovery, Gpu, drm_nodes, vf_name
+from dra_backend_i915.edits import drm_edits
+from dra_backend_i915.health import HealthMonitor
+from dra_backend_i915.inventory import Built, DeviceRecord, build
+from dra_backend_i915.memory import DrmMemoryQuery, MemoryQuery
+from dra_backend_i915.sriov import VfProvisioner
+from dra_backend_i915.state import CreatedVfs, State, StateStore
+from dra_backend_i915.sysfs import FileWriter, SysfsWriter
+from dra_core import (
+    AllocatedClaim,
+    AllocatedDevice,
+    AllocationError,
+    BackendIdentity,
+    BackendOption,
+    DeviceClassSpec,
+    DeviceHealth,
+    Inventory,
+    NodeContext,
+    PreparedClaim,
+    PreparedDevice,
+    PrepareError,
+    hookimpl,
+)
+
+__all__ = (
+    "I915Backend",
+    "backend",
+    "dra_backend_identity",
+    "dra_backend_options",
+    "dra_check_allocation",
+    "dra_decode_config",
+    "dra_device_classes",
+    "dra_device_health",
+    "dra_discover",
+    "dra_prepare",
+    "dra_start",
+    "dra_unprepare",
+    "use",
+)
+
+
+class I915Backend:
+    """The backend's behaviour; one per process, replaceable in tests."""
+
+    def __init__(
+        self,
+        *,
+        writer: SysfsWriter | None = None,
+        memory_query: MemoryQuery | None = None,
+        poll: float = 0.05,
+    ) -> None:
+        self.writer: SysfsWriter = writer or FileWriter()
+        self.memory_query: MemoryQuery = memory_query or DrmMemoryQuery()
+        self.poll = poll
+        self._lock = threading.RLock()
+        self._discoverers: dict[tuple[Path, Path], Discoverer] = {}
+        self._monitors: dict[Path, HealthMonitor] = {}
+        self._stores: dict[Path | None, StateStore] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def settings(context: NodeContext) -> NodeSettings:
+        """The node settings from the context's options and config section."""
+        return settings_from(context.options, context.config)
+
+    def _discovery(self, settings: NodeSettings) -> Discovery:
+        key = (settings.sysfs_root, settings.devfs_root)
+        with self._lock:
+            discoverer = self._discoverers.get(key)
+            if discoverer is None:
+                discoverer = Discoverer(key[0], key[1], self.memory_query)
+                self._discoverers[key] = discoverer
+        return discoverer.discover()
+
+    def monitor(self, settings: NodeSettings) -> HealthMonitor:
+        """The health monitor of a sysfs root (it keeps error-counter baselines)."""
+        with self._lock:
+            return self._monitors.setdefault(
+                settings.sysfs_root, HealthMonitor(settings.sysfs_root)
+            )
+
+    def store(self, context: NodeContext) -> StateStore:
+        """The state store of the context's state directory (memory when it has none)."""
+        with self._lock:
+            key = context.state_dir
+            if key not in self._stores:
+                if key is None:
+                    logger.debug("no state directory: VF bookkeeping is kept in memory only")
+                self._stores[key] = StateStore(key)
+            return self._stores[key]
+
+    def built(self, context: NodeContext) -> tuple[Built, NodeSettings, State]:
+        """Discovery, state and the inventory built from them."""
+        settings = self.settings(context)
+        state = self.store(context).load()
+        return build(self._discovery(settings), settings, state), settings, state
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def start(self, context: NodeContext) -> None:
+        """Check the settings and the sysfs root before the first discovery."""
+        settings = self.settings(context)
+        devices = settings.sysfs_root / "bus" / "pci" / "devices"
+        if not devices.is_dir():
+            msg = (
+                f"{devices} does not exist: set --sysfs-root (SYSFS_ROOT) to the host's /sys "
+                f"as mounted in this container"
+            )
+            raise RuntimeError(msg)
+        self.store(context).load()
+
+    def discover(self, context: NodeContext) -> Inventory:
+        """The inventory of this node."""
+        built, _, _ = self.built(context)
+        return built.inventory
+
+    def check_allocation(self, claim: AllocatedClaim, context: NodeContext) -> None:
+        """Refuse an allocation the node cannot honour, before anything changes."""
+        with self._lock:
+            built, settings, state = self.built(context)
+            uid = claim.ref.uid
+            for allocated in claim.devices:
+                record = built.records.get(allocated.device)
+                if record is None:
+                    msg = (
+                        f"device {allocated.device} is not on node {context.node_name} any more "
+                        f"(unplugged, unbound or re-partitioned); the claim must be re-allocated"
+                    )
+                    raise AllocationError(msg)
+                self._check_health(record, settings)
+                if allocated.admin_access:
+                    continue
+                self._check_exclusive(record, allocated, state, uid)
+                self._check_profile(record, claim.configs_for(allocated))
+
+    def _check_health(self, record: DeviceRecord, settings: NodeSettings) -> None:
+        monitor = self.monitor(settings)
+        targets = [g for g in (record.pf, record.gpu) if g is not None]
+        for gpu in targets:
+            health = monitor.function(gpu.address, gpu.driver)
+            if not health.healthy:
+                msg = f"device {record.name} is unhealthy: {health.message}"
+                raise AllocationError(msg)
+
+    @staticmethod
+    def _check_exclusive(
+        record: DeviceRecord, allocated: AllocatedDevice, state: State, uid: str
+    ) -> None:
+        if record.kind == "shared":
+            return
+        others = state.others(record.name, uid)
+        if others:
+            msg = f"device {record.name} is already prepared for claim {others[0]}"
+            raise AllocationError(msg)
+        if record.kind == "pf" and record.gpu is not None:
+            created = state.created.get(record.gpu.address)
+            if created is not None:
+                msg = (
+                    f"whole GPU {record.name} is split into {created.num_vfs} VFs "
+                    f"({created.profile}) for other claims; it is available again once they "
+                    f"are released (the kubelet retries)"
+                )
+                raise AllocationError(msg)
+        if record.kind == "planned-vf" and record.pf is not None:
+            pf = record.pf
+            whole = state.others(pf.name, uid)
+            if whole:
+                msg = (
+                    f"VF {record.name} cannot be created: its PF {pf.name} is held whole "
+                    f"by claim {whole[0]}"
+                )
+                raise AllocationError(msg)
+            numvfs = pf.sriov.num_vfs if pf.sriov else 0
+            if numvfs and pf.address not in state.created:
+                msg = (
+                    f"VF {record.name} cannot be created: {pf.address} already has {numvfs} VFs "
+                    f"made outside this driver"
+                )
+                raise AllocationError(msg)
+        del allocated
+
+    @staticmethod
+    def _check_profile(record: DeviceRecord, configs: Sequence[object]) -> None:
+        wanted = None
+        for config in configs:
+            if isinstance(config, GpuConfig) and config.vf_profile is not None:
+                wanted = config.vf_profile
+        if wanted is None:
+            return
+        if record.kind != "planned-vf" or record.profile is None:
+            msg = f"vfProfile {wanted} was asked for, but {record.name} is not a VF made by profile"
+            raise AllocationError(msg)
+        if record.profile.name != wanted:
+            msg = (
+                f"vfProfile {wanted} was asked for, but {record.name}'s PF is published with "
+                f"{record.profile.name}; change the node's --vf-profile or the claim"
+            )
+            raise AllocationError(msg)
+
+    def prepare(self, claim: AllocatedClaim, context: NodeContext) -> list[PreparedDevice]:
+        """Create VFs if needed and return each device's container edits and state."""
+        with self._lock:
+            built, settings, state = self.built(context)
+            store = self.store(context)
+            uid = claim.ref.uid
+            result: list[PreparedDevice] = []
+            try:
+                for allocated in claim.devices:
+                    record = built.records.get(allocated.device)
+                    if record is None:
+                        msg = f"device {allocated.device} is not on node {context.node_name}"
+                        raise PrepareError(msg)
+                    for config in claim.configs_for(allocated):
+                        if isinstance(config, GpuConfig) and config.vf_profile is not None:
+                            try:
+                                self._check_profile(record, [config])
+                            except AllocationError as exc:
+                                raise PrepareError(str(exc)) from None
+                    result.append(
+                        self._prepare_one(record, allocated, settings, state, store, context)
+                    )
+                    state.hold(allocated.device, uid)
+                    store.save(state)
+            except BaseException:
+                self._release(uid, [d.device for d in claim.devices], context)
+                raise
+            return result
+
+    def _prepare_one(
+        self,
+        record: DeviceRecord,
+        allocated: AllocatedDevice,
+        settings: NodeSettings,
+        state: State,
+        store: StateStore,
+        context: NodeContext,
+    ) -> PreparedDevice:
+        devfs = settings.devfs_root
+        if record.kind in ("gpu", "shared", "pf"):
+            gpu = record.gpu
+            assert gpu is not None
+            created = state.created.get(gpu.address)
+            if record.kind == "pf" and created is not None:
+                msg = (
+                    f"whole GPU {record.name} cannot be prepared while {created.num_vfs} VFs "
+                    f"made for other claims exist; the kubelet retries after they are released"
+                )
+                raise PrepareError(msg)
+            consumed = allocated.consumed_capacity if record.kind == "shared" else None
+            edits = drm_edits(gpu.address, gpu.card, gpu.render, devfs, consumed)
+            return PreparedDevice(allocated, edits, {"kind": record.kind, "address": gpu.address})
+        if record.kind == "vf":
+            vf = record.gpu
+            assert vf is not None
+            edits = drm_edits(vf.address, vf.card, vf.render, devfs)
+            state_data: dict[str, object] = {
+                "kind": "vf",
+                "address": vf.address,
+                "createdByBackend": False,
+            }
+            return PreparedDevice(allocated, edits, state_data)
+        address, card, render = self._ensure_vf(record, settings, state, store, context)
+        edits = drm_edits(address, card, render, devfs)
+        assert record.pf is not None and record.profile is not None
+        return PreparedDevice(
+            allocated,
+            edits,
+            {
+                "kind": "vf",
+                "address": address,
+                "pf": record.pf.address,
+                "vfIndex": record.vf_index,
+                "profile": record.profile.name,
+                "createdByBackend": True,
+            },
+        )
+
+    def _ensure_vf(
+        self,
+        record: DeviceRecord,
+        settings: NodeSettings,
+        state: State,
+        store: StateStore,
+        context: NodeContext,
+    ) -> tuple[str, str | None, str | None]:
+        pf, profile, index = record.pf, record.profile, record.vf_index
+        assert pf is not None and profile is not None and index is not None
+        provisioner = VfProvisioner(self.writer, timeout=settings.vf_timeout, poll=self.poll)
+        created = state.created.get(pf.address)
+        if created is not None and not created.complete:
+            logger.bind(device=pf.name).warning(
+                "an earlier VF creation on {} was interrupted; starting over", pf.address
+            )
+            try:
+                provisioner.teardown(pf)
+            except (OSError, TimeoutError) as exc:
+                msg = f"cannot clean up the interrupted VF creation on {pf.address}: {exc}"
+                raise PrepareError(msg) from exc
+            created = None
+        if created is None:
+            whole = state.holders.get(pf.name)
+            if whole:
+                msg = f"VF {record.name} cannot be created: PF {pf.name} is held by {whole[0]}"
+                raise PrepareError(msg)
+            state.created[pf.address] = CreatedVfs(profile.name, profile.num_vfs)
+            store.save(state)
+            try:
+                provisioner.create(pf, profile)
+            except PrepareError:
+                del state.created[pf.address]
+                store.save(state)
+                raise
+            state.created[pf.address].complete = True
+            store.save(state)
+            context.request_rediscovery()
+        link = pf.path / f"virtfn{index}"
+        if not link.exists():
+            msg = (
+                f"VF {record.name} (virtfn{index} of {pf.address}) does not exist although "
+                f"its VFs were created; unprepare the PF's VF claims to reset it"
+            )
+            raise PrepareError(msg)
+        target = link.resolve()
+        card, render = drm_nodes(target)
+        return target.name, card, render
+
+    def unprepare(self, claim: PreparedClaim, context: NodeContext) -> bool:
+        """Release the claim's devices; tear down backend-made VFs nobody holds."""
+        with self._lock:
+            self._release(claim.ref.uid, [d.allocation.device for d in claim.devices], context)
+        return True
+
+    def _release(self, uid: str, devices: Sequence[str], context: NodeContext) -> None:
+        store = self.store(context)
+        state = store.load()
+        for name in list(devices) + list(state.holders):
+            state.release(name, uid)
+        store.save(state)
+        self._teardown_unused(state, store, context)
+
+    def _teardown_unused(self, state: State, store: StateStore, context: NodeContext) -> None:
+        unused = [
+            address
+            for address, created in state.created.items()
+            if not any(vf_name(address, k) in state.holders for k in range(created.num_vfs))
+        ]
+        if not unused:
+            return
+        settings = self.settings(context)
+        discovery = self._discovery(settings)
+        provisioner = VfProvisioner(self.writer, timeout=settings.vf_timeout, poll=self.poll)
+        for address in unused:
+            pf: Gpu | None = discovery.by_address(address)
+            if pf is None:
+                logger.warning("PF {} is gone; forgetting the VFs made on it", address)
+            else:
+                try:
+                    provisioner.teardown(pf)
+                except (OSError, TimeoutError) as exc:
+                    msg = (
+                        f"removing the VFs of {address} failed: {exc}; the kubelet retries the "
+                        f"unprepare"
+                    )
+                    raise RuntimeError(msg) from exc
+            del state.created[address]
+            store.save(state)
+        context.request_rediscovery()
+
+    def health(self, inventory: Inventory, context: NodeContext) -> list[DeviceHealth]:
+        """Health of every published device from sysfs."""
+        return self.monitor(self.settings(context)).report(inventory)
+
+
+#: The instance the hooks use; replace with :func:`use`.
+backend = I915Backend()
+
+
+def use(instance: I915Backend) -> I915Backend:
+    """Make the hooks use ``instance`` (tests, demos); returns the previous one."""
+    global backend
+    previous, backend = backend, instance
+    return previous
+
+
+@hookimpl
+def dra_backend_identity() -> BackendIdentity:
+    """Driver ``gpu.intel.com``; CDI devices ``intel.com/gpu=...``."""
+    return BackendIdentity(driver_name=DRIVER_NAME, cdi_vendor=CDI_VENDOR, cdi_class=CDI_CLASS)
+
+
+@hookimpl
+def dra_backend_options() -> Sequence[BackendOption]:
+    """``--sysfs-root``, ``--devfs-root``, ``--vf-profile``, ``--shared-gpus``."""
+    return (
+        BackendOption("sysfs-root", "root of the host's sysfs", "/sys", "SYSFS_ROOT"),
+        BackendOption(
+            "devfs-root", "root of the host's /dev (CDI host paths)", "/dev", "DEVFS_ROOT"
+        ),
+        BackendOption(
+            "vf-profile",
+            "VF profile per model, e.g. flex170=flex170_m4,max_48g=none",
+            None,
+            "I915_VF_PROFILE",
+        ),
+        BackendOption(
+            "shared-gpus",
+            "GPUs shared by several claims: none, all, or PCI addresses / PCI IDs (comma list)",
+            None,
+            "I915_SHARED_GPUS",
+        ),
+    )
+
+
+@hookimpl
+def dra_start(context: NodeContext) -> None:
+    """Check the settings and that the sysfs root is there."""
+    backend.start(context)
+
+
+@hookimpl
+def dra_discover(context: NodeContext) -> Inventory:
+    """Whole GPUs, shared GPUs, admin-made VFs and partitionable PFs with their VFs."""
+    return backend.discover(context)
+
+
+@hookimpl
+def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
+    """Whole GPUs, VFs and shared GPUs."""
+    d = identity.driver_name
+    return (
+        DeviceClassSpec(
+            name=d,
+            selectors=(f'device.driver == "{d}" && device.attributes["{d}"].type == "gpu"',),
+            description="Intel GPUs, whole (a shared GPU without a capacity request is whole)",
+        ),
+        DeviceClassSpec(
+            name=f"vf.{d}",
+            selectors=(f'device.driver == "{d}" && device.attributes["{d}"].type == "vf"',),
+            description="SR-IOV virtual functions of Intel GPUs, created on demand",
+        ),
+        DeviceClassSpec(
+            name=f"shared.{d}",
+            selectors=(f'device.driver == "{d}" && device.allowMultipleAllocations == true',),
+            description="Shares of Intel GPUs by memory and millicores (accounting only)",
+        ),
+    )
+
+
+@hookimpl
+def dra_decode_config(parameters: Mapping[str, Any], context: NodeContext) -> object:
+    """Strict ``GpuConfig`` decoding; ``ValueError`` naming the field."""
+    del context
+    return decode_opaque(parameters)
+
+
+@hookimpl
+def dra_check_allocation(claim: AllocatedClaim, inventory: Inventory, context: NodeContext) -> None:
+    """Device present and healthy, not held by another claim, partition creatable."""
+    del inventory  # rediscovered: the node's view now, not the published one
+    backend.check_allocation(claim, context)
+
+
+@hookimpl
+def dra_prepare(claim: AllocatedClaim, context: NodeContext) -> Sequence[PreparedDevice]:
+    """Create VFs on first use; DRM nodes, by-path links and env per device."""
+    return backend.prepare(claim, context)
+
+
+@hookimpl
+def dra_unprepare(claim: PreparedClaim, context: NodeContext) -> bool:
+    """Release; remove backend-made VFs once none is held."""
+    return backend.unprepare(claim, context)
+
+
+@hookimpl
+def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[DeviceHealth]:
+    """Health from sysfs signals."""
+    return backend.health(inventory, context)

@@ -1,0 +1,51 @@
+"""Fixtures: a fake node (sysfs + devfs + fake kernel) and the i915 hooks bound to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dra_backend_i915 import plugin
+from dra_backend_i915.memory import DrmMemoryQuery
+from dra_backend_i915.testing import FakeDrmIoctl, FakeKernel, FakeSysfs, node_context
+
+from dra_core import NodeContext
+from dra_core.plugins import Hooks, from_objects
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> FakeSysfs:
+    return FakeSysfs(tmp_path / "node")
+
+
+@pytest.fixture
+def ioctl() -> FakeDrmIoctl:
+    return FakeDrmIoctl({})
+
+
+@pytest.fixture
+def kernel(fs: FakeSysfs) -> Iterator[FakeKernel]:
+    k = fs.kernel(delay=0.02)
+    yield k
+    k.join()
+
+
+@pytest.fixture
+def backend(kernel: FakeKernel, ioctl: FakeDrmIoctl) -> Iterator[plugin.I915Backend]:
+    instance = plugin.I915Backend(
+        writer=kernel, memory_query=DrmMemoryQuery(ioctl=ioctl), poll=0.01
+    )
+    previous = plugin.use(instance)
+    yield instance
+    plugin.use(previous)
+
+
+@pytest.fixture
+def hooks(backend: plugin.I915Backend) -> Hooks:
+    return from_objects("i915", plugin)
+
+
+@pytest.fixture
+def context(fs: FakeSysfs, tmp_path: Path) -> NodeContext:
+    return node_context(fs, tmp_path / "state")
