@@ -25,6 +25,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -123,6 +124,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
+    """Ask the kernel to SIGKILL the component when the test process dies (e.g. is killed),
+    so no etcd or kube-apiserver outlives a crashed test run."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
 class _Component:
     def __init__(self, name: str, argv: list[str], log_path: Path):
         self.name = name
@@ -139,6 +152,7 @@ class _Component:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
 
     def check_alive(self) -> None:
