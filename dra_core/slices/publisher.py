@@ -315,10 +315,10 @@ class SlicePublisher:
                 self._own_deletes.discard(metadata["name"])
                 return
             if kind != RELIST:
-                logger.info(
-                    "ResourceSlice {} {} by someone else; repairing",
-                    metadata.get("name", "?"),
-                    kind.lower(),
+                # Usually drift; occasionally the echo of a write whose response is not
+                # back yet. The sync that follows compares and writes only real differences.
+                logger.debug(
+                    "watch: ResourceSlice {} {}; comparing again", metadata.get("name", "?"), kind
                 )
                 # The Node may have been replaced (new UID): look the owner up again.
                 self._owner_checked_at = None

@@ -39,44 +39,33 @@ def open_stream(
 ) -> Any:
     """Start a streaming GET and return the open urllib3 response (status 2xx).
 
-    Works with both generations of the kubernetes client (``call_api`` with
-    ``_preload_content`` up to v34; ``param_serialize`` + ``call_api`` from v35). Raises
-    `ApiError` for an HTTP error status or an unreachable server.
+    Uses the kubernetes client's ``param_serialize`` + ``call_api`` (v35 and later) and reads
+    the body as it arrives. Raises `ApiError` for an HTTP error status or an unreachable
+    server.
     """
     from kubernetes.client.exceptions import ApiException  # slow import
     from urllib3.exceptions import HTTPError
 
-    api: Any = client.api  # either client generation; their call_api signatures differ
+    api = client.api
     headers = {"Accept": "application/json"}
     timeout = (client.timeout, read_timeout)
     try:
-        if hasattr(api, "param_serialize"):
-            method, url, header_params, body, post = api.param_serialize(
-                method="GET",
-                resource_path=path,
-                query_params=list(query.items()),
-                header_params=headers,
-                auth_settings=["BearerToken"],
-            )
-            response = api.call_api(
-                method,
-                url,
-                header_params=header_params,
-                body=body,
-                post_params=post,
-                _request_timeout=timeout,
-            ).response
-        else:  # pragma: no cover - kubernetes client <= 34
-            response = api.call_api(
-                path,
-                "GET",
-                query_params=list(query.items()),
-                header_params=headers,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _return_http_data_only=True,
-                _request_timeout=timeout,
-            )
+        method, url, header_params, body, post = api.param_serialize(
+            method="GET",
+            resource_path=path,
+            query_params=list(query.items()),
+            header_params=headers,
+            auth_settings=["BearerToken"],
+        )
+        # call_api hands back the urllib3 response unread (preload_content=False).
+        response = api.call_api(
+            method,
+            url,
+            header_params=header_params,
+            body=body,
+            post_params=post,
+            _request_timeout=timeout,
+        ).response
     except ApiException as exc:
         raise ApiError("GET", path, int(exc.status or 0), str(exc.reason or exc)) from None
     except (HTTPError, OSError) as exc:
