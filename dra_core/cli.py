@@ -165,6 +165,16 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
             env_note = f" (env {option.env})" if option.env else ""
             group.add_argument(f"--{option.name}", default=default, help=option.help + env_note)
 
+    demo = commands.add_parser(
+        "demo", help="run the whole DRA flow locally against a real control plane",
+        description="Start a local Kubernetes control plane (etcd, kube-apiserver, "
+        "kube-scheduler, kube-controller-manager; built from their Go modules on first use "
+        "and cached, or taken from DRA_TEST_BINARIES), run the node agent on a backend "
+        "against it, schedule a pod with a ResourceClaim, prepare and unprepare it through "
+        "the agent's kubelet socket, and clean up.")
+    demo.add_argument("--backend", default=_env(BACKEND_ENV, "fake"),
+                      help="the backend to demonstrate (default: fake, which needs no hardware)")
+
     backends = commands.add_parser(
         "backends",
         help="list installed backends and extension plugins",
@@ -295,6 +305,13 @@ def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.demo import run_demo
+
+    run_demo(hooks)
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.manifests import device_class_manifests
 
@@ -359,6 +376,7 @@ _WITH_BACKEND: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "run": _cmd_run,
     "discover": _cmd_discover,
     "render": _cmd_render,
+    "demo": _cmd_demo,
 }
 _WITHOUT_BACKEND: dict[str, Callable[[argparse.Namespace], int]] = {
     "backends": _cmd_backends,

@@ -120,7 +120,7 @@ class ClaimService:
             return None
         if not self.cdi.exists(ref.uid):
             self.cdi.write(record.claim)
-        metrics.PREPARE_TOTAL.labels(result="cached").inc()
+        metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         return self._result(record.claim)
 
     def _read_claim(self, ref: ClaimRef) -> ClaimAllocation:
@@ -181,7 +181,7 @@ class ClaimService:
         self.checkpoint.put(
             ClaimRecord(claim=prepared, phase="completed", boot_id=self.boot_id, driver=self.driver)
         )
-        metrics.PREPARE_TOTAL.labels(result="success").inc()
+        metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         metrics.PREPARE_SECONDS.observe(time.monotonic() - started_at)
         metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
         log.info(
@@ -250,7 +250,7 @@ class ClaimService:
 
     def _failed(self, ref: ClaimRef, action: str, message: str) -> ClaimResult:
         logger.bind(claim=ref.uid).warning("{} of claim {} failed: {}", action, ref, message)
-        metrics.PREPARE_TOTAL.labels(result="error").inc()
+        metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
         return ClaimResult(error=f"{action} of claim {ref} failed: {message}")
 
     # -- unprepare -----------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class ClaimService:
         try:
             validate_claim_ref(ref)
         except ModelError as exc:
-            metrics.UNPREPARE_TOTAL.labels(result="error").inc()
+            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
             return f"unprepare of claim {ref} failed: {exc}"
         record = self.checkpoint.get(ref.uid)
         try:
@@ -278,9 +278,9 @@ class ClaimService:
             self.cdi.remove(ref.uid)
         except (HookError, OSError) as exc:
             log.opt(exception=exc).warning("unprepare of claim {} failed", ref)
-            metrics.UNPREPARE_TOTAL.labels(result="error").inc()
+            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
             return f"unprepare of claim {ref} failed: {exc}"
-        metrics.UNPREPARE_TOTAL.labels(result="success").inc()
+        metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         metrics.UNPREPARE_SECONDS.observe(time.monotonic() - started_at)
         metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
         if record is not None:
