@@ -105,6 +105,7 @@ class FakeSysfs:
             for name in ("bind", "unbind"):
                 _write(self.sys / "bus/pci/drivers" / driver / name, "")
         (self.sys / "class/drm").mkdir(parents=True, exist_ok=True)
+        (self.sys / "bus/pci/devices").mkdir(parents=True, exist_ok=True)
         (self.dev / "dri/by-path").mkdir(parents=True, exist_ok=True)
         self._next_card = 0
         self._next_render = 128
@@ -189,14 +190,7 @@ class FakeSysfs:
         driver = cast(str, record.driver)
         _link(record.path / "driver", self.sys / "bus/pci/drivers" / driver)
         _link(self.sys / "bus/pci/drivers" / driver / record.address, record.path)
-        card = f"card{self._take_card()}"
-        record.card = card
-        _write(record.path / "drm" / card / "dev", f"226:{card[4:]}")
-        _link(record.path / "drm" / card / "device", record.path)
-        _link(self.sys / "class/drm" / card, record.path / "drm" / card)
-        _write(self.dev / "dri" / card, "")
-        _link(self.dev / f"dri/by-path/pci-{record.address}-card", self.dev / "dri" / card)
-        if render:
+        if render:  # before the card: a waiter that sees the card sees the render node too
             number = self._next_render
             self._next_render += 1
             node = f"renderD{number}"
@@ -205,6 +199,13 @@ class FakeSysfs:
             _link(self.sys / "class/drm" / node, record.path / "drm" / node)
             _write(self.dev / "dri" / node, "")
             _link(self.dev / f"dri/by-path/pci-{record.address}-render", self.dev / "dri" / node)
+        card = f"card{self._take_card()}"
+        record.card = card
+        _write(self.dev / "dri" / card, "")
+        _link(self.dev / f"dri/by-path/pci-{record.address}-card", self.dev / "dri" / card)
+        _write(record.path / "drm" / card / "dev", f"226:{card[4:]}")
+        _link(record.path / "drm" / card / "device", record.path)
+        _link(self.sys / "class/drm" / card, record.path / "drm" / card)
 
     def _sriov_pf(self, record: _GpuRecord, total: int) -> None:
         path = record.path
@@ -250,10 +251,10 @@ class FakeSysfs:
             _link(self.sys / "bus/pci/devices" / address, path)
             autoprobe = (pf.path / "sriov_drivers_autoprobe").read_text().strip() != "0"
             record = _GpuRecord(address, path, f"0x{vf_id}", None, None, None, ())
+            self.gpus[address] = record
             if autoprobe and pf.driver is not None:
                 record.driver = pf.driver
                 self._bind(record)
-            self.gpus[address] = record
             return address
 
     def remove_vfs(self, pf_address: str) -> None:
