@@ -39,7 +39,7 @@ def kustomization_file(directory: Path) -> Path:
 
 
 def read_kustomization(directory: Path) -> dict[str, Any]:
-    data = yaml.safe_load(kustomization_file(directory).read_text())
+    data: dict[str, Any] = yaml.safe_load(kustomization_file(directory).read_text())
     unknown = set(data) - KNOWN_KEYS
     if unknown:
         raise Unsupported(f"{directory}: unsupported kustomization keys {sorted(unknown)}")
