@@ -1,8 +1,10 @@
 """A real Kubernetes control plane (etcd, kube-apiserver, optionally kube-scheduler and
 kube-controller-manager) on loopback, for integration tests.
 
-Binaries come from ``tests/controlplane/build.sh`` (which honours ``DRA_TEST_BINARIES`` or builds
-pinned versions into a cache), see :func:`find_binaries`.
+Binaries come from ``controlplane-build.sh`` beside this module (which honours
+``DRA_TEST_BINARIES`` or builds pinned versions from their Go modules into a cache), see
+:func:`find_binaries`. Backend authors can use it for their own integration tests, as
+``envtest`` serves Go projects; ``dra-core demo`` runs on it.
 
 Usage::
 
@@ -31,11 +33,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
+
+#: A readiness check: (ready, what was seen).
+Probe = Callable[[], tuple[bool, str]]
 
 HERE = Path(__file__).resolve().parent
-BUILD_SCRIPT = HERE / "build.sh"
+BUILD_SCRIPT = HERE / "controlplane-build.sh"
 BINARY_NAMES = ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-manager")
 
 # Feature gates pinned for Kubernetes v1.37 (see pkg/features/kube_features.go at v1.37.2):
@@ -74,7 +80,7 @@ class BinariesUnavailable(ControlPlaneError):
 
 def tail(path: Path, lines: int = 40) -> str:
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - 64 * 1024))
@@ -98,7 +104,8 @@ def find_binaries(build: bool = True, timeout: float | None = None) -> Path:
         d = Path(env_dir)
         missing = [b for b in BINARY_NAMES if not os.access(d / b, os.X_OK)]
         if missing:
-            raise BinariesUnavailable(f"DRA_TEST_BINARIES={d} lacks executable {missing}")
+            msg = f"DRA_TEST_BINARIES={d} lacks executable {missing}"
+            raise BinariesUnavailable(msg)
         return d
     try:
         proc = subprocess.run(
@@ -108,20 +115,24 @@ def find_binaries(build: bool = True, timeout: float | None = None) -> Path:
             timeout=timeout,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise BinariesUnavailable(f"{BUILD_SCRIPT} could not run: {e}") from e
+        msg = f"{BUILD_SCRIPT} could not run: {e}"
+        raise BinariesUnavailable(msg) from e
     if proc.returncode != 0:
         err = "\n".join(proc.stderr.splitlines()[-40:])
-        raise BinariesUnavailable(f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{err}")
+        msg = f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{err}"
+        raise BinariesUnavailable(msg)
     out = [line for line in proc.stdout.splitlines() if line.strip()]
     if not out:
-        raise BinariesUnavailable(f"{BUILD_SCRIPT} printed no bin directory")
+        msg = f"{BUILD_SCRIPT} printed no bin directory"
+        raise BinariesUnavailable(msg)
     return Path(out[-1].strip())
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
@@ -137,15 +148,15 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
 
 
 class _Component:
-    def __init__(self, name: str, argv: list[str], log_path: Path):
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
 
     def start(self) -> None:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = self.log_path.open("ab")  # closed in stop()
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -157,12 +168,16 @@ class _Component:
 
     def check_alive(self) -> None:
         if self.proc is None:
-            raise ControlPlaneError(f"{self.name} was never started")
+            msg = f"{self.name} was never started"
+            raise ControlPlaneError(msg)
         rc = self.proc.poll()
         if rc is not None:
-            raise ControlPlaneError(
+            msg = (
                 f"{self.name} exited with code {rc}; last lines of {self.log_path}:\n"
                 f"{tail(self.log_path)}"
+            )
+            raise ControlPlaneError(
+                msg
             )
 
     def stop(self, grace: float = 10.0) -> None:
@@ -196,7 +211,7 @@ class ControlPlane:
         extra_apiserver_args: Sequence[str] = (),
         start_timeout: float = 120.0,
         keep_dir_on_failure: bool | None = None,
-    ):
+    ) -> None:
         self.binaries = Path(binaries) if binaries is not None else None
         self.want_scheduler = scheduler
         self.want_controller_manager = controller_manager
@@ -225,7 +240,7 @@ class ControlPlane:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def start(self) -> ControlPlane:
@@ -233,7 +248,8 @@ class ControlPlane:
             self.binaries = find_binaries()
         for b in BINARY_NAMES:
             if not os.access(self.binaries / b, os.X_OK):
-                raise BinariesUnavailable(f"{self.binaries / b} is missing or not executable")
+                msg = f"{self.binaries / b} is missing or not executable"
+                raise BinariesUnavailable(msg)
         self.workdir = Path(tempfile.mkdtemp(prefix="dra-core-cp-"))
         if not self._atexit_registered:
             atexit.register(self.stop)
@@ -293,7 +309,7 @@ class ControlPlane:
         )
         # token,user,uid,"group1,group2"
         (wd / "tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
-        os.chmod(wd / "tokens.csv", 0o600)
+        (wd / "tokens.csv").chmod(0o600)
         (wd / "certs").mkdir()
 
     def _gates_flag(self) -> str:
@@ -306,7 +322,9 @@ class ControlPlane:
         comp.start()
         return comp
 
-    def _wait(self, comp: _Component, probe, what: str, timeout: float | None = None) -> None:
+    def _wait(
+        self, comp: _Component, probe: Probe, what: str, timeout: float | None = None
+    ) -> None:
         deadline = time.monotonic() + (timeout or self.start_timeout)
         last = "not probed yet"
         while True:
@@ -318,9 +336,12 @@ class ControlPlane:
             if ok:
                 return
             if time.monotonic() > deadline:
-                raise ControlPlaneError(
+                msg = (
                     f"{comp.name} not {what} after {timeout or self.start_timeout:.0f}s "
                     f"(last probe: {last}); last lines of {comp.log_path}:\n{tail(comp.log_path)}"
+                )
+                raise ControlPlaneError(
+                    msg
                 )
             time.sleep(0.2)
 
@@ -348,7 +369,7 @@ class ControlPlane:
             ],
         )
 
-        def probe():
+        def probe() -> tuple[bool, str]:
             with urllib.request.urlopen(self.etcd_url + "/health", timeout=2) as r:
                 body = r.read().decode()
             return json.loads(body).get("health") == "true", body
@@ -388,12 +409,12 @@ class ControlPlane:
 
         cert = wd / "certs" / "apiserver.crt"
 
-        def probe():
+        def probe() -> tuple[bool, str]:
             if not cert.exists():
                 return False, f"{cert} not written yet"
             ctx = ssl.create_default_context(cafile=str(cert))
             req = urllib.request.Request(
-                self.server + "/readyz", headers={"Authorization": f"Bearer {self.token}"}
+                f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"}
             )
             try:
                 with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
@@ -425,10 +446,10 @@ class ControlPlane:
         }
         # JSON is valid YAML; no yaml dependency needed.
         path.write_text(json.dumps(cfg, indent=2))
-        os.chmod(path, 0o600)
+        path.chmod(0o600)
 
-    def _healthz_probe(self, port: int):
-        def probe():
+    def _healthz_probe(self, port: int) -> Probe:
+        def probe() -> tuple[bool, str]:
             ctx = ssl._create_unverified_context()  # self-signed in-memory serving cert
             with urllib.request.urlopen(
                 f"https://127.0.0.1:{port}/healthz", timeout=3, context=ctx
@@ -484,7 +505,7 @@ class ControlPlane:
         self._wait(comp, self._healthz_probe(port), "healthy (/healthz)")
 
     # ------------------------------------------------------------------ clients
-    def client_configuration(self):
+    def client_configuration(self) -> Any:
         from kubernetes import client
 
         if self.server is None:
@@ -497,7 +518,7 @@ class ControlPlane:
         cfg.api_key_prefix = {"authorization": "Bearer"}
         return cfg
 
-    def api_client(self):
+    def api_client(self) -> Any:
         """A new ``kubernetes.client.ApiClient`` authenticated as a system:masters admin."""
         from kubernetes import client
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.controlplane import helpers
-from tests.controlplane.cluster import BinariesUnavailable, ControlPlane, find_binaries
+from dra_core.testing.controlplane import BinariesUnavailable, ControlPlane, find_binaries
 
 MARKER = "controlplane"
 _STATE: dict = {}
@@ -56,14 +56,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not can_build:
         _STATE["error"] = (
             "control-plane binaries unavailable: DRA_TEST_BINARIES is not set and no Go "
-            "toolchain is on PATH to build them (tests/controlplane/build.sh). "
+            "toolchain is on PATH to build them (dra_core/testing/controlplane-build.sh). "
             "Deselect these tests with -m 'not controlplane'."
         )
         _STATE["attempted"] = False
         return
     if tr is not None:
         tr.write_line(
-            "[controlplane] providing binaries via tests/controlplane/build.sh "
+            "[controlplane] providing binaries via dra_core/testing/controlplane-build.sh "
             "(the first build from source takes a long time) ..."
         )
     t0 = time.monotonic()
