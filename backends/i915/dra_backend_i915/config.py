@@ -136,22 +136,31 @@ class NodeSettings:
     vf_timeout: float = 10.0
 
 
+def _option(options: Mapping[str, str | None], name: str) -> str | None:
+    """An option by its name with dashes (``sysfs-root``) or underscores (``sysfs_root``)."""
+    value = options.get(name.replace("-", "_"))
+    return value if value is not None else options.get(name)
+
+
 def settings_from(options: Mapping[str, str | None], config: Mapping[str, Any]) -> NodeSettings:
-    """Merge the config section and the options (options win); ``ValueError`` on bad input."""
+    """Merge the config section and the options (options win); ``ValueError`` on bad input.
+
+    Option keys are accepted with underscores (as the hookspec documents) or dashes.
+    """
     try:
         section = BackendSettings.model_validate(dict(config or {}))
     except ValidationError as exc:
         raise ValueError(_describe(exc, "i915 backend configuration")) from None
     try:
         profiles = parse_overrides(",".join(f"{k}={v}" for k, v in section.vf_profiles.items()))
-        profiles.update(parse_overrides(options.get("vf_profile")))
+        profiles.update(parse_overrides(_option(options, "vf-profile")))
     except ProfileError as exc:
         raise ValueError(str(exc)) from None
-    shared_option = options.get("shared_gpus")
+    shared_option = _option(options, "shared-gpus")
     shared = parse_shared(shared_option if shared_option else section.shared_gpus)
     return NodeSettings(
-        sysfs_root=Path(options.get("sysfs_root") or "/sys"),
-        devfs_root=Path(options.get("devfs_root") or "/dev"),
+        sysfs_root=Path(_option(options, "sysfs-root") or "/sys"),
+        devfs_root=Path(_option(options, "devfs-root") or "/dev"),
         vf_profiles=profiles,
         shared=shared,
         vf_timeout=float(section.vf_timeout_seconds),

@@ -69,3 +69,18 @@ def test_shared_selection():
     assert not chosen.selects("0000:04:00.0", "0x56a0")
     with pytest.raises(ValueError, match="not none, all, a PCI address"):
         parse_shared("card0")
+
+
+def test_option_keys_with_dashes_as_the_cli_passes_them():
+    settings = settings_from(
+        {
+            "sysfs-root": "/s",
+            "devfs-root": "/d",
+            "vf-profile": "flex140=none",
+            "shared-gpus": "all",
+        },
+        {},
+    )
+    assert (str(settings.sysfs_root), str(settings.devfs_root)) == ("/s", "/d")
+    assert dict(settings.vf_profiles) == {"flex140": "none"}
+    assert settings.shared.all
