@@ -166,14 +166,19 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
             group.add_argument(f"--{option.name}", default=default, help=option.help + env_note)
 
     demo = commands.add_parser(
-        "demo", help="run the whole DRA flow locally against a real control plane",
+        "demo",
+        help="run the whole DRA flow locally against a real control plane",
         description="Start a local Kubernetes control plane (etcd, kube-apiserver, "
         "kube-scheduler, kube-controller-manager; built from their Go modules on first use "
         "and cached, or taken from DRA_TEST_BINARIES), run the node agent on a backend "
         "against it, schedule a pod with a ResourceClaim, prepare and unprepare it through "
-        "the agent's kubelet socket, and clean up.")
-    demo.add_argument("--backend", default=_env(BACKEND_ENV, "fake"),
-                      help="the backend to demonstrate (default: fake, which needs no hardware)")
+        "the agent's kubelet socket, and clean up.",
+    )
+    demo.add_argument(
+        "--backend",
+        default=_env(BACKEND_ENV, "fake"),
+        help="the backend to demonstrate (default: fake, which needs no hardware)",
+    )
 
     backends = commands.add_parser(
         "backends",

@@ -176,9 +176,7 @@ class _Component:
                 f"{self.name} exited with code {rc}; last lines of {self.log_path}:\n"
                 f"{tail(self.log_path)}"
             )
-            raise ControlPlaneError(
-                msg
-            )
+            raise ControlPlaneError(msg)
 
     def stop(self, grace: float = 10.0) -> None:
         p = self.proc
@@ -340,9 +338,7 @@ class ControlPlane:
                     f"{comp.name} not {what} after {timeout or self.start_timeout:.0f}s "
                     f"(last probe: {last}); last lines of {comp.log_path}:\n{tail(comp.log_path)}"
                 )
-                raise ControlPlaneError(
-                    msg
-                )
+                raise ControlPlaneError(msg)
             time.sleep(0.2)
 
     def _start_etcd(self) -> None:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.controlplane import helpers
 from dra_core.testing.controlplane import BinariesUnavailable, ControlPlane, find_binaries
+from tests.controlplane import helpers
 
 MARKER = "controlplane"
 _STATE: dict = {}
