@@ -1,0 +1,605 @@
+"""The fake backend's hook implementations (entry point ``fake`` in ``dra_core.backends``).
+
+The module-level ``dra_*`` functions are what pluggy registers. ``dra_start`` creates a fresh
+:class:`FakeBackend` for its :class:`~dra_core.NodeContext` (so tests can start several, one
+after another or side by side) and every other hook delegates to the backend of the context
+it is given. Hooks called without a started backend (``dra-core render``, the webhook) need
+none, or get one built from their context on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from dra_backend_fake import CDI_CLASS, CDI_VENDOR, DRIVER_NAME, config, devnodes
+from dra_backend_fake.control import ControlFile, watch
+from dra_backend_fake.inventory import (
+    InventoryError,
+    build,
+    config_specs,
+    default_specs,
+    load_file,
+    simple_devices,
+)
+from dra_backend_fake.schema import ControlSpec, DeviceSpec
+from dra_core import (
+    AllocatedClaim,
+    AllocatedDevice,
+    AllocationError,
+    BackendIdentity,
+    BackendOption,
+    ContainerEdits,
+    Device,
+    DeviceClassSpec,
+    DeviceHealth,
+    DeviceNode,
+    Inventory,
+    NodeContext,
+    PreparedClaim,
+    PreparedDevice,
+    PrepareError,
+    hookimpl,
+)
+
+__all__ = (
+    "OPTIONS",
+    "FakeBackend",
+    "Settings",
+    "backend_for",
+    "dra_backend_identity",
+    "dra_backend_options",
+    "dra_check_allocation",
+    "dra_decode_config",
+    "dra_device_classes",
+    "dra_device_health",
+    "dra_discover",
+    "dra_prepare",
+    "dra_start",
+    "dra_stop",
+    "dra_unprepare",
+)
+
+#: The backend's command-line options; each also reads the environment variable named.
+OPTIONS: tuple[BackendOption, ...] = (
+    BackendOption(
+        "inventory",
+        "YAML file of fake devices (schema in backends/fake/README.md); without it and "
+        "without --devices, a built-in inventory is published",
+        env="DRA_FAKE_INVENTORY",
+    ),
+    BackendOption(
+        "devices",
+        "publish N plain devices dev-0 .. dev-<N-1> (besides the --inventory devices; "
+        "instead of the built-in inventory)",
+        env="DRA_FAKE_DEVICES",
+    ),
+    BackendOption(
+        "control-file",
+        "YAML file to add, remove, fail or mark devices unhealthy while running; re-read "
+        "when it changes",
+        env="DRA_FAKE_CONTROL",
+    ),
+    BackendOption(
+        "control-interval",
+        "seconds between checks of the control file for changes",
+        default="1",
+        env="DRA_FAKE_CONTROL_INTERVAL",
+    ),
+    BackendOption(
+        "device-nodes-dir",
+        "host directory in which prepare creates a /dev/null-like character device per "
+        "device (needs CAP_MKNOD), mapped to /dev/fake/<device> in the container",
+        env="DRA_FAKE_DEVICE_NODES_DIR",
+    ),
+)
+
+_UID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _env_name(text: str) -> str:
+    """``gpu/vf-0`` -> ``GPU_VF_0``: a fragment usable in an environment variable name."""
+    return re.sub(r"[^A-Za-z0-9]", "_", text).upper()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The backend's options, resolved (flag, then environment variable, then default)."""
+
+    inventory: Path | None = None
+    devices: int | None = None
+    control_file: Path | None = None
+    control_interval: float = 1.0
+    device_nodes_dir: Path | None = None
+
+    @classmethod
+    def from_context(cls, context: NodeContext) -> Settings:
+        """Read the options from ``context``; ValueError names a bad option."""
+        values: dict[str, str | None] = {}
+        for option in OPTIONS:
+            value = context.options.get(option.name)
+            if value is None:
+                value = context.options.get(option.name.replace("-", "_"))
+            if value is None and option.env:
+                value = os.environ.get(option.env) or None
+            values[option.name] = value if value is not None else option.default
+        devices = values["devices"]
+        count: int | None = None
+        if devices is not None:
+            try:
+                count = int(devices)
+            except ValueError:
+                count = -1
+            if not 0 <= count <= 1024:
+                msg = f"--devices (env DRA_FAKE_DEVICES): {devices!r} is not a count from 0 to 1024"
+                raise ValueError(msg)
+        interval = values["control-interval"] or "1"
+        try:
+            seconds = float(interval)
+        except ValueError:
+            seconds = 0.0
+        if not seconds > 0:
+            msg = f"--control-interval: {interval!r} is not a positive number of seconds"
+            raise ValueError(msg)
+
+        def path(name: str) -> Path | None:
+            value = values[name]
+            return Path(value) if value else None
+
+        return cls(
+            inventory=path("inventory"),
+            devices=count,
+            control_file=path("control-file"),
+            control_interval=seconds,
+            device_nodes_dir=path("device-nodes-dir"),
+        )
+
+
+class FakeBackend:
+    """One running fake backend: its inventory, control file, device nodes and holds."""
+
+    def __init__(self, context: NodeContext) -> None:
+        self.context = context
+        self.settings = Settings.from_context(context)
+        self.base = self._base_specs()
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Claims (UIDs) holding each device, as prepared by this backend instance.
+        self._held: dict[str, set[str]] = {}
+        self.control = (
+            ControlFile(self.settings.control_file, check=self._compose)
+            if self.settings.control_file is not None
+            else None
+        )
+        self._built_from = ControlSpec()
+        self._inventory = self._compose(self._built_from)
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def _base_specs(self) -> list[DeviceSpec]:
+        settings = self.settings
+        specs: list[DeviceSpec] | None = None
+        if settings.inventory is not None:
+            specs = load_file(settings.inventory)
+        else:
+            specs = config_specs(self.context.config)
+        if settings.devices is not None:
+            taken = [n for s in specs or () for n in s.device_names()]
+            specs = [*(specs or ()), *simple_devices(settings.devices, taken)]
+        return default_specs() if specs is None else specs
+
+    def _compose(self, control: ControlSpec) -> Inventory:
+        """The inventory with ``control``'s additions and removals; ValueError on a clash."""
+        removed = set(control.remove)
+        kept = [s for s in self.base if s.name not in removed]
+        taken = {n: s.name for s in kept for n in s.device_names() if n not in removed}
+        for index, spec in enumerate(control.add):
+            for name in spec.device_names():
+                if name in taken:
+                    msg = (
+                        f"add[{index}] ({spec.name!r}): device name {name!r} is already in the "
+                        f"inventory (from {taken[name]!r}); list {taken[name]!r} under remove "
+                        "to replace it, or choose another name"
+                    )
+                    raise InventoryError(msg)
+        return build([*kept, *control.add], hidden=removed)
+
+    def _refresh(self) -> None:
+        """Re-read the control file if it changed; rebuild the inventory from a new spec."""
+        if self.control is None:
+            return
+        self.control.poll()
+        with self._lock:
+            spec = self.control.spec
+            if spec is self._built_from:
+                return
+            self._inventory = self._compose(spec)
+            self._built_from = spec
+            known = {n for s in self.base for n in s.device_names()}
+            unknown = sorted(set(spec.remove) - known)
+            if unknown:
+                logger.warning(
+                    "control file {}: remove names {} not in the configured inventory",
+                    self.control.path,
+                    unknown,
+                )
+
+    @property
+    def control_spec(self) -> ControlSpec:
+        return self.control.spec if self.control is not None else ControlSpec()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        nodes_dir = self.settings.device_nodes_dir
+        if nodes_dir is not None:
+            try:
+                devnodes.check_mknod(nodes_dir)
+            except OSError as exc:
+                msg = f"fake backend: --device-nodes-dir {nodes_dir}: {exc}"
+                raise RuntimeError(msg) from None
+        self._refresh()
+        if self.control is not None:
+            self._thread = watch(
+                self.control,
+                self._on_control_change,
+                self._stop,
+                self.settings.control_interval,
+            )
+        inventory = self._inventory
+        logger.info(
+            "fake backend started: {} devices, {} counter sets{}",
+            len(inventory.devices),
+            len(inventory.counter_sets),
+            f", control file {self.control.path}" if self.control is not None else "",
+        )
+
+    def _on_control_change(self) -> None:
+        self._refresh()
+        self.context.request_rediscovery()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- discovery and health ------------------------------------------------------------------
+
+    def inventory(self) -> Inventory:
+        """The current inventory (the control file re-read if it changed)."""
+        self._refresh()
+        return self._inventory
+
+    def health(self, inventory: Inventory) -> list[DeviceHealth]:
+        """A report per device of ``inventory``: unhealthy when the control file says so.
+
+        A partition is unhealthy with its whole device.
+        """
+        self._refresh()
+        unhealthy = self.control_spec.unhealthy
+        reports = []
+        for device in inventory.devices:
+            parent = device.attributes.get("parent")
+            entry = unhealthy.get(device.name)
+            message = entry.message if entry is not None else ""
+            if entry is None and isinstance(parent, str) and parent in unhealthy:
+                entry = unhealthy[parent]
+                message = f"whole device {parent}: {entry.message}"
+            if entry is None:
+                reports.append(DeviceHealth(device=device.name, healthy=True))
+            else:
+                reports.append(
+                    DeviceHealth(
+                        device=device.name, healthy=False, message=message, effect=entry.effect
+                    )
+                )
+        return reports
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def check_allocation(self, claim: AllocatedClaim) -> None:
+        """Refuse devices that are gone, unhealthy, or held by another claim."""
+        inventory = self.inventory()
+        sick = {h.device: h.message for h in self.health(inventory) if not h.healthy}
+        uid = claim.ref.uid
+        for allocated in claim.devices:
+            name = allocated.device
+            device = inventory.device(name)
+            if device is None:
+                msg = (
+                    f"claim {claim.ref}: device {name!r} is not in this node's fake inventory "
+                    "(removed through the control file?); the claim must be allocated again"
+                )
+                raise AllocationError(msg)
+            if name in sick:
+                msg = (
+                    f"claim {claim.ref}: device {name!r} is unhealthy ({sick[name]}); clear its "
+                    "'unhealthy' entry in the control file or allocate another device"
+                )
+                raise AllocationError(msg)
+            if allocated.admin_access or device.allow_multiple_allocations:
+                continue
+            with self._lock:
+                for other in self._conflicting(device, inventory):
+                    holders = self._held.get(other, set()) - {uid}
+                    if holders:
+                        msg = (
+                            f"claim {claim.ref}: device {name!r} conflicts with {other!r}, "
+                            f"which claim {sorted(holders)[0]} holds; wait until it is released"
+                        )
+                        raise AllocationError(msg)
+
+    @staticmethod
+    def _conflicting(device: Device, inventory: Inventory) -> list[str]:
+        """The device itself, and for partitioned devices the whole device or its partitions."""
+        names = [device.name]
+        sets = {c.counter_set for c in device.consumes_counters}
+        if not sets:
+            return names
+        is_partition = device.attributes.get("type") == "partition"
+        for other in inventory.devices:
+            if other.name == device.name:
+                continue
+            if not sets & {c.counter_set for c in other.consumes_counters}:
+                continue
+            if is_partition != (other.attributes.get("type") == "partition"):
+                names.append(other.name)
+        return names
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    def _sleep(self, seconds: float, why: str) -> None:
+        if seconds > 0:
+            logger.info("{}: sleeping {} s", why, seconds)
+            self._stop.wait(seconds)
+
+    def prepare(self, claim: AllocatedClaim) -> list[PreparedDevice]:
+        """Container edits (and device nodes) for every allocated device; idempotent."""
+        uid = claim.ref.uid
+        if not _UID.fullmatch(uid):
+            msg = f"claim {claim.ref}: UID {uid!r} is not a UUID"
+            raise PrepareError(msg)
+        control = self.control_spec
+        where = f"control file {self.control.path}" if self.control is not None else ""
+        effective = {id(d): config.merge(claim.configs_for(d)) for d in claim.devices}
+        # Injected delays and failures first, before any side effect.
+        for allocated in claim.devices:
+            name = allocated.device
+            cfg = effective[id(allocated)]
+            if name in control.hangPrepare:
+                self._sleep(control.hangPrepare[name], f"device {name!r}: hangPrepare ({where})")
+            if cfg is not None:
+                self._sleep(cfg.sleepSeconds, f"device {name!r}: sleepSeconds in FakeConfig")
+            if name in control.failPrepare:
+                msg = (
+                    f"device {name!r}: prepare failed as injected by failPrepare in {where}: "
+                    f"{control.failPrepare[name]} (remove the entry to let prepare succeed)"
+                )
+                raise PrepareError(msg)
+            if cfg is not None and cfg.failPrepare:
+                msg = (
+                    f"device {name!r}: prepare failed because the claim's FakeConfig sets "
+                    "failPrepare: true (set it to false to let prepare succeed)"
+                )
+                raise PrepareError(msg)
+        common = self._claim_env(claim)
+        prepared = []
+        for allocated in claim.devices:
+            cfg = effective[id(allocated)]
+            env = {**common, **self._device_env(allocated), **(cfg.env if cfg else {})}
+            nodes: tuple[DeviceNode, ...] = ()
+            state: dict[str, object] = {}
+            if self.settings.device_nodes_dir is not None:
+                try:
+                    host = devnodes.create(self.settings.device_nodes_dir, uid, allocated.device)
+                except devnodes.DeviceNodeError as exc:
+                    msg = f"device {allocated.device!r}: {exc}"
+                    raise PrepareError(msg) from None
+                nodes = (devnodes.container_node(allocated.device, host),)
+                state["deviceNode"] = str(host)
+            with self._lock:
+                self._held.setdefault(allocated.device, set()).add(uid)
+            prepared.append(
+                PreparedDevice(
+                    allocation=allocated,
+                    edits=ContainerEdits(env=env, device_nodes=nodes),
+                    state=state,
+                )
+            )
+            logger.bind(claim=uid, device=allocated.device).debug("prepared")
+        return prepared
+
+    @staticmethod
+    def _claim_env(claim: AllocatedClaim) -> dict[str, str]:
+        """Environment every device of the claim carries (identical, so never in conflict)."""
+        by_request: dict[str, list[str]] = {}
+        for allocated in claim.devices:
+            by_request.setdefault(allocated.base_request, []).append(allocated.device)
+        env = {
+            "DRA_FAKE_CLAIM": f"{claim.ref.namespace}/{claim.ref.name}",
+            "DRA_FAKE_DEVICES": ",".join(d.device for d in claim.devices),
+        }
+        for request, devices in by_request.items():
+            env[f"DRA_FAKE_DEVICE_{_env_name(request)}"] = ",".join(devices)
+        return env
+
+    @staticmethod
+    def _device_env(allocated: AllocatedDevice) -> dict[str, str]:
+        """Share information of one allocation of a shared device."""
+        if allocated.share_id is None:
+            return {}
+        key = _env_name(allocated.device)
+        env = {f"DRA_FAKE_SHARE_ID_{key}": allocated.share_id}
+        for capacity, value in allocated.consumed_capacity.items():
+            env[f"DRA_FAKE_CONSUMED_{key}_{_env_name(capacity.rpartition('/')[2])}"] = value
+        return env
+
+    def unprepare(self, claim: PreparedClaim) -> bool:
+        """Remove the claim's device nodes and holds; idempotent, tolerates partial prepares."""
+        uid = claim.ref.uid
+        control = self.control_spec
+        for prepared in claim.devices:
+            name = prepared.allocation.device
+            if name in control.failUnprepare:
+                where = self.control.path if self.control is not None else ""
+                msg = (
+                    f"device {name!r}: unprepare failed as injected by failUnprepare in control "
+                    f"file {where}: {control.failUnprepare[name]} (remove the entry to let "
+                    "unprepare succeed)"
+                )
+                raise PrepareError(msg)
+        nodes_dir = self.settings.device_nodes_dir
+        for prepared in claim.devices:
+            recorded = prepared.state.get("deviceNode")
+            if isinstance(recorded, str):
+                path = Path(recorded)
+                directory = nodes_dir if nodes_dir is not None else path.parent.parent
+                if path.parent.name == uid:
+                    devnodes.remove_node(directory, path)
+        if nodes_dir is not None and _UID.fullmatch(uid):
+            devnodes.remove_claim(nodes_dir, uid)
+        with self._lock:
+            for holders in self._held.values():
+                holders.discard(uid)
+            self._held = {d: h for d, h in self._held.items() if h}
+        logger.bind(claim=uid).debug("unprepared")
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Module-level state: the backends started in this process, by context.
+# ---------------------------------------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_backends: dict[int, FakeBackend] = {}
+_latest: FakeBackend | None = None
+
+
+def backend_for(context: NodeContext) -> FakeBackend:
+    """The backend started with ``context`` (else the latest started, else a new one)."""
+    global _latest
+    with _registry_lock:
+        backend = _backends.get(id(context))
+        if backend is not None and backend.context is context:
+            return backend
+        if _latest is not None:
+            return _latest
+        _latest = FakeBackend(context)
+        return _latest
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def dra_backend_identity() -> BackendIdentity:
+    """Driver ``fake.dra-core.dev``, CDI kind ``dra-core.dev/fake``."""
+    return BackendIdentity(driver_name=DRIVER_NAME, cdi_vendor=CDI_VENDOR, cdi_class=CDI_CLASS)
+
+
+@hookimpl
+def dra_backend_options() -> Sequence[BackendOption]:
+    """``--inventory``, ``--devices``, ``--control-file``, ``--control-interval``,
+    ``--device-nodes-dir``."""
+    return OPTIONS
+
+
+@hookimpl
+def dra_start(context: NodeContext) -> None:
+    """Build a fresh backend from the options, check device nodes work, watch the control file."""
+    global _latest
+    try:
+        backend = FakeBackend(context)
+    except ValueError as exc:  # InventoryError and bad options
+        msg = f"fake backend cannot start: {exc}"
+        raise RuntimeError(msg) from None
+    backend.start()
+    with _registry_lock:
+        _backends[id(context)] = backend
+        _latest = backend
+
+
+@hookimpl
+def dra_stop(context: NodeContext) -> None:
+    """Stop the control-file watcher; prepared devices (and their nodes) stay."""
+    global _latest
+    with _registry_lock:
+        backend = _backends.pop(id(context), None)
+        if backend is None or backend.context is not context:
+            return
+        if _latest is backend:
+            _latest = next(reversed(_backends.values()), None)
+    backend.stop()
+
+
+@hookimpl
+def dra_discover(context: NodeContext) -> Inventory:
+    """The configured devices with the control file's additions and removals."""
+    return backend_for(context).inventory()
+
+
+@hookimpl
+def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
+    """All fake devices; partitions only; shared devices only."""
+    driver = identity.driver_name
+    on_driver = f'device.driver == "{driver}"'
+    return (
+        DeviceClassSpec(
+            name=driver,
+            selectors=(on_driver,),
+            description="any fake device (plain, partition, whole partitionable or shared)",
+        ),
+        DeviceClassSpec(
+            name=f"partition.{driver}",
+            selectors=(f'{on_driver} && device.attributes["{driver}"].type == "partition"',),
+            description="a partition of a partitionable fake device",
+        ),
+        DeviceClassSpec(
+            name=f"shared.{driver}",
+            selectors=(f"{on_driver} && device.allowMultipleAllocations == true",),
+            description="a share of a fake device, sized by consumable capacity",
+        ),
+    )
+
+
+@hookimpl
+def dra_decode_config(parameters: Mapping[str, Any], context: NodeContext) -> object:
+    """Decode a ``FakeConfig`` strictly; ValueError names each bad field."""
+    del context
+    return config.decode(parameters)
+
+
+@hookimpl
+def dra_check_allocation(claim: AllocatedClaim, inventory: Inventory, context: NodeContext) -> None:
+    """Devices must exist in the current inventory, be healthy and not held by another claim."""
+    del inventory  # the backend's own view, with the control file re-read, is fresher
+    backend_for(context).check_allocation(claim)
+
+
+@hookimpl
+def dra_prepare(claim: AllocatedClaim, context: NodeContext) -> Sequence[PreparedDevice]:
+    """Environment (and device nodes) per device, after injected delays and failures."""
+    return backend_for(context).prepare(claim)
+
+
+@hookimpl
+def dra_unprepare(claim: PreparedClaim, context: NodeContext) -> bool:
+    """Remove the claim's device nodes; idempotent."""
+    return backend_for(context).unprepare(claim)
+
+
+@hookimpl
+def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[DeviceHealth]:
+    """Devices listed under ``unhealthy`` in the control file (and their partitions)."""
+    return backend_for(context).health(inventory)
