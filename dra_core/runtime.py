@@ -27,6 +27,7 @@ from dra_core.health import HealthTracker
 from dra_core.hookspecs import NodeContext
 from dra_core.httpserver import StatusServer
 from dra_core.kube.client import KubeClient, load_client
+from dra_core.kube.events import EventRecorder
 from dra_core.kubelet.health import HealthBoard
 from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
 from dra_core.model import BackendIdentity, Inventory, ModelError, validate_inventory
@@ -103,6 +104,7 @@ class Agent:
         self.plugin: KubeletPlugin | None = None
         self.http: StatusServer | None = None
         self.service: ClaimService | None = None
+        self.events: EventRecorder | None = None
 
     @property
     def inventory(self) -> Inventory:
@@ -117,6 +119,9 @@ class Agent:
         self._discover()
         if self.client is None and self.settings.publish:
             self.client = load_client(self.settings.kubeconfig)
+        if self.client is not None:
+            self.events = EventRecorder(self.client, self.driver, self.settings.node_name)
+            self.events.start()
         self.service = ClaimService(
             hooks=self.hooks,
             context=self.context,
@@ -127,6 +132,7 @@ class Agent:
             inventory=lambda: self._inventory,
             pools={self.settings.node_name},
             boot_id=current_boot_id(),
+            events=self.events,
         )
         health = self.board if self.hooks.implemented("dra_device_health") else None
         self.plugin = KubeletPlugin(
@@ -210,6 +216,8 @@ class Agent:
             self.http.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        if self.events is not None:
+            self.events.stop()
         self.hooks.stop(self.context)
 
     def run(self) -> None:

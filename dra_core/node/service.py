@@ -23,6 +23,7 @@ from dra_core.checkpoint import Checkpoint, ClaimRecord
 from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import ClaimAllocation, ClaimError, fetch_claim, parse_allocation
 from dra_core.kube.client import ApiError, KubeClient
+from dra_core.kube.events import EventRecorder, ObjectRef
 from dra_core.model import (
     AllocatedClaim,
     ClaimRef,
@@ -70,6 +71,7 @@ class ClaimService:
         inventory: Callable[[], Inventory],
         pools: Collection[str],
         boot_id: str,
+        events: EventRecorder | None = None,
     ) -> None:
         self.hooks = hooks
         self.context = context
@@ -80,6 +82,7 @@ class ClaimService:
         self.inventory = inventory
         self.pools = frozenset(pools)
         self.boot_id = boot_id
+        self.events = events
         self.driver = context.driver_name
 
     # -- prepare -------------------------------------------------------------------------------
@@ -251,6 +254,11 @@ class ClaimService:
     def _failed(self, ref: ClaimRef, action: str, message: str) -> ClaimResult:
         logger.bind(claim=ref.uid).warning("{} of claim {} failed: {}", action, ref, message)
         metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
+        if self.events is not None:
+            claim = ObjectRef(
+                "resource.k8s.io/v1", "ResourceClaim", ref.namespace, ref.name, ref.uid
+            )
+            self.events.warning(claim, "PrepareFailed", f"{self.driver}: {message}")
         return ClaimResult(error=f"{action} of claim {ref} failed: {message}")
 
     # -- unprepare -----------------------------------------------------------------------------

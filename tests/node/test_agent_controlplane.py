@@ -201,6 +201,15 @@ def test_unallocated_and_missing_claims(kubelet, kube_api, namespace):
     assert "is not allocated" in results[lonely.uid].error
     assert "not found in the API server" in results[missing.uid].error
 
+    def warning_event():
+        events = helpers.get(kube_api, f"/api/v1/namespaces/{namespace}/events")["items"]
+        return [e for e in events if e["involvedObject"].get("uid") == lonely.uid]
+
+    (event,) = helpers.wait_for(warning_event, 10, "a PrepareFailed event on the claim")
+    assert event["type"] == "Warning" and event["reason"] == "PrepareFailed"
+    assert event["involvedObject"]["kind"] == "ResourceClaim"
+    assert "is not allocated" in event["message"] and DRIVER in event["message"]
+
 
 def test_claim_of_another_driver(kubelet, kube_api, namespace):
     other = "other.dra-core.dev"
