@@ -22,15 +22,14 @@ with DriverLock(Path(sys.argv[1])).held():
 
 def test_another_process_waits_for_the_lock(tmp_path: Path):
     path = tmp_path / "plugin" / "serialize.lock"
-    holder = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(path), "1.0"], stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout is not None
-    assert holder.stdout.readline().strip() == "held"
-    started = time.monotonic()
-    with DriverLock(path).held():
-        waited = time.monotonic() - started
-    holder.wait(10)
+    ) as holder:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with DriverLock(path).held():
+            waited = time.monotonic() - started
     assert waited >= 0.5, "the second instance must wait while the first holds the lock"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
