@@ -13,6 +13,7 @@ dangling links, no DRM node yet), and logged, so an operator sees why a GPU is m
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -163,9 +164,9 @@ def drm_nodes(device_dir: Path) -> tuple[str | None, str | None]:
 
 
 def _pcie_root(resolved: Path, sysfs_root: Path) -> str:
-    """``pci0000:00`` from ``<sysfs>/devices/pci0000:00/.../0000:03:00.0``."""
+    """``pci0000:00`` from ``<sysfs>/devices/pci0000:00/.../0000:03:00.0`` (both resolved)."""
     try:
-        parts = resolved.relative_to(sysfs_root.resolve()).parts
+        parts = resolved.relative_to(sysfs_root).parts
     except ValueError:
         parts = resolved.parts
     if "devices" in parts:
@@ -193,9 +194,10 @@ class Discoverer:
             raise SysfsError(devices_dir, f"cannot be listed ({exc.strerror or exc})") from None
         gpus: list[Gpu] = []
         skipped: list[Skipped] = []
+        root = self.sysfs_root.resolve()
         for entry in entries:
             try:
-                gpu = self._one(entry)
+                gpu = self._one(entry, root)
             except SysfsError as exc:
                 skipped.append(Skipped(entry.name, str(exc)))
                 continue
@@ -210,12 +212,13 @@ class Discoverer:
             )
         return Discovery(tuple(self._with_vf_indexes(gpus)), tuple(skipped))
 
-    def _one(self, entry: Path) -> Gpu | None:
-        address = entry.name
+    def _one(self, link: Path, root: Path) -> Gpu | None:
+        address = link.name
         if not _ADDRESS.match(address):
             return None
-        if not entry.exists():
-            msg = f"{entry} is a dangling link"
+        entry = Path(os.path.realpath(link))
+        if not entry.is_dir():
+            msg = f"{link} is a dangling link"
             raise _Skip(msg)
         vendor = read_int(entry / "vendor", 16)
         pci_class = read_int(entry / "class", 16)
@@ -237,7 +240,7 @@ class Discoverer:
         if driver not in DRM_DRIVERS:
             msg = f"bound to {driver}, not i915 or xe (e.g. passed through to a VM)"
             raise _Skip(msg)
-        resolved = entry.resolve()
+        resolved = entry
         card, render = drm_nodes(resolved)
         if card is None and render is None:
             msg = f"bound to {driver} but has no DRM node in {resolved / 'drm'} yet"
@@ -252,7 +255,7 @@ class Discoverer:
             info=info,
             driver=driver,
             path=resolved,
-            pcie_root=_pcie_root(resolved, self.sysfs_root),
+            pcie_root=_pcie_root(resolved, root),
             numa_node=_numa(entry),
             card=card,
             render=render,
