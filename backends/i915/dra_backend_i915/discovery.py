@@ -184,6 +184,13 @@ class Discoverer:
     devfs_root: Path
     memory_query: MemoryQuery | None = None
     _memory_cache: dict[tuple[str, str], int | None] = field(default_factory=dict)
+    #: Messages already logged at their level; repeats go to debug (discovery runs often).
+    _said: set[str] = field(default_factory=set)
+
+    def _once(self, level: str, address: str, message: str) -> None:
+        first = message not in self._said
+        self._said.add(message)
+        logger.bind(device=address).log(level if first else "DEBUG", "{}", message)
 
     def discover(self) -> Discovery:
         """Every Intel GPU function bound to i915 or xe, and the ones skipped with a reason."""
@@ -207,9 +214,7 @@ class Discoverer:
             if gpu is not None:
                 gpus.append(gpu)
         for item in skipped:
-            logger.bind(device=item.address).warning(
-                "GPU {} not published: {}", item.address, item.reason
-            )
+            self._once("WARNING", item.address, f"GPU {item.address} not published: {item.reason}")
         return Discovery(tuple(self._with_vf_indexes(gpus)), tuple(skipped))
 
     def _one(self, link: Path, root: Path) -> Gpu | None:
@@ -282,10 +287,11 @@ class Discoverer:
             value = self._memory_cache[key]
             if value is not None:
                 return value, "ioctl"
-        logger.bind(device=device_dir.name).info(
-            "local memory of {} unknown (no sysfs size, DRM query failed or not privileged); "
-            "publishing it without a memory capacity",
+        self._once(
+            "INFO",
             device_dir.name,
+            f"local memory of {device_dir.name} unknown (no sysfs size, DRM query failed or not "
+            f"privileged); publishing it without a memory capacity",
         )
         return None, "unknown"
 

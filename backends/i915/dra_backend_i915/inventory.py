@@ -245,7 +245,7 @@ def build(discovery: Discovery, settings: NodeSettings, state: State) -> Built:
         created = state.created.get(gpu.address)
         sriov = gpu.sriov
         if sriov is not None and sriov.num_vfs > 0 and created is None:
-            logger.bind(device=gpu.name).info(
+            logger.bind(device=gpu.name).debug(
                 "{} has {} VFs made outside this driver; publishing them, not the PF",
                 gpu.address,
                 sriov.num_vfs,

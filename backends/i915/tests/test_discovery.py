@@ -222,3 +222,19 @@ def test_sriov_pf_and_vfs(fs):
     assert vf is not None and vf.is_vf
     assert (vf.physfn, vf.vf_index, vf.name) == ("0000:03:00.0", 1, "gpu-0000-03-00-0-vf1")
     assert vf.sriov is None
+
+
+def test_skipped_reason_logged_once_then_debug(fs):
+    from loguru import logger
+
+    fs.add_gpu("0000:03:00.0", "0x56c0", driver="vfio-pci")
+    records: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: records.append((m.record["level"].name, m.record["message"])))
+    try:
+        discoverer = Discoverer(fs.sys, fs.dev)
+        discoverer.discover()
+        discoverer.discover()
+    finally:
+        logger.remove(sink)
+    levels = [level for level, message in records if "vfio-pci" in message]
+    assert levels == ["WARNING", "DEBUG"]
