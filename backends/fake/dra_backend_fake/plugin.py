@@ -210,7 +210,12 @@ class FakeBackend:
                         "to replace it, or choose another name"
                     )
                     raise InventoryError(msg)
-        return build([*kept, *control.add], hidden=removed)
+        configured = build(kept, hidden=removed)  # removal applies to configured devices only
+        added = build(control.add)
+        return Inventory(
+            devices=configured.devices + added.devices,
+            counter_sets=configured.counter_sets + added.counter_sets,
+        )
 
     def _refresh(self) -> None:
         """Re-read the control file if it changed; rebuild the inventory from a new spec."""
@@ -332,9 +337,10 @@ class FakeBackend:
                 for other in self._conflicting(device, inventory):
                     holders = self._held.get(other, set()) - {uid}
                     if holders:
+                        what = "is" if other == name else f"conflicts with {other!r}, which is"
                         msg = (
-                            f"claim {claim.ref}: device {name!r} conflicts with {other!r}, "
-                            f"which claim {sorted(holders)[0]} holds; wait until it is released"
+                            f"claim {claim.ref}: device {name!r} {what} held by claim "
+                            f"{sorted(holders)[0]}; wait until that claim is released"
                         )
                         raise AllocationError(msg)
 
@@ -368,6 +374,7 @@ class FakeBackend:
         if not _UID.fullmatch(uid):
             msg = f"claim {claim.ref}: UID {uid!r} is not a UUID"
             raise PrepareError(msg)
+        self._refresh()
         control = self.control_spec
         where = f"control file {self.control.path}" if self.control is not None else ""
         effective = {id(d): config.merge(claim.configs_for(d)) for d in claim.devices}
@@ -446,6 +453,7 @@ class FakeBackend:
     def unprepare(self, claim: PreparedClaim) -> bool:
         """Remove the claim's device nodes and holds; idempotent, tolerates partial prepares."""
         uid = claim.ref.uid
+        self._refresh()
         control = self.control_spec
         for prepared in claim.devices:
             name = prepared.allocation.device

@@ -1,0 +1,67 @@
+"""Fixtures of the fake backend's tests: the hooks facade, started backends, captured logs."""
+
+from __future__ import annotations
+
+import dra_backend_fake.plugin
+import pytest
+from dra_backend_fake.testing import node_context, prepared_claim
+from loguru import logger
+
+from dra_core.plugins import Hooks, from_objects
+
+
+class Running:
+    """A started fake backend, called through the typed hooks facade as the agent calls it."""
+
+    def __init__(self, hooks: Hooks, context) -> None:
+        self.hooks = hooks
+        self.context = context
+
+    def discover(self):
+        return self.hooks.discover(self.context)
+
+    def names(self):
+        return [d.name for d in self.discover().devices]
+
+    def unhealthy(self):
+        reports = self.hooks.device_health(self.discover(), self.context)
+        return {h.device: h for h in reports if not h.healthy}
+
+    def check(self, claim):
+        self.hooks.check_allocation(claim, self.discover(), self.context)
+
+    def prepare(self, claim):
+        return self.hooks.prepare(claim, self.context)
+
+    def unprepare(self, claim, prepared):
+        self.hooks.unprepare(prepared_claim(claim, list(prepared)), self.context)
+
+
+@pytest.fixture
+def hooks() -> Hooks:
+    return from_objects("fake", dra_backend_fake.plugin)
+
+
+@pytest.fixture
+def start(hooks):
+    """start(**options) -> Running; every backend started is stopped at teardown."""
+    started = []
+
+    def _start(**options) -> Running:
+        context = node_context(**options)
+        hooks.start(context)
+        started.append(context)
+        return Running(hooks, context)
+
+    yield _start
+    for context in reversed(started):
+        hooks.stop(context)
+
+
+@pytest.fixture
+def logs():
+    """Messages loguru logs during the test, as 'LEVEL message' lines."""
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="DEBUG", format="{level} {message}")
+    yield messages
+    logger.remove(sink)
