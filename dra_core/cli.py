@@ -311,9 +311,14 @@ def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
-    from dra_core.demo import run_demo
+    from dra_core.demo import DemoError, run_demo
+    from dra_core.testing.controlplane import ControlPlaneError
 
-    run_demo(hooks)
+    try:
+        run_demo(hooks)
+    except (DemoError, ControlPlaneError) as exc:
+        msg = f"the demo failed: {exc}"
+        raise CliError(msg) from None
     return 0
 
 

@@ -69,6 +69,23 @@ def _node() -> dict[str, Any]:
     }
 
 
+def _create_node(client: KubeClient) -> None:
+    """A Node with no kubelet behind it, Ready and schedulable.
+
+    Without the node-lifecycle controller nothing lifts the not-ready taint every new node
+    gets, so the demo reports the node Ready itself and clears the taints.
+    """
+    body = _node()
+    client.request("POST", "/api/v1/nodes", body=body)
+    merge = "application/merge-patch+json"
+    client.request(
+        "PATCH", f"/api/v1/nodes/{NODE}/status", body={"status": body["status"]}, content_type=merge
+    )
+    client.request(
+        "PATCH", f"/api/v1/nodes/{NODE}", body={"spec": {"taints": None}}, content_type=merge
+    )
+
+
 def run_demo(hooks: Hooks, say: Callable[[str], None] = print) -> None:
     """Run the demo with the loaded backend, reporting each step through ``say``."""
     steps = 7
@@ -109,7 +126,7 @@ def _demo_with_cluster(
         f"node {NODE!r} and the backend's DeviceClasses: "
         f"{', '.join(c['metadata']['name'] for c in classes)}",
     )
-    client.request("POST", "/api/v1/nodes", body=_node())
+    _create_node(client)
     for body in classes:
         client.request("POST", f"{RESOURCE_API}/deviceclasses", body=body)
 
