@@ -211,3 +211,24 @@ def test_profile_tables():
         parse_overrides("flex170")
     with pytest.raises(ProfileError, match="no SR-IOV profiles"):
         parse_overrides("0x56a0=flex170_m4")
+
+
+def test_eight_max_pfs_fit_the_core_slice_builder(fs):
+    from dra_core.slices.build import build_slices
+
+    for i in range(8):
+        fs.add_gpu(
+            f"0000:{0x10 + i * 0x10:02x}:00.0",
+            "0x0bd5",
+            lmem_total_bytes=128 * GIB,
+            sriov_totalvfs=16,
+            vf_gt_dirs=(),  # no quota trees: faster, not needed here
+            bridge=f"0000:00:{i + 1:02x}.0",
+        )
+    fs.add_gpu("0000:f0:00.0", "0x56a0", lmem_total_bytes=16 * GIB, bridge="0000:00:1f.0")
+    built = inventory(fs, shared_gpus="0000:f0:00.0")
+    assert len(built.inventory.devices) == 8 * 17 + 1
+    assert len(built.inventory.counter_sets) == 8
+    slices = build_slices("gpu.intel.com", "node-1", "node-1", built.inventory, 1)
+    published = [d["name"] for s in slices for d in s["spec"].get("devices", [])]
+    assert sorted(published) == sorted(d.name for d in built.inventory.devices)
