@@ -316,6 +316,11 @@ class I915Backend:
                 msg = f"cannot clean up the interrupted VF creation on {pf.address}: {exc}"
                 raise PrepareError(msg) from exc
             created = None
+        if created is not None and pf.sriov is not None and pf.sriov.num_vfs == 0:
+            logger.bind(device=pf.name).warning(
+                "the VFs made on {} are gone (sriov_numvfs is 0); creating them again", pf.address
+            )
+            created = None
         if created is None:
             whole = state.holders.get(pf.name)
             if whole:

@@ -293,3 +293,14 @@ def test_provisioner_refuses_dirty_pf(fs, flex, kernel):
 def test_hooks_from_entry_module(backend):
     hooks = from_objects("i915", plugin)
     assert hooks.backend_identity().driver_name == "gpu.intel.com"
+
+
+def test_vfs_removed_behind_our_back_are_recreated(hooks, ctx, flex, kernel):
+    first = prepared(hooks, ctx, allocated_claim(f"{PF_NAME}-vf0"))
+    kernel.write(flex / "sriov_numvfs", "0")  # someone removed them
+    second = prepared(hooks, ctx, allocated_claim(f"{PF_NAME}-vf1"))
+    assert numvfs(flex) == 4
+    assert second.devices[0].state["address"] == "0000:03:00.2"
+    hooks.unprepare(first, ctx)
+    hooks.unprepare(second, ctx)
+    assert numvfs(flex) == 0
