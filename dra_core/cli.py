@@ -222,14 +222,6 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     return parser
 
 
-def _backend_name(argv: Sequence[str]) -> str | None:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--backend", default=_env(BACKEND_ENV))
-    known, _ = pre.parse_known_args(argv)
-    backend: str | None = known.backend
-    return backend
-
-
 def _load_hooks(name: str | None) -> Any:
     from dra_core.plugins import load  # only commands that need a backend
 
@@ -404,9 +396,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         hooks = None
         backend_options: Sequence[Any] = ()
-        command = next((a for a in argv if not a.startswith("-")), None)
-        if command in _WITH_BACKEND and _backend_name(argv):
-            hooks = _load_hooks(_backend_name(argv))
+        # The backend adds options, so find the command and backend before the full parse.
+        quiet = [a for a in argv if a not in ("-h", "--help", "--version")]
+        known, _ = _build_parser().parse_known_args(quiet)
+        backend = getattr(known, "backend", None)
+        if known.command in _WITH_BACKEND and backend:
+            hooks = _load_hooks(backend)
             backend_options = hooks.backend_options()
         args = _build_parser(backend_options).parse_args(argv)
         configure_logging(args.log_level, args.log_format)
