@@ -39,8 +39,9 @@ def node_context(
     config: Mapping[str, Any] | None = None,
     **options: object,
 ) -> NodeContext:
-    """A context with backend options given as keywords (``control_file=path``)."""
-    opts = {k.replace("_", "-"): (None if v is None else str(v)) for k, v in options.items()}
+    """A context with backend options given as keywords (``control_file=path``), keyed with
+    underscores as the CLI passes them."""
+    opts = {k.replace("-", "_"): (None if v is None else str(v)) for k, v in options.items()}
     if rediscover is None:
         return NodeContext(
             node_name=NODE, driver_name=DRIVER_NAME, options=opts, config=config or {}

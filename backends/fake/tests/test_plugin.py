@@ -61,6 +61,15 @@ def test_discover_without_options_is_the_valid_default(start):
     assert len(inventory.devices) == 10
 
 
+def test_option_keys_with_dashes_or_underscores(hooks, tmp_path):
+    from dra_core import NodeContext
+
+    for key in ("control-interval", "control_interval"):
+        context = NodeContext(node_name="n", driver_name="d", options={"devices": "1", key: "0"})
+        with pytest.raises(HookError, match="--control-interval: '0'"):
+            hooks.start(context)
+
+
 def test_several_backends_side_by_side(start, tmp_path):
     one = start(devices=1)
     two = start(devices=2)
