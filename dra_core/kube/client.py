@@ -65,6 +65,35 @@ class KubeClient:
         timeout: float | None = None,
     ) -> Any:
         """Send one request and return the decoded JSON response (None for an empty body)."""
+        response = self._send(
+            method,
+            path,
+            body=body,
+            query=query,
+            content_type=content_type,
+            timeout=self.timeout if timeout is None else timeout,
+        )
+        raw = response.read()
+        return json.loads(raw) if raw else None
+
+    def stream(self, path: str, query: Mapping[str, str], *, read_timeout: float) -> Any:
+        """Start a streaming GET (a watch) and return the open urllib3 response, unread."""
+        return self._send(
+            "GET", path, query=query, timeout=(self.timeout, read_timeout), stream=True
+        )
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float],
+        stream: bool = False,
+    ) -> Any:
+        """The response of a 2xx request; ApiError for any other status or no connection."""
         from urllib3.exceptions import HTTPError  # slow import, kept off start-up
 
         api = self.api
@@ -77,15 +106,15 @@ class KubeClient:
                 body=body,
                 auth_settings=["BearerToken"],
             )
+            # The kubernetes client hands back the urllib3 response unread.
             response = api.call_api(
                 method,
                 url,
                 header_params=headers,
                 body=data,
                 post_params=post,
-                _request_timeout=self.timeout if timeout is None else timeout,
+                _request_timeout=timeout,
             )
-            raw = response.read()
         except (HTTPError, OSError) as exc:
             raise ApiError(method, path, 0, str(exc)) from None
         except Exception as exc:
@@ -101,8 +130,9 @@ class KubeClient:
                 getattr(exc, "headers", None),
             ) from None
         if not 200 <= response.status < 300:
+            raw = response.read()
             raise _api_error(method, path, response.status, raw, response.reason, response.headers)
-        return json.loads(raw) if raw else None
+        return response.response if stream else response
 
     def get(self, path: str, query: Mapping[str, str] | None = None) -> Any:
         return self.request("GET", path, query=query)

@@ -12,7 +12,6 @@ they do not know).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -39,46 +38,9 @@ def open_stream(
 ) -> Any:
     """Start a streaming GET and return the open urllib3 response (status 2xx).
 
-    Uses the kubernetes client's ``param_serialize`` + ``call_api`` (v35 and later) and reads
-    the body as it arrives. Raises `ApiError` for an HTTP error status or an unreachable
-    server.
+    Raises `ApiError` for an HTTP error status or an unreachable server.
     """
-    from kubernetes.client.exceptions import ApiException  # slow import
-    from urllib3.exceptions import HTTPError
-
-    api = client.api
-    headers = {"Accept": "application/json"}
-    timeout = (client.timeout, read_timeout)
-    try:
-        method, url, header_params, body, post = api.param_serialize(
-            method="GET",
-            resource_path=path,
-            query_params=list(query.items()),
-            header_params=headers,
-            auth_settings=["BearerToken"],
-        )
-        # call_api hands back the urllib3 response unread (preload_content=False).
-        response = api.call_api(
-            method,
-            url,
-            header_params=header_params,
-            body=body,
-            post_params=post,
-            _request_timeout=timeout,
-        ).response
-    except ApiException as exc:
-        raise ApiError("GET", path, int(exc.status or 0), str(exc.reason or exc)) from None
-    except (HTTPError, OSError) as exc:
-        raise ApiError("GET", path, 0, str(exc)) from None
-    status = int(getattr(response, "status", 200))
-    if not 200 <= status <= 299:
-        data = response.data or b""
-        response.release_conn()
-        message = str(getattr(response, "reason", "") or "")
-        with contextlib.suppress(ValueError, AttributeError):
-            message = json.loads(data).get("message") or message
-        raise ApiError("GET", path, status, message)
-    return response
+    return client.stream(path, query, read_timeout=read_timeout)
 
 
 def _lines(response: Any) -> Iterator[bytes]:
