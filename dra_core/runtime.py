@@ -30,7 +30,13 @@ from dra_core.kube.client import KubeClient, load_client
 from dra_core.kube.events import EventRecorder
 from dra_core.kubelet.health import HealthBoard
 from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
-from dra_core.model import BackendIdentity, Inventory, ModelError, validate_inventory
+from dra_core.model import (
+    BackendIdentity,
+    Inventory,
+    ModelError,
+    validate_driver_name,
+    validate_inventory,
+)
 from dra_core.node.lock import DriverLock
 from dra_core.node.service import ClaimService
 from dra_core.plugins import HookError, Hooks
@@ -83,6 +89,7 @@ class Agent:
         self.hooks = hooks
         self.identity: BackendIdentity = hooks.backend_identity()
         self.driver = settings.driver_name or self.identity.driver_name
+        validate_driver_name(self.driver)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self.plugin_dir = settings.plugin_dir(self.driver)

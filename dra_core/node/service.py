@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Final
+from typing import Final, Literal
 
 from loguru import logger
 
 from dra_core import metrics
 from dra_core.cdi import CdiSpecs
-from dra_core.checkpoint import Checkpoint, ClaimRecord
+from dra_core.checkpoint import Checkpoint, CheckpointError, ClaimRecord
 from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import ClaimAllocation, ClaimError, fetch_claim, parse_allocation
 from dra_core.kube.client import ApiError, KubeClient
@@ -166,24 +166,23 @@ class ClaimService:
         except (ClaimError, HookError) as exc:
             return self._failed(ref, "prepare", str(exc))
         started = PreparedClaim(ref, tuple(PreparedDevice(a) for a in claim.devices))
-        self.checkpoint.put(
-            ClaimRecord(claim=started, phase="started", boot_id=self.boot_id, driver=self.driver)
-        )
+        try:
+            self._record(started, "started")
+        except CheckpointError as exc:
+            return self._failed(ref, "prepare", str(exc))
         try:
             prepared = PreparedClaim(ref, self._prepare_devices(claim))
             self.cdi.write(prepared)
+            self._record(prepared, "completed")
         except Exception as exc:  # noqa: BLE001 - any failure is this claim's, and is undone
             log.opt(exception=exc).warning("prepare of claim {} failed; undoing", ref)
             try:
                 self._roll_back(self.checkpoint.get(ref.uid))
-            except HookError as undo:
+            except (HookError, CheckpointError, OSError) as undo:
                 log.error(
                     "undoing claim {} failed too; it is retried at the next call: {}", ref, undo
                 )
             return self._failed(ref, "prepare", str(exc))
-        self.checkpoint.put(
-            ClaimRecord(claim=prepared, phase="completed", boot_id=self.boot_id, driver=self.driver)
-        )
         metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         metrics.PREPARE_SECONDS.observe(time.monotonic() - started_at)
         metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
@@ -191,6 +190,11 @@ class ClaimService:
             "prepared claim {}: {}", ref, ", ".join(d.allocation.device for d in prepared.devices)
         )
         return self._result(prepared)
+
+    def _record(self, claim: PreparedClaim, phase: Literal["started", "completed"]) -> None:
+        self.checkpoint.put(
+            ClaimRecord(claim=claim, phase=phase, boot_id=self.boot_id, driver=self.driver)
+        )
 
     def _allocated_claim(self, ref: ClaimRef, allocation: ClaimAllocation) -> AllocatedClaim:
         """Decode the opaque configs and check the devices are published by this node."""
