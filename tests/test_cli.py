@@ -82,3 +82,31 @@ def test_checkpoint_inspect_and_repair(tmp_path):
     assert "corrupt-" in repaired.stdout
     assert dra_core("checkpoint", "inspect", "--path", str(path)).returncode == 0
     assert list(tmp_path.glob("checkpoint.json.corrupt-*")), "the damaged file is kept"
+
+
+def test_run_refuses_a_corrupt_checkpoint(tmp_path):
+    plugins = tmp_path / "plugins"
+    checkpoint = plugins / "fake.dra-core.dev" / "checkpoint.json"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text('{"kind": "dra-core-checkpoint", "version": 1, "data": {"claims"')
+    before = checkpoint.read_bytes()
+    result = dra_core(
+        "run",
+        "--backend",
+        "fake",
+        "--no-publish",
+        "--http-port",
+        "0",
+        "--registration-dir",
+        str(tmp_path / "reg"),
+        "--plugins-dir",
+        str(plugins),
+        "--cdi-dir",
+        str(tmp_path / "cdi"),
+        check=False,
+    )
+    assert result.returncode == 2
+    assert str(checkpoint) in result.stderr
+    assert "dra-core checkpoint repair" in result.stderr
+    assert checkpoint.read_bytes() == before, "a corrupt checkpoint is never reset"
+    assert not (tmp_path / "reg").exists() or not list((tmp_path / "reg").iterdir())
