@@ -22,7 +22,7 @@ from loguru import logger
 
 from dra_core import metrics
 from dra_core.cdi import CdiSpecs
-from dra_core.checkpoint import Checkpoint, current_boot_id
+from dra_core.checkpoint import BOOT_ID_PATH, Checkpoint, current_boot_id
 from dra_core.health import HealthTracker
 from dra_core.hookspecs import NodeContext
 from dra_core.httpserver import StatusServer
@@ -68,6 +68,8 @@ class AgentSettings:
     #: Address of the liveness and metrics endpoint; port 0 disables it.
     http_host: str = "0.0.0.0"  # probes come from the kubelet over the pod IP
     http_port: int = 8080
+    #: Where the kernel's boot ID is read; a changed ID means the node rebooted.
+    boot_id_file: Path = BOOT_ID_PATH
     #: Publish ResourceSlices (off only for local experiments without an API server).
     publish: bool = True
     #: Backend option values, keyed by option name.
@@ -138,7 +140,7 @@ class Agent:
             lock=DriverLock(self.plugin_dir / "serialize.lock"),
             inventory=lambda: self._inventory,
             pools={self.settings.node_name},
-            boot_id=current_boot_id(),
+            boot_id=current_boot_id(self.settings.boot_id_file),
             events=self.events,
         )
         health = self.board if self.hooks.implemented("dra_device_health") else None

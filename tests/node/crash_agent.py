@@ -76,8 +76,10 @@ def main() -> None:
         put(self, record)
 
     Checkpoint.put = put_then_crash  # type: ignore[method-assign]
+    (root / "boot_id").write_text(os.environ.get("BOOT_ID", "boot-1"))
     hooks = from_objects("files", FileBackend(root / "effects"))
     settings = AgentSettings(
+        boot_id_file=root / "boot_id",
         node_name=NODE,
         registration_dir=root / "registry",
         plugins_dir=root / "plugins",

@@ -33,8 +33,8 @@ class AgentProcess:
         self.kubeconfig = kubeconfig
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, crash_at: str | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    def start(self, crash_at: str | None = None, boot_id: str = "boot-1") -> None:
+        env = {**os.environ, "PYTHONPATH": os.getcwd(), "BOOT_ID": boot_id}
         env.pop("CRASH_AT", None)
         if crash_at:
             env["CRASH_AT"] = crash_at
@@ -173,4 +173,31 @@ def test_restart_regenerates_missing_spec_and_removes_orphans(agent, kube_api, n
         assert kubelet.prepare([ref])[ref.uid] == first
         assert kubelet.unprepare([ref]) == {ref.uid: ""}
     time.sleep(0.1)
+    assert agent.state() == ({}, [], [])
+
+
+def test_after_a_reboot_prepared_claims_are_prepared_again(agent, kube_api, namespace):
+    agent.start(boot_id="boot-1")
+    ref = allocated_claim(kube_api, namespace, "b")
+    with agent.kubelet() as kubelet:
+        first = kubelet.prepare([ref])[ref.uid]
+    assert first.error == ""
+    agent.stop()
+    # A reboot loses device state and the CDI specs (/var/run is a tmpfs); the kubelet keeps
+    # its own record and will not ask again, so the agent must prepare the claim by itself.
+    for path in [*(agent.root / "effects").iterdir(), *(agent.root / "cdi").iterdir()]:
+        path.unlink()
+    agent.start(boot_id="boot-2")
+    device = first.devices[0].device_name
+    helpers.wait_for(
+        lambda: agent.state()[2] == [device] and agent.state()[0][ref.uid].boot_id == "boot-2",
+        20,
+        "the claim prepared again after the reboot",
+    )
+    records, specs, _ = agent.state()
+    assert records[ref.uid].phase == "completed"
+    assert specs == [f"dra-core.dev-crash_{ref.uid}.json"]
+    with agent.kubelet() as kubelet:
+        assert kubelet.prepare([ref])[ref.uid] == first
+        assert kubelet.unprepare([ref]) == {ref.uid: ""}
     assert agent.state() == ({}, [], [])
