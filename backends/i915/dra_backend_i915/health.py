@@ -160,4 +160,10 @@ class HealthMonitor:
             elif address:
                 health = check(address, driver)
             result.append(DeviceHealth(device.name, health.healthy, health.message, health.effect))
+        # A function not checked now is not published any more (unbound, bound to vfio-pci,
+        # removed, VFs torn down): forget its baseline, so that when it comes back (the driver
+        # rebound, often with the same card number) it starts afresh instead of staying stuck
+        # on a sticky error it had before.
+        for address in set(self._baselines) - set(cache):
+            self._baselines.pop(address, None)
         return result
