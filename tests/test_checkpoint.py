@@ -99,7 +99,7 @@ def _doc(path: Path) -> dict[str, Any]:
 
 def _rewrite(path: Path, doc: dict[str, Any], *, fix_checksum: bool = True) -> None:
     if fix_checksum:
-        doc["checksum"] = cp._checksum(doc["data"])
+        doc["checksum"] = cp.store._checksum(doc["data"])
     path.write_text(json.dumps(doc))
 
 
@@ -355,7 +355,7 @@ def test_boot_id(tmp_path: Path, ckpt_path: Path) -> None:
 
 
 def test_default_boot_id_is_read(ckpt_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cp, "current_boot_id", lambda path=cp.BOOT_ID_PATH: "from-kernel")
+    monkeypatch.setattr(cp.store, "current_boot_id", lambda path=cp.BOOT_ID_PATH: "from-kernel")
     assert Checkpoint.open(ckpt_path).boot_id == "from-kernel"
 
 

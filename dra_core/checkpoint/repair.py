@@ -1,0 +1,203 @@
+"""Inspecting and repairing a damaged checkpoint (the ``dra-core checkpoint`` command)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from loguru import logger
+
+from dra_core.checkpoint.codec import encode_record
+from dra_core.checkpoint.records import FILE_MODE, VERSION, CheckpointError, ClaimRecord
+from dra_core.checkpoint.store import _document, _parse
+from dra_core.fileio import atomic_write
+
+__all__ = (
+    "InspectReport",
+    "RepairReport",
+    "inspect",
+    "render_inspect",
+    "render_repair",
+    "repair",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Inspect and repair (the `dra-core checkpoint` command)
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(record: ClaimRecord) -> str:
+    devices = ", ".join(
+        d.allocation.device + (f"#{d.allocation.share_id}" if d.allocation.share_id else "")
+        for d in record.claim.devices
+    )
+    return (
+        f"{record.claim.ref} {record.phase} driver={record.driver} "
+        f"boot={record.boot_id[:8] or '?'} devices=[{devices}]"
+    )
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What `inspect` found: ``ok`` when the agent would load the file as it is.
+
+    ``records`` are the records that decode (all of them when ok); ``dropped`` the UIDs of
+    those that do not; ``problems`` every problem found, in file order.
+    """
+
+    path: Path
+    ok: bool
+    version: int | None
+    problems: list[str]
+    records: list[ClaimRecord]
+    dropped: list[str] = field(default_factory=list)
+    exists: bool = True
+
+    def render(self) -> str:
+        """A short human-readable summary for the CLI."""
+        lines = [f"checkpoint {self.path}"]
+        if not self.exists:
+            lines.append("  the file does not exist (the agent creates an empty one on start)")
+            return "\n".join(lines)
+        lines.append(f"  version: {self.version if self.version is not None else 'unknown'}")
+        lines.append(f"  status: {'OK' if self.ok else 'DAMAGED'}")
+        lines.extend(f"  problem: {p}" for p in self.problems)
+        lines.append(f"  records: {len(self.records)} decodable, {len(self.dropped)} not")
+        lines.extend(f"    {_describe(r)}" for r in self.records)
+        if not self.ok:
+            lines.append(
+                f"  to salvage the decodable records: dra-core checkpoint repair --path {self.path}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What `repair` did: the backup it made, the records it kept and those it dropped."""
+
+    path: Path
+    changed: bool
+    backup: Path | None
+    kept: list[ClaimRecord]
+    dropped: list[str]
+    problems: list[str]
+    #: False when the damaged file could not be parsed at all, so no record could be kept.
+    parsed: bool = True
+
+    def render(self) -> str:
+        """A short human-readable summary for the CLI."""
+        if not self.changed:
+            return f"checkpoint {self.path}: nothing to repair"
+        lines = [f"checkpoint {self.path}: repaired"]
+        lines.extend(f"  problem: {p}" for p in self.problems)
+        lines.append(f"  damaged file kept as {self.backup}")
+        lines.append(f"  kept {len(self.kept)} record(s)")
+        lines.extend(f"    {_describe(r)}" for r in self.kept)
+        lines.append(f"  dropped {len(self.dropped)} record(s)")
+        lines.extend(f"    {uid}" for uid in self.dropped)
+        if not self.parsed:
+            lines.append(
+                "  the damaged file could not be parsed, so none of its records were kept; "
+                "read the backup to find the claims it held"
+            )
+        if self.dropped or not self.parsed:
+            lines.append(
+                "  dropped claims may still hold devices or CDI specs; startup reconciliation "
+                "removes CDI specs without a record, check the devices of the dropped claims"
+            )
+        return "\n".join(lines)
+
+
+def inspect(path: Path) -> InspectReport:
+    """Read the checkpoint at ``path`` without changing it and list every problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return InspectReport(path, False, None, ["the file does not exist"], [], exists=False)
+    except OSError as exc:
+        return InspectReport(path, False, None, [f"cannot be read: {exc}"], [])
+    parsed = _parse(raw)
+    return InspectReport(
+        path=path,
+        ok=not parsed.problems,
+        version=parsed.version,
+        problems=parsed.problems,
+        records=list(parsed.records.values()),
+        dropped=parsed.dropped,
+    )
+
+
+def render_inspect(report: InspectReport) -> str:
+    """`InspectReport.render`, as a function for the CLI."""
+    return report.render()
+
+
+def render_repair(report: RepairReport) -> str:
+    """`RepairReport.render`, as a function for the CLI."""
+    return report.render()
+
+
+def _backup_path(path: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    candidate = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    return candidate
+
+
+def repair(path: Path, *, force: bool = False) -> RepairReport:
+    """Make the checkpoint at ``path`` loadable again, losing nothing silently.
+
+    The damaged file is first copied to ``<path>.corrupt-<UTC timestamp>`` (mode 0600); then
+    every record that decodes is written into a fresh, valid checkpoint (after a checksum
+    mismatch the decodable records are kept; unparsable JSON leaves none). A file written by a
+    newer release (higher version) is refused unless ``force``, since rewriting it as version
+    1 could lose what that release recorded. A healthy file is left untouched.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        msg = f"checkpoint {path}: the file does not exist; there is nothing to repair"
+        raise CheckpointError(msg) from None
+    except OSError as exc:
+        msg = f"checkpoint {path}: cannot be read: {exc}; fix its permissions and retry"
+        raise CheckpointError(msg) from exc
+    parsed = _parse(raw)
+    if not parsed.problems:
+        return RepairReport(path, False, None, list(parsed.records.values()), [], [])
+    if parsed.version is not None and parsed.version > VERSION and not force:
+        msg = (
+            f"checkpoint {path}: version {parsed.version} was written by a newer dra-core "
+            f"(this one reads version {VERSION}); run that release, or repair with --force "
+            f"to rewrite it as version {VERSION} and drop what this release cannot read"
+        )
+        raise CheckpointError(msg)
+    backup = _backup_path(path)
+    try:
+        atomic_write(backup, raw, FILE_MODE)
+        encoded = {uid: encode_record(r) for uid, r in parsed.records.items()}
+        atomic_write(path, _document(encoded), FILE_MODE)
+    except OSError as exc:
+        msg = f"checkpoint {path}: repair failed: {exc}; the file was not changed"
+        raise CheckpointError(msg) from exc
+    logger.warning(
+        "repaired checkpoint {}: kept {} record(s), dropped {}, backup {}",
+        path,
+        len(parsed.records),
+        parsed.dropped,
+        backup,
+    )
+    return RepairReport(
+        path=path,
+        changed=True,
+        backup=backup,
+        kept=list(parsed.records.values()),
+        dropped=parsed.dropped,
+        problems=parsed.problems,
+        parsed=parsed.structured,
+    )
