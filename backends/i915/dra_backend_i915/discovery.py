@@ -9,14 +9,21 @@ from each other), the PCIe root is the first component of the resolved path unde
 Devices that cannot be used are not published; they are returned as :class:`Skipped` with the
 reason (unbound or bound to another driver such as ``vfio-pci``, unreadable identity files,
 dangling links, no DRM node yet), and logged, so an operator sees why a GPU is missing.
+
+A GPU that *was* published earlier in this agent run and then loses its driver (unbound,
+rebound to another driver, gone from sysfs) is different: :class:`LastSeen` keeps it in the
+discovery as it was last seen, marked :attr:`Gpu.lost` with the reason, so it stays published
+under the same name (the health check reports it unhealthy, which taints it) until its driver
+is back or the agent restarts.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loguru import logger
@@ -30,8 +37,10 @@ __all__ = (
     "Discoverer",
     "Discovery",
     "Gpu",
+    "LastSeen",
     "Skipped",
     "SriovInfo",
+    "address_of",
     "device_name",
     "drm_nodes",
     "vf_address",
@@ -45,11 +54,21 @@ _ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CARD = re.compile(r"^card(\d+)$")
 _RENDER = re.compile(r"^renderD(\d+)$")
 _VIRTFN = re.compile(r"^virtfn(\d+)$")
+_NAME = re.compile(r"^gpu-([0-9a-f]{4})-([0-9a-f]{2})-([0-9a-f]{2})-([0-7])$")
 
 
 def device_name(address: str) -> str:
     """The published name of the GPU at a PCI address: ``gpu-0000-03-00-0``."""
     return "gpu-" + address.replace(":", "-").replace(".", "-")
+
+
+def address_of(name: str) -> str | None:
+    """The PCI address a GPU's device name was made from (``gpu-0000-03-00-0``), or None."""
+    match = _NAME.match(name)
+    if match is None:
+        return None
+    domain, bus, dev, fn = match.groups()
+    return f"{domain}:{bus}:{dev}.{fn}"
 
 
 def vf_name(pf_address: str, index: int) -> str:
@@ -109,6 +128,10 @@ class Gpu:
     #: For a VF: its PF's address and its virtfn index.
     physfn: str | None = None
     vf_index: int | None = None
+    #: Non-empty when the function was published earlier in this run and is no longer usable
+    #: (unbound, bound to another driver, gone from sysfs): why. Everything else is as it was
+    #: last seen, so it stays published the same way (and unhealthy).
+    lost: str = ""
 
     @property
     def name(self) -> str:
@@ -142,6 +165,8 @@ class Discovery:
 
     gpus: tuple[Gpu, ...] = ()
     skipped: tuple[Skipped, ...] = ()
+    #: Addresses of GPUs kept from an earlier discovery (see :class:`LastSeen`) -> why lost.
+    lost: dict[str, str] = field(default_factory=dict)
 
     def by_address(self, address: str) -> Gpu | None:
         """The GPU at ``address``, or None."""
@@ -186,14 +211,20 @@ class Discoverer:
     _memory_cache: dict[tuple[str, str], int | None] = field(default_factory=dict)
     #: Messages already logged at their level; repeats go to debug (discovery runs often).
     _said: set[str] = field(default_factory=set)
+    #: GPUs published earlier in this run, kept (lost) when they lose their driver.
+    last_seen: LastSeen = field(default_factory=lambda: LastSeen())
 
     def _once(self, level: str, address: str, message: str) -> None:
         first = message not in self._said
         self._said.add(message)
         logger.bind(device=address).log(level if first else "DEBUG", "{}", message)
 
-    def discover(self) -> Discovery:
-        """Every Intel GPU function bound to i915 or xe, and the ones skipped with a reason."""
+    def discover(self, created: Collection[str] = ()) -> Discovery:
+        """Every Intel GPU function bound to i915 or xe, and the ones skipped with a reason.
+
+        GPUs published by an earlier call that lost their driver since are kept, marked lost
+        (:class:`LastSeen`). ``created`` are the PFs whose VFs this backend made.
+        """
         devices_dir = self.sysfs_root / "bus" / "pci" / "devices"
         try:
             entries = sorted(devices_dir.iterdir())
@@ -213,9 +244,11 @@ class Discoverer:
                 continue
             if gpu is not None:
                 gpus.append(gpu)
-        for item in skipped:
+        result = self.last_seen.apply(Discovery(tuple(gpus), tuple(skipped)), created)
+        result = replace(result, gpus=tuple(self._with_vf_indexes(result.gpus)))
+        for item in result.skipped:
             self._once("WARNING", item.address, f"GPU {item.address} not published: {item.reason}")
-        return Discovery(tuple(self._with_vf_indexes(gpus)), tuple(skipped))
+        return result
 
     def _one(self, link: Path, root: Path) -> Gpu | None:
         address = link.name
@@ -319,6 +352,86 @@ class Discoverer:
                     gpu = Gpu(**{**gpu.__dict__, "vf_index": index})
             result.append(gpu)
         return result
+
+
+@dataclass
+class LastSeen:
+    """The GPUs published earlier in this run, kept published when they lose their driver.
+
+    Every whole GPU or PF found bound to i915/xe is remembered as found (attributes, memory,
+    SR-IOV layout), and so are the VFs of a PF whose VFs were made outside this backend (those
+    VFs are what is published for it). When a remembered function is later missing from a
+    discovery (unbound, bound to ``vfio-pci`` or another driver, a dangling link, gone from
+    sysfs, or bound but without a DRM node), it is put back as it was last seen with
+    :attr:`Gpu.lost` set to the reason, so the same devices stay published; the health check
+    reports them unhealthy, the core taints them, and allocations and prepares are refused.
+    When the function is bound again it is discovered afresh and replaces the remembered one.
+
+    A lost GPU stays until it comes back or the agent restarts (a new process remembers
+    nothing: GPUs unbound at start are not published, as before). GPUs never published in
+    this run are never kept.
+    """
+
+    gpus: dict[str, Gpu] = field(default_factory=dict)
+    #: Admin-made VFs by PF address (empty for PFs whose VFs this backend makes).
+    vfs: dict[str, tuple[Gpu, ...]] = field(default_factory=dict)
+    _lost: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def apply(self, found: Discovery, created: Collection[str] = ()) -> Discovery:
+        """``found`` plus the remembered GPUs missing from it, marked lost."""
+        with self._lock:
+            return self._apply(found, created)
+
+    def _apply(self, found: Discovery, created: Collection[str]) -> Discovery:
+        present = {g.address: g for g in found.gpus}
+        for gpu in found.gpus:
+            if gpu.is_vf:
+                continue
+            self.gpus[gpu.address] = gpu
+            admin = gpu.sriov is not None and gpu.sriov.num_vfs > 0 and gpu.address not in created
+            self.vfs[gpu.address] = (
+                tuple(g for g in found.gpus if g.physfn == gpu.address) if admin else ()
+            )
+        reasons = {s.address: s.reason for s in found.skipped}
+        kept: list[Gpu] = []
+        lost: dict[str, str] = {}
+        for address, gpu in self.gpus.items():
+            if address in present:
+                if address in self._lost:
+                    self._lost.discard(address)
+                    logger.bind(device=address).info(
+                        "GPU {} is bound to {} again; publishing it afresh", address, gpu.driver
+                    )
+                continue
+            reason = reasons.get(address)
+            reason = f"{address}: {reason}" if reason else f"{address} is gone from sysfs"
+            lost[address] = reason
+            if address not in self._lost:
+                self._lost.add(address)
+                logger.bind(device=address).warning(
+                    "GPU {} was published and is no longer usable ({}); it stays published as "
+                    "unhealthy until it is bound to {} again or the agent restarts",
+                    address,
+                    reason,
+                    gpu.driver,
+                )
+            vfs = self.vfs.get(address, ())
+            sriov = gpu.sriov
+            if sriov is not None and not vfs:
+                # VFs this backend makes: published from the profile whatever exists now (the
+                # virtfn list stays, to name VFs that outlive their PF's driver).
+                sriov = replace(sriov, num_vfs=0)
+            kept.append(replace(gpu, sriov=sriov, lost=reason))
+            for vf in vfs:
+                if vf.address not in present:
+                    lost[vf.address] = f"its PF: {reason}"
+                    kept.append(replace(vf, lost=f"its PF: {reason}"))
+        if not kept:
+            return found
+        gpus = sorted([*found.gpus, *kept], key=lambda g: g.address)
+        skipped = tuple(s for s in found.skipped if s.address not in lost)
+        return Discovery(tuple(gpus), skipped, lost)
 
 
 class _Skip(Exception):

@@ -2,9 +2,11 @@
 
 Per PCI function, in order of severity:
 
-- the function is gone from ``bus/pci/devices`` (hot unplug, fell off the bus): NoExecute;
+- the function is gone from ``bus/pci/devices`` (hot unplug, fell off the bus, a dangling
+  link): NoExecute;
 - its ``driver`` link is gone (unbound): NoExecute; points to another driver than the one
-  published (e.g. ``vfio-pci``): NoSchedule;
+  published (e.g. ``vfio-pci``): NoSchedule; bound to it but without a DRM node (half way
+  through a rebind): NoSchedule;
 - xe ``survivability_mode`` is present (the device is wedged until its firmware is flashed):
   NoExecute;
 - a fatal error counter rose since it was first seen: i915 ``<card>/gt/gtK/error_counter/``
@@ -13,6 +15,9 @@ Per PCI function, in order of severity:
   the baseline), because the counters never go down.
 
 VFs are unhealthy when their PF is; VFs not created yet take their PF's health.
+
+A GPU that loses its driver stays published (see :class:`~dra_backend_i915.discovery.LastSeen`)
+with the attributes it was last seen with, so these checks keep running on it and report it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Literal
 
 from loguru import logger
 
-from dra_backend_i915.discovery import drm_nodes
+from dra_backend_i915.discovery import address_of, drm_nodes
 from dra_backend_i915.sysfs import SysfsError, link_name, read_int, read_str
 from dra_core import DeviceHealth, Inventory
 
@@ -86,7 +91,9 @@ class HealthMonitor:
         entry = self.sysfs_root / "bus" / "pci" / "devices" / address
         if not entry.exists():
             self._baselines.pop(address, None)
-            return FunctionHealth(False, f"{address} is gone from the PCI bus", "NoExecute")
+            return FunctionHealth(
+                False, f"{address} is gone from sysfs (no longer on the PCI bus)", "NoExecute"
+            )
         if not (entry / "driver").is_symlink():
             self._baselines.pop(address, None)
             return FunctionHealth(
@@ -108,7 +115,12 @@ class HealthMonitor:
                 f"{address} is in survivability mode (wedged): its firmware must be flashed",
                 "NoExecute",
             )
-        card, _ = drm_nodes(device_dir)
+        card, render = drm_nodes(device_dir)
+        if card is None and render is None:
+            self._baselines.pop(address, None)
+            return FunctionHealth(
+                False, f"{address} is bound to {driver} but has no DRM node", "NoSchedule"
+            )
         counters = _fatal_counters(device_dir, card)
         baseline = self._baselines.get(address)
         if baseline is None or baseline.card != card:
@@ -150,6 +162,8 @@ class HealthMonitor:
                 if not pf_address:
                     physfn = self.sysfs_root / "bus/pci/devices" / address / "physfn"
                     pf_address = link_name(physfn) if physfn.is_symlink() else ""
+                if not pf_address:  # an admin VF whose PF (not published) is gone or unbound
+                    pf_address = address_of(str(attrs.get("parent", ""))) or ""
                 pf_health = check(pf_address, driver) if pf_address else _OK
                 exists = (self.sysfs_root / "bus/pci/devices" / address).exists()
                 planned = "profile" in attrs

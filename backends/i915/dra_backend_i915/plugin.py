@@ -82,14 +82,14 @@ class I915Backend:
         """The node settings from the context's options and config section."""
         return settings_from(context.options, context.config)
 
-    def _discovery(self, settings: NodeSettings) -> Discovery:
+    def _discovery(self, settings: NodeSettings, state: State) -> Discovery:
         key = (settings.sysfs_root, settings.devfs_root)
         with self._lock:
             discoverer = self._discoverers.get(key)
             if discoverer is None:
                 discoverer = Discoverer(key[0], key[1], self.memory_query)
                 self._discoverers[key] = discoverer
-        return discoverer.discover()
+        return discoverer.discover(created=set(state.created))
 
     def monitor(self, settings: NodeSettings) -> HealthMonitor:
         """The health monitor of a sysfs root (it keeps error-counter baselines)."""
@@ -112,7 +112,7 @@ class I915Backend:
         """Discovery, state and the inventory built from them."""
         settings = self.settings(context)
         state = self.store(context).load()
-        return build(self._discovery(settings), settings, state), settings, state
+        return build(self._discovery(settings, state), settings, state), settings, state
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -158,8 +158,13 @@ class I915Backend:
         for gpu in targets:
             health = monitor.function(gpu.address, gpu.driver)
             if not health.healthy:
-                msg = f"device {record.name} is unhealthy: {health.message}"
+                whose = "its PF: " if gpu is record.pf else ""
+                msg = f"device {record.name} is unhealthy: {whose}{health.message}"
                 raise AllocationError(msg)
+        lost = _lost(record)
+        if lost:
+            msg = f"device {record.name} is unhealthy: {lost}"
+            raise AllocationError(msg)
 
     @staticmethod
     def _check_exclusive(
@@ -228,6 +233,10 @@ class I915Backend:
                     record = built.records.get(allocated.device)
                     if record is None:
                         msg = f"device {allocated.device} is not on node {context.node_name}"
+                        raise PrepareError(msg)
+                    lost = _lost(record)
+                    if lost:
+                        msg = f"device {allocated.device} cannot be prepared: {lost}"
                         raise PrepareError(msg)
                     for config in claim.configs_for(allocated):
                         if isinstance(config, GpuConfig) and config.vf_profile is not None:
@@ -371,12 +380,14 @@ class I915Backend:
         if not unused:
             return
         settings = self.settings(context)
-        discovery = self._discovery(settings)
+        discovery = self._discovery(settings, state)
         provisioner = VfProvisioner(self.writer, timeout=settings.vf_timeout, poll=self.poll)
         for address in unused:
             pf: Gpu | None = discovery.by_address(address)
             if pf is None:
                 logger.warning("PF {} is gone; forgetting the VFs made on it", address)
+            elif pf.lost:
+                self._teardown_lost(provisioner, pf)
             else:
                 try:
                     provisioner.teardown(pf)
@@ -390,9 +401,34 @@ class I915Backend:
             store.save(state)
         context.request_rediscovery()
 
+    @staticmethod
+    def _teardown_lost(provisioner: VfProvisioner, pf: Gpu) -> None:
+        """Best effort on a PF that lost its driver: nothing to do when its VFs are gone."""
+        if not any(pf.path.glob("virtfn*")):
+            logger.bind(device=pf.name).info(
+                "{}; its VFs are gone with it, nothing to tear down", pf.lost
+            )
+            return
+        try:
+            provisioner.teardown(pf)
+        except (OSError, TimeoutError) as exc:
+            logger.bind(device=pf.name).warning(
+                "{}; removing its remaining VFs failed ({}), leaving them to the administrator",
+                pf.lost,
+                exc,
+            )
+
     def health(self, inventory: Inventory, context: NodeContext) -> list[DeviceHealth]:
         """Health of every published device from sysfs."""
         return self.monitor(self.settings(context)).report(inventory)
+
+
+def _lost(record: DeviceRecord) -> str:
+    """Why the record's GPU or its PF lost its driver (kept published as unhealthy), or ""."""
+    for gpu in (record.pf, record.gpu):
+        if gpu is not None and gpu.lost:
+            return gpu.lost
+    return ""
 
 
 #: The instance the hooks use; replace with :func:`use`.

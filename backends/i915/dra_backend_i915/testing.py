@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from dra_backend_i915.discovery import vf_address
+from dra_backend_i915.discovery import DRM_DRIVERS, vf_address
 from dra_backend_i915.memory import (
     DRM_IOCTL_I915_QUERY,
     DRM_IOCTL_XE_DEVICE_QUERY,
@@ -92,6 +92,12 @@ class _GpuRecord:
     card: str | None
     render: str | None
     vf_gt_dirs: tuple[str, ...]
+    #: What ``add_gpu`` put in the card directory, to make it again on rebind.
+    has_render: bool = True
+    lmem_total_bytes: int | None = None
+    gts: int = 1
+    error_counters: bool = False
+    sriov_total: int = 0
 
 
 class FakeSysfs:
@@ -155,21 +161,24 @@ class FakeSysfs:
         _write(path / "numa_node", numa_node)
         _write(path / "driver_override", "")
         _link(self.sys / "bus/pci/devices" / address, path)
-        record = _GpuRecord(address, path, device_id, driver, None, None, tuple(vf_gt_dirs))
+        record = _GpuRecord(
+            address,
+            path,
+            device_id,
+            driver,
+            None,
+            None,
+            tuple(vf_gt_dirs),
+            render,
+            lmem_total_bytes,
+            gts,
+            error_counters,
+            sriov_totalvfs,
+        )
         self.gpus[address] = record
         if driver is not None:
             self._bind(record, render=render)
-        if record.card is not None:
-            card_dir = path / "drm" / record.card
-            if driver == "i915":
-                if lmem_total_bytes is not None:
-                    _write(card_dir / "lmem_total_bytes", lmem_total_bytes)
-                for gt in range(gts):
-                    _write(card_dir / f"gt/gt{gt}/id", gt)
-                    if error_counters:
-                        for counter in FATAL_COUNTERS:
-                            _write(card_dir / f"gt/gt{gt}/error_counter" / counter, 0)
-                _write(card_dir / "error", "No error state collected")
+        self._card_files(record)
         if driver == "xe" or xe_vram_per_tile:
             for tile, size in enumerate(xe_vram_per_tile or [0]):
                 if xe_vram_per_tile:
@@ -180,6 +189,19 @@ class FakeSysfs:
         if sriov_totalvfs:
             self._sriov_pf(record, sriov_totalvfs)
         return path
+
+    def _card_files(self, record: _GpuRecord) -> None:
+        if record.card is None or record.driver != "i915":
+            return
+        card_dir = record.path / "drm" / record.card
+        if record.lmem_total_bytes is not None:
+            _write(card_dir / "lmem_total_bytes", record.lmem_total_bytes)
+        for gt in range(record.gts):
+            _write(card_dir / f"gt/gt{gt}/id", gt)
+            if record.error_counters:
+                for counter in FATAL_COUNTERS:
+                    _write(card_dir / f"gt/gt{gt}/error_counter" / counter, 0)
+        _write(card_dir / "error", "No error state collected")
 
     def _take_card(self) -> int:
         number = self._next_card
@@ -215,6 +237,10 @@ class FakeSysfs:
         _write(path / "sriov_stride", 1)
         _write(path / "sriov_drivers_autoprobe", 1)
         _write(path / "sriov_vf_device", record.device_id.removeprefix("0x"))
+        self._iov_tree(record, total)
+
+    def _iov_tree(self, record: _GpuRecord, total: int) -> None:
+        path = record.path
         if record.driver == "i915" and record.card is not None:
             iov = path / "drm" / record.card / "prelim_iov"
             _write(iov / "mode", "SR-IOV PF")
@@ -288,15 +314,43 @@ class FakeSysfs:
     def unbind(self, address: str) -> None:
         """Unbind the driver (the DRM nodes go away)."""
         record = self.gpus[address]
-        (record.path / "driver").unlink()
+        (record.path / "driver").unlink(missing_ok=True)
         if record.driver:
             (self.sys / "bus/pci/drivers" / record.driver / address).unlink(missing_ok=True)
+        record.driver = None
+        self._drop_drm(record)
+
+    def _drop_drm(self, record: _GpuRecord) -> None:
+        for node in (record.card, record.render):
+            if node:
+                (self.sys / "class/drm" / node).unlink(missing_ok=True)
+                (self.dev / "dri" / node).unlink(missing_ok=True)
+        for kind in ("card", "render"):
+            (self.dev / f"dri/by-path/pci-{record.address}-{kind}").unlink(missing_ok=True)
         shutil.rmtree(record.path / "drm", ignore_errors=True)
+        record.card = record.render = None
 
     def rebind(self, address: str, driver: str) -> None:
-        """Point the ``driver`` link at another driver (e.g. ``vfio-pci``)."""
+        """Bind the function to ``driver`` (e.g. ``vfio-pci``), unbinding it first if bound.
+
+        A DRM driver (``i915``, ``xe``) gets new DRM nodes (new numbers, as the kernel gives)
+        and its card files as ``add_gpu`` made them (memory size, error counters at 0, SR-IOV
+        quota tree); another driver leaves the function without DRM nodes.
+        """
         record = self.gpus[address]
-        _link(record.path / "driver", self.sys / "bus/pci/drivers" / driver)
+        if record.driver is not None and record.driver != driver:
+            self.unbind(address)
+        if record.driver == driver:
+            return
+        record.driver = driver
+        if driver in DRM_DRIVERS:
+            self._bind(record, render=record.has_render)
+            self._card_files(record)
+            if record.sriov_total:
+                self._iov_tree(record, record.sriov_total)
+        else:
+            _link(record.path / "driver", self.sys / "bus/pci/drivers" / driver)
+            _link(self.sys / "bus/pci/drivers" / driver / address, record.path)
 
     def remove(self, address: str) -> None:
         """The function vanishes (hot unplug, or fell off the bus)."""

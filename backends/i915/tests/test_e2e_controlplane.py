@@ -350,9 +350,31 @@ def test_health_taint(agent, kube_api, fs):
         d.get("taints") for name, d in published_devices(kube_api).items() if name != A770_DEVICE
     )
 
-    # Rebinding the driver clears the (sticky) error: through vfio-pci, where it is not
-    # published at all, and back to i915 with the same card.
+    # Rebinding the driver clears the (sticky) error: a new card, a new baseline.
+    fs.unbind(A770)
+    fs.rebind(A770, "i915")
+    helpers.wait_for(lambda: taints() == [], 15, f"{A770_DEVICE} without a taint after rebind")
+
+    # Unbinding keeps the A770 published (same device, same capacities), tainted NoExecute so
+    # that its pods are evicted; rebinding clears the taint.
+    before = published_devices(kube_api)[A770_DEVICE]
+    fs.unbind(A770)
+    (taint,) = helpers.wait_for(taints, 15, f"the {TAINT} taint on the unbound {A770_DEVICE}")
+    assert taint["key"] == TAINT and taint["effect"] == "NoExecute"
+    device = published_devices(kube_api)[A770_DEVICE]
+    assert {k: v for k, v in device.items() if k != "taints"} == before
+    assert not any(
+        d.get("taints") for name, d in published_devices(kube_api).items() if name != A770_DEVICE
+    )
+
+    # Bound to vfio-pci (passed through): still published, NoSchedule.
     fs.rebind(A770, "vfio-pci")
-    helpers.wait_for(lambda: taints() is None, 15, f"{A770_DEVICE} to leave the slices")
+    helpers.wait_for(
+        lambda: [t["effect"] for t in taints() or []] == ["NoSchedule"],
+        15,
+        f"the NoSchedule taint on {A770_DEVICE} bound to vfio-pci",
+    )
+
     fs.rebind(A770, "i915")
     helpers.wait_for(lambda: taints() == [], 15, f"{A770_DEVICE} back without a taint")
+    assert published_devices(kube_api)[A770_DEVICE] == before
