@@ -5,8 +5,8 @@ Per PCI function, in order of severity:
 - the function is gone from ``bus/pci/devices`` (hot unplug, fell off the bus, a dangling
   link): NoExecute;
 - its ``driver`` link is gone (unbound): NoExecute; points to another driver than the one
-  published (e.g. ``vfio-pci``): NoSchedule; bound to it but without a DRM node (half way
-  through a rebind): NoSchedule;
+  published (e.g. ``vfio-pci``): NoExecute, since the containers' DRM nodes are gone with it;
+  bound to it but without a DRM node (half way through a rebind): NoSchedule;
 - xe ``survivability_mode`` is present (the device is wedged until its firmware is flashed):
   NoExecute;
 - a fatal error counter rose since it was first seen: i915 ``<card>/gt/gtK/error_counter/``
@@ -106,7 +106,7 @@ class HealthMonitor:
         if driver != expected_driver:
             self._baselines.pop(address, None)
             return FunctionHealth(
-                False, f"{address} is now bound to {driver}, not {expected_driver}", "NoSchedule"
+                False, f"{address} is now bound to {driver}, not {expected_driver}", "NoExecute"
             )
         device_dir = entry.resolve()
         if (device_dir / "survivability_mode").exists():

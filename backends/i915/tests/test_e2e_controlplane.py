@@ -367,12 +367,12 @@ def test_health_taint(agent, kube_api, fs):
         d.get("taints") for name, d in published_devices(kube_api).items() if name != A770_DEVICE
     )
 
-    # Bound to vfio-pci (passed through): still published, NoSchedule.
+    # Bound to vfio-pci (passed through): still published, NoExecute.
     fs.rebind(A770, "vfio-pci")
     helpers.wait_for(
-        lambda: [t["effect"] for t in taints() or []] == ["NoSchedule"],
+        lambda: [t["effect"] for t in taints() or []] == ["NoExecute"],
         15,
-        f"the NoSchedule taint on {A770_DEVICE} bound to vfio-pci",
+        f"the NoExecute taint on {A770_DEVICE} bound to vfio-pci",
     )
 
     fs.rebind(A770, "i915")

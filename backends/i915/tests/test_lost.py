@@ -91,7 +91,7 @@ def test_bound_to_vfio_pci(hooks, ctx, fs):
     after = hooks.discover(ctx)
     assert after == before
     message, effect = unhealthy(hooks, ctx, after)[A770_DEVICE]
-    assert message == f"{A770} is now bound to vfio-pci, not i915" and effect == "NoSchedule"
+    assert message == f"{A770} is now bound to vfio-pci, not i915" and effect == "NoExecute"
     assert "bound to vfio-pci" in refused(hooks, ctx, after, A770_DEVICE)
     fs.rebind(A770, "i915")
     assert unhealthy(hooks, ctx, hooks.discover(ctx)) == {}
