@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from functools import partial
 from typing import Any, TypeVar
 
@@ -39,8 +38,15 @@ from dra_core import metrics
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.kube.retry import Backoff, call_with_retries
 from dra_core.model import Inventory, validate_inventory
-from dra_core.quantity import QuantityError, parse_quantity
 from dra_core.slices.build import build_slices
+from dra_core.slices.compare import (
+    gated_fields,
+    generation_of,
+    merge_metadata,
+    owned_fields_equal,
+    pool_of,
+    same_shape,
+)
 from dra_core.slices.watch import RELIST, SLICES_PATH, SliceWatcher
 
 __all__ = ("FEATURE_GATES", "PublisherSettings", "SlicePublisher", "SyncResult")
@@ -330,15 +336,15 @@ class SlicePublisher:
     def _sync(self, inventory: Inventory) -> SyncResult:
         owner = self._owner_reference()
         existing = self._list()
-        ours = [s for s in existing if _pool(s).get("name") == self.pool_name]
-        current_generation = max((_generation(s) for s in ours), default=0)
+        ours = [s for s in existing if pool_of(s).get("name") == self.pool_name]
+        current_generation = max((generation_of(s) for s in ours), default=0)
         self._generation = max(self._generation, current_generation)
         generation = max(self._generation, 1)
         desired = build_slices(
             self.driver, self.node_name, self.pool_name, inventory, generation, owner=owner
         )
-        current = [s for s in ours if _generation(s) == current_generation]
-        if not _same_shape(desired, current, self._dropped):
+        current = [s for s in ours if generation_of(s) == current_generation]
+        if not same_shape(desired, current, self._dropped):
             generation = self._generation + 1
             desired = build_slices(
                 self.driver, self.node_name, self.pool_name, inventory, generation, owner=owner
@@ -350,7 +356,7 @@ class SlicePublisher:
         for body in desired:
             name = body["metadata"]["name"]
             actual = by_name.get(name)
-            if actual is not None and self._equal(body, actual):
+            if actual is not None and owned_fields_equal(body, actual, self._dropped):
                 continue
             verb = self._write(body, actual)
             if verb == "create":
@@ -424,7 +430,7 @@ class SlicePublisher:
                 else:
                     verb = "update"
                     path = f"{SLICES_PATH}/{name}"
-                    merged = _merge_metadata(body, actual)
+                    merged = merge_metadata(body, actual)
                     send = partial(self.client.request, "PUT", path, body=merged)
                 returned = self._call(send, f"{verb} ResourceSlice {name}")
             except ApiError as exc:
@@ -433,7 +439,7 @@ class SlicePublisher:
                 # Stale copy (409) or gone meanwhile (404): read again and decide again.
                 logger.debug("ResourceSlice {}: {}; reading it again", name, exc)
                 actual = self._get(name)
-                if actual is not None and self._equal(body, actual):
+                if actual is not None and owned_fields_equal(body, actual, self._dropped):
                     return "none"
                 continue
             self._count_write(verb)
@@ -482,23 +488,9 @@ class SlicePublisher:
 
     # ---------------------------------------------------------------------------- comparing
 
-    def _equal(self, desired: Mapping[str, Any], actual: Mapping[str, Any]) -> bool:
-        """Whether ``actual`` already holds everything of ``desired`` that we own."""
-        want, have = desired.get("metadata", {}), actual.get("metadata", {})
-        labels = have.get("labels") or {}
-        if any(labels.get(k) != v for k, v in (want.get("labels") or {}).items()):
-            return False
-        if want.get("ownerReferences") and [_owner_key(r) for r in want["ownerReferences"]] != [
-            _owner_key(r) for r in have.get("ownerReferences") or []
-        ]:
-            return False
-        return _norm_spec(desired.get("spec", {}), self._dropped) == _norm_spec(
-            actual.get("spec", {}), self._dropped
-        )
-
     def _check_dropped(self, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
         """Report fields the server silently dropped because their feature gate is off."""
-        missing = _features(sent.get("spec", {})) - _features(returned.get("spec", {}))
+        missing = gated_fields(sent.get("spec", {})) - gated_fields(returned.get("spec", {}))
         for feature in sorted(missing - self._dropped):
             self._dropped.add(feature)
             metrics.PUBLISH_ERRORS.inc()
@@ -511,157 +503,3 @@ class SlicePublisher:
                 sent.get("metadata", {}).get("name"),
                 FEATURE_GATES[feature],
             )
-
-
-# -------------------------------------------------------------------------------- helpers
-
-
-def _pool(body: Mapping[str, Any]) -> Mapping[str, Any]:
-    pool: Mapping[str, Any] = body.get("spec", {}).get("pool") or {}
-    return pool
-
-
-def _generation(body: Mapping[str, Any]) -> int:
-    return int(_pool(body).get("generation") or 0)
-
-
-def _members(body: Mapping[str, Any], dropped: set[str]) -> tuple[str, tuple[str, ...]]:
-    """What a slice holds: its device names, or its counter-set names."""
-    spec = body.get("spec", {})
-    if spec.get("sharedCounters") and "sharedCounters" not in dropped:
-        return "counters", tuple(s.get("name", "") for s in spec["sharedCounters"])
-    return "devices", tuple(d.get("name", "") for d in spec.get("devices") or ())
-
-
-def _same_shape(
-    desired: list[dict[str, Any]], current: list[dict[str, Any]], dropped: set[str]
-) -> bool:
-    """Whether ``current`` (the slices at the highest generation) can be updated in place.
-
-    True when every current slice is a desired one with the same members and the same
-    slice count, so consumers never see a device twice or a pool complete with stale
-    membership; desired slices missing from the API are simply recreated.
-    """
-    wanted = {b["metadata"]["name"]: b for b in desired}
-    for body in current:
-        want = wanted.get(body.get("metadata", {}).get("name", ""))
-        if want is None or _members(want, dropped) != _members(body, dropped):
-            return False
-        if _pool(body).get("resourceSliceCount") != len(desired):
-            return False
-    return True
-
-
-def _merge_metadata(desired: Mapping[str, Any], actual: Mapping[str, Any]) -> dict[str, Any]:
-    """The update body: ours, keeping others' labels and annotations and the resourceVersion."""
-    have = actual.get("metadata", {})
-    want = desired["metadata"]
-    metadata = {
-        **{k: v for k, v in have.items() if k in ("annotations", "finalizers")},
-        **want,
-        "labels": {**(have.get("labels") or {}), **(want.get("labels") or {})},
-        "resourceVersion": have.get("resourceVersion"),
-    }
-    if "ownerReferences" not in want and have.get("ownerReferences"):
-        metadata["ownerReferences"] = have["ownerReferences"]
-    return {**desired, "metadata": metadata}
-
-
-def _owner_key(ref: Mapping[str, Any]) -> tuple[Any, ...]:
-    return (
-        ref.get("apiVersion"),
-        ref.get("kind"),
-        ref.get("name"),
-        ref.get("uid"),
-        bool(ref.get("controller")),
-    )
-
-
-def _features(spec: Mapping[str, Any]) -> set[str]:
-    """The gated fields present in a slice spec."""
-    found: set[str] = set()
-    if spec.get("sharedCounters"):
-        found.add("sharedCounters")
-    for device in spec.get("devices") or ():
-        for key in ("consumesCounters", "taints", "allowMultipleAllocations"):
-            if device.get(key):
-                found.add(key)
-        if any("requestPolicy" in c for c in (device.get("capacity") or {}).values()):
-            found.add("requestPolicy")
-    return found
-
-
-def _quantity(value: Any) -> Any:
-    """A quantity compared by value ("4096Mi" == "4Gi"), anything else as it is."""
-    try:
-        return parse_quantity(value)
-    except (QuantityError, TypeError):
-        return value
-
-
-def _counters(counters: Mapping[str, Any] | None) -> dict[str, Decimal | Any]:
-    return {k: _quantity((v or {}).get("value")) for k, v in (counters or {}).items()}
-
-
-def _request_policy(policy: Mapping[str, Any] | None) -> Any:
-    if not policy:
-        return None
-    rng = policy.get("validRange")
-    return (
-        _quantity(policy.get("default")) if policy.get("default") is not None else None,
-        tuple(_quantity(v) for v in policy.get("validValues") or ()),
-        None
-        if not rng
-        else tuple(
-            _quantity(rng[k]) if rng.get(k) is not None else None for k in ("min", "max", "step")
-        ),
-    )
-
-
-def _norm_device(device: Mapping[str, Any], dropped: set[str]) -> dict[str, Any]:
-    norm: dict[str, Any] = {
-        "name": device.get("name"),
-        "attributes": {
-            k: {t: v for t, v in (a or {}).items() if t in ("int", "bool", "string", "version")}
-            for k, a in (device.get("attributes") or {}).items()
-        },
-        "capacity": {
-            k: (
-                _quantity((c or {}).get("value")),
-                None
-                if "requestPolicy" in dropped
-                else _request_policy((c or {}).get("requestPolicy")),
-            )
-            for k, c in (device.get("capacity") or {}).items()
-        },
-    }
-    if "consumesCounters" not in dropped:
-        norm["consumesCounters"] = [
-            (c.get("counterSet"), _counters(c.get("counters")))
-            for c in device.get("consumesCounters") or ()
-        ]
-    if "taints" not in dropped:
-        norm["taints"] = [
-            (t.get("key"), t.get("value") or "", t.get("effect"))
-            for t in device.get("taints") or ()
-        ]
-    if "allowMultipleAllocations" not in dropped:
-        norm["allowMultipleAllocations"] = bool(device.get("allowMultipleAllocations"))
-    return norm
-
-
-def _norm_spec(spec: Mapping[str, Any], dropped: Iterable[str]) -> dict[str, Any]:
-    """The fields of a slice spec we own, in a form where server defaults compare equal."""
-    gone = set(dropped)
-    pool = spec.get("pool") or {}
-    norm: dict[str, Any] = {
-        "driver": spec.get("driver"),
-        "nodeName": spec.get("nodeName"),
-        "pool": (pool.get("name"), pool.get("generation"), pool.get("resourceSliceCount")),
-        "devices": [_norm_device(d, gone) for d in spec.get("devices") or ()],
-    }
-    if "sharedCounters" not in gone:
-        norm["sharedCounters"] = [
-            (s.get("name"), _counters(s.get("counters"))) for s in spec.get("sharedCounters") or ()
-        ]
-    return norm
