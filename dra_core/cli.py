@@ -1,5 +1,5 @@
 """The ``dra-core`` command: run the node agent, list backends, discover, inspect checkpoints,
-render manifests.
+render manifests, serve the admission webhook.
 
 Backends add their own options (``--sysfs-root`` and the like) to ``run`` and ``discover``; the
 backend is therefore chosen first (``--backend`` or ``DRA_BACKEND``), then the full command
@@ -200,6 +200,48 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         help="override the backend's default driver name",
     )
 
+    webhook = commands.add_parser(
+        "webhook",
+        help="run the validating admission webhook for the backend's opaque configs",
+        description="Serve a validating admission webhook (admission.k8s.io/v1) on POST "
+        "/validate: ResourceClaims, ResourceClaimTemplates and DeviceClasses whose opaque "
+        "config entries name this driver are decoded with the backend, and rejected with the "
+        "decoder's message when invalid, so a typo fails at kubectl apply instead of at "
+        "prepare. Also serves /healthz and /metrics. HTTPS with --tls-cert-file and "
+        "--tls-key-file; plain HTTP only with --insecure. Runs until SIGTERM.",
+    )
+    _add_backend_argument(webhook)
+    webhook.add_argument(
+        "--driver-name",
+        default=_env("DRA_DRIVER_NAME"),
+        help="override the backend's default driver name (env DRA_DRIVER_NAME)",
+    )
+    webhook.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("DRA_WEBHOOK_PORT", "8443") or 8443),
+        help="port to listen on (env DRA_WEBHOOK_PORT; default 8443)",
+    )
+    webhook.add_argument(
+        "--tls-cert-file",
+        type=Path,
+        default=_env("DRA_WEBHOOK_TLS_CERT_FILE"),
+        help="PEM server certificate, reloaded when it changes (env DRA_WEBHOOK_TLS_CERT_FILE)",
+    )
+    webhook.add_argument(
+        "--tls-key-file",
+        type=Path,
+        default=_env("DRA_WEBHOOK_TLS_KEY_FILE"),
+        help="PEM private key of the certificate (env DRA_WEBHOOK_TLS_KEY_FILE)",
+    )
+    webhook.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env("DRA_WEBHOOK_INSECURE") == "1",
+        help="serve plain HTTP without TLS, for local tests only; the API server calls "
+        "webhooks over HTTPS (env DRA_WEBHOOK_INSECURE=1)",
+    )
+
     checkpoint = commands.add_parser(
         "checkpoint",
         help="inspect or repair the checkpoint of prepared claims",
@@ -315,6 +357,36 @@ def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
     return 0
 
 
+def _cmd_webhook(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.webhook import TlsFiles, Webhook, serve
+
+    tls = None
+    if args.insecure:
+        if args.tls_cert_file or args.tls_key_file:
+            msg = "--insecure serves plain HTTP; do not pass --tls-cert-file or --tls-key-file"
+            raise CliError(msg)
+    elif not (args.tls_cert_file and args.tls_key_file):
+        msg = (
+            "the webhook serves HTTPS: pass --tls-cert-file and --tls-key-file "
+            "(or --insecure for plain HTTP in local tests)"
+        )
+        raise CliError(msg)
+    else:
+        try:
+            tls = TlsFiles(args.tls_cert_file, args.tls_key_file)
+        except (OSError, ValueError) as exc:
+            msg = f"cannot load the TLS certificate {args.tls_cert_file}: {exc}"
+            raise CliError(msg) from None
+    driver = args.driver_name or hooks.backend_identity().driver_name
+    try:
+        webhook = Webhook(hooks, driver, port=args.port, tls=tls)
+    except OSError as exc:
+        msg = f"cannot listen on port {args.port}: {exc}"
+        raise CliError(msg) from None
+    serve(webhook)
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.manifests import device_class_manifests
 
@@ -384,6 +456,7 @@ _WITH_BACKEND: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "discover": _cmd_discover,
     "render": _cmd_render,
     "demo": _cmd_demo,
+    "webhook": _cmd_webhook,
 }
 _WITHOUT_BACKEND: dict[str, Callable[[argparse.Namespace], int]] = {
     "backends": _cmd_backends,

@@ -1,0 +1,355 @@
+"""The validating admission webhook: reject bad opaque configuration when it is written.
+
+The kubelet plugin decodes a claim's opaque configuration only at prepare, when the pod is
+already scheduled; a typo then surfaces as a pod stuck in ContainerCreating. This webhook runs
+the same decoder (the backend's ``dra_decode_config``, through :class:`~dra_core.plugins.Hooks`)
+when a ResourceClaim, ResourceClaimTemplate or DeviceClass is created or updated, so the user
+gets the error from ``kubectl apply``.
+
+Endpoints (HTTPS; plain HTTP only when asked for explicitly, for local tests):
+
+* ``POST /validate``: an ``admission.k8s.io/v1`` AdmissionReview in, one out. Every
+  ``opaque`` config entry whose ``driver`` is this driver must be a JSON object of at most
+  ``LIMITS.opaque_parameters_bytes`` bytes that the backend decodes; the first one that is not
+  denies the request with a message naming the object, the entry, the requests it targets and
+  the decoder's message. Other drivers' entries are ignored. An UPDATE that leaves the config
+  list as it was is allowed (metadata changes, finalizer removal), so an object written before
+  the webhook existed can still be cleaned up. A malformed review is answered with HTTP 400.
+* ``GET /healthz``: 200 ``ok``.
+* ``GET /metrics``: the Prometheus metrics, including ``dra_webhook_admissions_total``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from prometheus_client import Counter
+
+from dra_core import metrics
+from dra_core.hookspecs import NodeContext
+from dra_core.model import LIMITS
+from dra_core.plugins import HookError, Hooks
+
+__all__ = (
+    "ADMISSIONS",
+    "MAX_REVIEW_BYTES",
+    "ReviewError",
+    "TlsFiles",
+    "Webhook",
+    "review",
+    "serve",
+    "validate_object",
+)
+
+#: Larger than any object the API server stores (its request limit is 3 MiB).
+MAX_REVIEW_BYTES = 4 * 1024 * 1024
+
+ADMISSIONS = Counter(
+    "dra_webhook_admissions",
+    "Admission reviews answered by the webhook, by object kind and result "
+    "(allowed, denied, or error for a malformed review).",
+    ["kind", "result"],
+    registry=metrics.REGISTRY,
+)
+
+#: Where each kind keeps its list of device configs.
+_CONFIG_PATHS: dict[str, tuple[str, ...]] = {
+    "ResourceClaim": ("spec", "devices", "config"),
+    "ResourceClaimTemplate": ("spec", "spec", "devices", "config"),
+    "DeviceClass": ("spec", "config"),
+}
+
+
+class ReviewError(ValueError):
+    """The AdmissionReview itself is malformed (answered with HTTP 400)."""
+
+
+def _get(obj: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _describe(kind: str, obj: Mapping[str, Any], request: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, Mapping) else {}
+    name = request.get("name") or meta.get("name")
+    if not name:
+        name = f"{meta.get('generateName') or ''}<generated>"
+    namespace = request.get("namespace") or meta.get("namespace")
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
+
+
+def validate_object(
+    kind: str, obj: Mapping[str, Any], hooks: Hooks, context: NodeContext, *, label: str = ""
+) -> str | None:
+    """Why ``obj``'s opaque configs for this driver are invalid, or None when they are valid.
+
+    :param kind: ResourceClaim, ResourceClaimTemplate or DeviceClass.
+    :param obj: the object as JSON.
+    :param label: how to name the object in the message (default: kind and metadata name).
+    """
+    path = _CONFIG_PATHS[kind]
+    label = label or _describe(kind, obj, {})
+    field = ".".join(path)
+    entries = _get(obj, path)
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        return f"{label}: {field} is not a list"
+    driver = context.driver_name
+    for index, entry in enumerate(entries):
+        opaque = entry.get("opaque") if isinstance(entry, Mapping) else None
+        if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
+            continue  # other drivers' configs are theirs to check
+        where = f"{label}: {field}[{index}]"
+        if kind != "DeviceClass":
+            requests = entry.get("requests") or []
+            if not isinstance(requests, list) or not all(isinstance(r, str) for r in requests):
+                return f"{where}.requests is not a list of request names"
+            where += f" (requests {', '.join(requests)})" if requests else " (all requests)"
+        where += f" for {driver}"
+        parameters = opaque.get("parameters")
+        if not isinstance(parameters, Mapping):
+            kind_of = "null" if parameters is None else type(parameters).__name__
+            return f"{where}: opaque.parameters must be a JSON object, not {kind_of}"
+        size = len(json.dumps(parameters))  # measured as the kubelet plugin measures it
+        if size > LIMITS.opaque_parameters_bytes:
+            return (
+                f"{where}: opaque.parameters is {size} bytes, over the limit of "
+                f"{LIMITS.opaque_parameters_bytes}"
+            )
+        try:
+            hooks.decode_config(parameters, context)
+        except HookError as exc:
+            return f"{where}: {exc.__cause__ if exc.__cause__ is not None else exc}"
+    return None
+
+
+def review(body: object, hooks: Hooks, context: NodeContext) -> tuple[dict[str, Any], str, str]:
+    """Answer one AdmissionReview: the response review, the object's kind and the result.
+
+    :raises ReviewError: the review is malformed.
+    """
+    if not isinstance(body, Mapping):
+        msg = "the body is not a JSON object (expected an admission.k8s.io/v1 AdmissionReview)"
+        raise ReviewError(msg)
+    if body.get("apiVersion") != "admission.k8s.io/v1" or body.get("kind") != "AdmissionReview":
+        msg = (
+            f"expected apiVersion admission.k8s.io/v1 and kind AdmissionReview, got "
+            f"{body.get('apiVersion')!r} {body.get('kind')!r} (set admissionReviewVersions: [v1])"
+        )
+        raise ReviewError(msg)
+    request = body.get("request")
+    if not isinstance(request, Mapping):
+        msg = "the AdmissionReview has no request object"
+        raise ReviewError(msg)
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        msg = "the AdmissionReview's request has no uid"
+        raise ReviewError(msg)
+    kind = _get(request, ("kind", "kind"))
+    obj = request.get("object")
+    if kind not in _CONFIG_PATHS:
+        kind = obj.get("kind") if isinstance(obj, Mapping) else None
+    if kind not in _CONFIG_PATHS:
+        msg = (
+            f"cannot validate kind {kind!r}: this webhook validates "
+            f"{', '.join(_CONFIG_PATHS)} of resource.k8s.io"
+        )
+        raise ReviewError(msg)
+    message: str | None = None
+    if request.get("operation") in ("CREATE", "UPDATE"):
+        if not isinstance(obj, Mapping):
+            msg = f"the {request.get('operation')} request has no object"
+            raise ReviewError(msg)
+        old = request.get("oldObject")
+        path = _CONFIG_PATHS[kind]
+        unchanged = isinstance(old, Mapping) and _get(old, path) == _get(obj, path)
+        if not unchanged:
+            label = _describe(kind, obj, request)
+            message = validate_object(kind, obj, hooks, context, label=label)
+    response: dict[str, Any] = {"uid": uid, "allowed": message is None}
+    if message is not None:
+        response["status"] = {"code": 422, "reason": "Invalid", "message": message}
+    result = "allowed" if message is None else "denied"
+    answer = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+    return answer, kind, result
+
+
+class TlsFiles:
+    """A server-side SSL context from a certificate and key file, reloaded when they change.
+
+    cert-manager renews the Secret's files in place; the next connection picks them up.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._lock = threading.Lock()
+        self._stamp: tuple[float, float] | None = None
+        self._context = self._load()
+
+    def _mtimes(self) -> tuple[float, float]:
+        return (self.cert_file.stat().st_mtime, self.key_file.stat().st_mtime)
+
+    def _load(self) -> ssl.SSLContext:
+        stamp = self._mtimes()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        self._stamp = stamp
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        """The current context; a changed pair of files is loaded, a broken one logged."""
+        with self._lock:
+            try:
+                if self._mtimes() != self._stamp:
+                    self._context = self._load()
+                    logger.info("reloaded the TLS certificate {}", self.cert_file)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("cannot reload the TLS certificate, keeping the old one: {}", exc)
+            return self._context
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    tls: TlsFiles | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # Runs in the request's thread: a slow TLS handshake never blocks accept().
+        request.settimeout(10)
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        with self.tls.context().wrap_socket(request, server_side=True) as wrapped:
+            super().finish_request(wrapped, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.opt(exception=True).debug("webhook: connection from {} failed", client_address)
+
+
+class Webhook:
+    """Serves ``/validate``, ``/healthz`` and ``/metrics`` on a background thread."""
+
+    def __init__(
+        self,
+        hooks: Hooks,
+        driver_name: str,
+        *,
+        host: str = "0.0.0.0",  # called from outside the pod, by the API server
+        port: int = 8443,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.hooks = hooks
+        self.context = NodeContext(node_name="", driver_name=driver_name)
+        self.tls = tls
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # the http.server API names it
+                if self.path == "/healthz":
+                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                elif self.path == "/metrics":
+                    self._send(200, metrics.CONTENT_TYPE, metrics.render())
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def do_POST(self) -> None:
+                if self.path.split("?", 1)[0] != "/validate":
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+                    return
+                try:
+                    body = self._read_json()
+                    answer, kind, result = review(body, webhook.hooks, webhook.context)
+                except ReviewError as exc:
+                    ADMISSIONS.labels(kind="", result="error").inc()
+                    logger.warning("webhook: bad request from {}: {}", self.client_address[0], exc)
+                    self._send(400, "text/plain; charset=utf-8", f"{exc}\n".encode())
+                    return
+                except Exception as exc:  # noqa: BLE001 - a bug here must not take the server down
+                    ADMISSIONS.labels(kind="", result="error").inc()
+                    logger.opt(exception=exc).error("webhook: review failed")
+                    self._send(
+                        500, "text/plain; charset=utf-8", f"internal error: {exc}\n".encode()
+                    )
+                    return
+                ADMISSIONS.labels(kind=kind, result=result).inc()
+                message = answer["response"].get("status", {}).get("message")
+                if message:
+                    logger.info("webhook: denied: {}", message)
+                self._send(200, "application/json", json.dumps(answer).encode())
+
+            def _read_json(self) -> object:
+                length = self.headers.get("Content-Length")
+                if length is None or not length.isdigit():
+                    msg = "a Content-Length header is required"
+                    raise ReviewError(msg)
+                if int(length) > MAX_REVIEW_BYTES:
+                    msg = f"the request is {length} bytes, over {MAX_REVIEW_BYTES}"
+                    raise ReviewError(msg)
+                raw = self.rfile.read(int(length))
+                try:
+                    return json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    msg = f"the body is not JSON: {exc}"
+                    raise ReviewError(msg) from None
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                logger.trace("webhook http: {}", format % args)
+
+        self._server = _Server((host, port), Handler)
+        self._server.tls = tls
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="dra-webhook", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        scheme = "https" if self.tls is not None else "http (insecure)"
+        logger.info(
+            "admission webhook for driver {} on port {} ({})",
+            self.context.driver_name,
+            self.port,
+            scheme,
+        )
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(webhook: Webhook) -> None:
+    """Run ``webhook`` until SIGTERM or SIGINT."""
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    webhook.start()
+    try:
+        stop.wait()
+    finally:
+        webhook.stop()
+    logger.info("admission webhook stopped")
