@@ -22,6 +22,7 @@ CLUSTER_SCOPED_KINDS = {
     "ClusterRoleBinding",
     "ValidatingAdmissionPolicy",
     "ValidatingAdmissionPolicyBinding",
+    "ValidatingWebhookConfiguration",
     "DeviceClass",
     "PriorityClass",
 }
