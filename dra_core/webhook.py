@@ -25,7 +25,7 @@ import json
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from prometheus_client import Counter
 
 from dra_core import metrics
 from dra_core.hookspecs import NodeContext
+from dra_core.httpbase import BackgroundServer, Handler
 from dra_core.model import LIMITS
 from dra_core.plugins import HookError, Hooks
 
@@ -223,7 +224,6 @@ class TlsFiles:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
     tls: TlsFiles | None = None
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -239,7 +239,7 @@ class _Server(ThreadingHTTPServer):
         logger.opt(exception=True).debug("webhook: connection from {} failed", client_address)
 
 
-class Webhook:
+class Webhook(BackgroundServer):
     """Serves ``/validate``, ``/healthz`` and ``/metrics`` on a background thread."""
 
     def __init__(
@@ -256,18 +256,18 @@ class Webhook:
         self.tls = tls
         webhook = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class WebhookHandler(Handler):
             def do_GET(self) -> None:  # the http.server API names it
                 if self.path == "/healthz":
-                    self._send(200, "text/plain; charset=utf-8", b"ok\n")
+                    self.send_text(200, "ok")
                 elif self.path == "/metrics":
-                    self._send(200, metrics.CONTENT_TYPE, metrics.render())
+                    self.send_body(200, metrics.CONTENT_TYPE, metrics.render())
                 else:
-                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+                    self.send_text(404, "not found")
 
             def do_POST(self) -> None:
                 if self.path.split("?", 1)[0] != "/validate":
-                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+                    self.send_text(404, "not found")
                     return
                 try:
                     body = self._read_json()
@@ -275,20 +275,18 @@ class Webhook:
                 except ReviewError as exc:
                     ADMISSIONS.labels(kind="", result="error").inc()
                     logger.warning("webhook: bad request from {}: {}", self.client_address[0], exc)
-                    self._send(400, "text/plain; charset=utf-8", f"{exc}\n".encode())
+                    self.send_text(400, str(exc))
                     return
                 except Exception as exc:  # noqa: BLE001 - a bug here must not take the server down
                     ADMISSIONS.labels(kind="", result="error").inc()
                     logger.opt(exception=exc).error("webhook: review failed")
-                    self._send(
-                        500, "text/plain; charset=utf-8", f"internal error: {exc}\n".encode()
-                    )
+                    self.send_text(500, f"internal error: {exc}")
                     return
                 ADMISSIONS.labels(kind=kind, result=result).inc()
                 message = answer["response"].get("status", {}).get("message")
                 if message:
                     logger.info("webhook: denied: {}", message)
-                self._send(200, "application/json", json.dumps(answer).encode())
+                self.send_body(200, "application/json", json.dumps(answer).encode())
 
             def _read_json(self) -> object:
                 length = self.headers.get("Content-Length")
@@ -305,28 +303,12 @@ class Webhook:
                     msg = f"the body is not JSON: {exc}"
                     raise ReviewError(msg) from None
 
-            def _send(self, status: int, content_type: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                logger.trace("webhook http: {}", format % args)
-
-        self._server = _Server((host, port), Handler)
-        self._server.tls = tls
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="dra-webhook", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
+        server = _Server((host, port), WebhookHandler)
+        server.tls = tls
+        super().__init__(server, "dra-webhook")
 
     def start(self) -> None:
-        self._thread.start()
+        super().start()
         scheme = "https" if self.tls is not None else "http (insecure)"
         logger.info(
             "admission webhook for driver {} on port {} ({})",
@@ -334,10 +316,6 @@ class Webhook:
             self.port,
             scheme,
         )
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def serve(webhook: Webhook) -> None:
