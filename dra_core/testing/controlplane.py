@@ -454,51 +454,40 @@ class ControlPlane:
 
         return probe
 
-    def _start_scheduler(self) -> None:
-        assert self.binaries is not None and self.workdir is not None
+    def _start_client_component(self, name: str, *extra: str) -> None:
+        """Start kube-scheduler or kube-controller-manager against the API server as admin."""
+        assert self.binaries is not None
         port = free_port()
-        self._ports["kube-scheduler"] = port
-        gates = self._gates_flag()
+        self._ports[name] = port
         comp = self._component(
-            "kube-scheduler",
+            name,
             [
-                str(self.binaries / "kube-scheduler"),
+                str(self.binaries / name),
                 f"--kubeconfig={self.kubeconfig_path}",
                 f"--authentication-kubeconfig={self.kubeconfig_path}",
                 f"--authorization-kubeconfig={self.kubeconfig_path}",
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={port}",
-                f"--feature-gates={gates}",
+                *extra,
+                f"--feature-gates={self._gates_flag()}",
                 "--v=2",
             ],
         )
         self._wait(comp, self._healthz_probe(port), "healthy (/healthz)")
 
+    def _start_scheduler(self) -> None:
+        self._start_client_component("kube-scheduler")
+
     def _start_controller_manager(self) -> None:
-        assert self.binaries is not None and self.workdir is not None
-        port = free_port()
-        self._ports["kube-controller-manager"] = port
-        gates = self._gates_flag()
-        comp = self._component(
+        assert self.workdir is not None
+        self._start_client_component(
             "kube-controller-manager",
-            [
-                str(self.binaries / "kube-controller-manager"),
-                f"--kubeconfig={self.kubeconfig_path}",
-                f"--authentication-kubeconfig={self.kubeconfig_path}",
-                f"--authorization-kubeconfig={self.kubeconfig_path}",
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={port}",
-                f"--controllers={','.join(self.controllers)}",
-                f"--service-account-private-key-file={self.workdir / 'sa.key'}",
-                f"--root-ca-file={self.ca_path}",
-                "--use-service-account-credentials=false",
-                f"--feature-gates={gates}",
-                "--v=2",
-            ],
+            f"--controllers={','.join(self.controllers)}",
+            f"--service-account-private-key-file={self.workdir / 'sa.key'}",
+            f"--root-ca-file={self.ca_path}",
+            "--use-service-account-credentials=false",
         )
-        self._wait(comp, self._healthz_probe(port), "healthy (/healthz)")
 
     # ------------------------------------------------------------------ clients
     def client_configuration(self) -> Any:
