@@ -28,7 +28,9 @@ def test_version():
     assert dra_core("--version").stdout.strip() == f"dra-core {__version__}"
 
 
-@pytest.mark.parametrize("command", ["run", "discover", "backends", "render", "demo", "checkpoint"])
+@pytest.mark.parametrize(
+    "command", ["run", "discover", "backends", "render", "demo", "webhook", "checkpoint"]
+)
 def test_every_command_has_useful_help(command):
     text = dra_core(command, "--help").stdout
     assert text.startswith("usage: dra-core")
