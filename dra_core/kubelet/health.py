@@ -1,4 +1,9 @@
-"""The kubelet's device health stream (``v1alpha1.DRAResourceHealth``).
+"""The kubelet's device health stream, ``DRAResourceHealth`` in versions v1 and v1alpha1.
+
+Both versions carry the same messages under the same field numbers, so one implementation,
+parameterised by the generated message module, serves both from one `HealthView`. The
+kubelet (1.37 and later) picks v1 when the plugin advertises both at registration, and older
+kubelets take v1alpha1.
 
 The kubelet opens ``NodeWatchResources`` once per plugin instance and expects every message
 to list all of the driver's devices. A device not re-reported within its
@@ -12,12 +17,18 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from types import ModuleType
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import grpc
 from loguru import logger
 
-from dra_core.kubelet.proto import health_v1alpha1_pb2, health_v1alpha1_pb2_grpc
+from dra_core.kubelet.proto import (
+    health_v1_pb2,
+    health_v1_pb2_grpc,
+    health_v1alpha1_pb2,
+    health_v1alpha1_pb2_grpc,
+)
 
 __all__ = [
     "HEALTH_CHECK_TIMEOUT_SECONDS",
@@ -26,7 +37,9 @@ __all__ = [
     "DeviceHealthState",
     "HealthBoard",
     "HealthServicer",
+    "HealthV1alpha1Servicer",
     "HealthView",
+    "add_health_servicers",
 ]
 
 HEALTH_CHECK_TIMEOUT_SECONDS = 30
@@ -93,22 +106,18 @@ class HealthBoard:
             return self._version
 
 
-_STATUS = {
-    True: health_v1alpha1_pb2.HEALTHY,
-    False: health_v1alpha1_pb2.UNHEALTHY,
-    None: health_v1alpha1_pb2.UNKNOWN,
-}
+#: HealthStatus value names by `DeviceHealthState.healthy`; both versions share them.
+_STATUS = {True: "HEALTHY", False: "UNHEALTHY", None: "UNKNOWN"}
 
 
-def _message(states: list[DeviceHealthState]) -> health_v1alpha1_pb2.NodeWatchResourcesResponse:
+def _message(messages: ModuleType, states: list[DeviceHealthState]) -> Any:
+    """A ``NodeWatchResourcesResponse`` of the generated module ``messages`` listing ``states``."""
     now = int(time.time())
-    response = health_v1alpha1_pb2.NodeWatchResourcesResponse()
+    response = messages.NodeWatchResourcesResponse()
     for state in states:
         response.devices.add(
-            device=health_v1alpha1_pb2.DeviceIdentifier(
-                pool_name=state.pool, device_name=state.device
-            ),
-            health=_STATUS[state.healthy],
+            device=messages.DeviceIdentifier(pool_name=state.pool, device_name=state.device),
+            health=messages.HealthStatus.Value(_STATUS[state.healthy]),
             last_updated_time=now,
             health_check_timeout_seconds=HEALTH_CHECK_TIMEOUT_SECONDS,
             message=state.message[:MESSAGE_LIMIT],
@@ -116,11 +125,14 @@ def _message(states: list[DeviceHealthState]) -> health_v1alpha1_pb2.NodeWatchRe
     return response
 
 
-class HealthServicer(health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
-    """Streams a `HealthView` to the kubelet until the client leaves or ``stop`` is set.
+class _HealthStream:
+    """The shared implementation: streams a `HealthView` until the client leaves or ``stop``
+    is set. Subclasses name the generated message module in ``_messages``.
 
     Each open stream holds one worker thread of the gRPC server.
     """
+
+    _messages: ClassVar[ModuleType]
 
     def __init__(
         self,
@@ -133,14 +145,17 @@ class HealthServicer(health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
         self._stop = stop
         self._resend_interval = resend_interval
 
-    def NodeWatchResources(
-        self,
-        request: health_v1alpha1_pb2.NodeWatchResourcesRequest,
-        context: grpc.ServicerContext,
-    ) -> Iterator[health_v1alpha1_pb2.NodeWatchResourcesResponse]:
-        logger.info("kubelet opened the device health stream")
+    @property
+    def service_name(self) -> str:
+        """The full gRPC service name, which is also its registration string."""
+        name: str = self._messages.DESCRIPTOR.services_by_name["DRAResourceHealth"].full_name
+        return name
+
+    def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        service = self.service_name
+        logger.info("kubelet opened the device health stream ({})", service)
         version = self._view.wait_changed(-1, 0.0)
-        yield _message(self._view.snapshot())
+        yield _message(self._messages, self._view.snapshot())
         sent_at = time.monotonic()
         while not self._stop.is_set() and context.is_active():
             remaining = self._resend_interval - (time.monotonic() - sent_at)
@@ -150,6 +165,34 @@ class HealthServicer(health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
             if self._stop.is_set() or not context.is_active():
                 break
             version = current
-            yield _message(self._view.snapshot())
+            yield _message(self._messages, self._view.snapshot())
             sent_at = time.monotonic()
-        logger.info("device health stream ended")
+        logger.info("device health stream ended ({})", service)
+
+
+class HealthServicer(_HealthStream, health_v1_pb2_grpc.DRAResourceHealthServicer):
+    """``v1.DRAResourceHealth``, the version kubelets 1.37 and later prefer."""
+
+    _messages: ClassVar[ModuleType] = health_v1_pb2
+
+
+class HealthV1alpha1Servicer(_HealthStream, health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
+    """``v1alpha1.DRAResourceHealth``, for kubelets 1.34 to 1.36."""
+
+    _messages: ClassVar[ModuleType] = health_v1alpha1_pb2
+
+
+def add_health_servicers(
+    server: grpc.Server,
+    view: HealthView,
+    stop: threading.Event,
+    *,
+    resend_interval: float = RESEND_INTERVAL,
+) -> None:
+    """Serve ``view`` on ``server`` as both v1 and v1alpha1; streams end when ``stop`` is set."""
+    health_v1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
+        HealthServicer(view, stop, resend_interval=resend_interval), server
+    )
+    health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
+        HealthV1alpha1Servicer(view, stop, resend_interval=resend_interval), server
+    )

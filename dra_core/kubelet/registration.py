@@ -19,7 +19,7 @@ from dra_core.kubelet.proto import pluginregistration_pb2, pluginregistration_pb
 __all__ = [
     "DRA_PLUGIN_TYPE",
     "DRA_SERVICES",
-    "HEALTH_SERVICE",
+    "HEALTH_SERVICES",
     "RegistrationServicer",
     "RegistrationStatus",
     "supported_versions",
@@ -29,12 +29,15 @@ DRA_PLUGIN_TYPE = "DRAPlugin"
 #: Registration strings of the DRA services, preferred first (the kubelet picks the first of
 #: ours that it knows).
 DRA_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin")
-HEALTH_SERVICE = "v1alpha1.DRAResourceHealth"
+#: Registration strings of the device health service, each its full gRPC service name. The
+#: kubelet opens a health stream only for a service advertised here; 1.37 and later pick v1
+#: when both are listed, older kubelets know only v1alpha1.
+HEALTH_SERVICES = ("v1.DRAResourceHealth", "v1alpha1.DRAResourceHealth")
 
 
 def supported_versions(*, health: bool) -> list[str]:
-    """What GetInfo advertises: both DRA versions, plus the health service when served."""
-    return [*DRA_SERVICES, *([HEALTH_SERVICE] if health else [])]
+    """What GetInfo advertises: both DRA versions, plus both health versions when served."""
+    return [*DRA_SERVICES, *(HEALTH_SERVICES if health else ())]
 
 
 @dataclass(frozen=True)

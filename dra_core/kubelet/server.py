@@ -1,9 +1,9 @@
 """The kubelet plugin: the DRA gRPC server and the registration server on their sockets.
 
 `KubeletPlugin.start` serves the DRA services (v1, v1beta1 and, with a health view, the
-health stream) on the plugin socket first, then registration on its own small server and
-socket, so that the kubelet only finds the plugin once it can be called, and ``GetInfo``
-answers at once however busy the DRA server's threads are.
+health stream as v1 and v1alpha1) on the plugin socket first, then registration on its own
+small server and socket, so that the kubelet only finds the plugin once it can be called, and
+``GetInfo`` answers at once however busy the DRA server's threads are.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 import grpc
 from loguru import logger
 
-from dra_core.kubelet.health import RESEND_INTERVAL, HealthServicer, HealthView
+from dra_core.kubelet.health import RESEND_INTERVAL, HealthView, add_health_servicers
 from dra_core.kubelet.proto import (
     dra_v1_pb2,
     dra_v1_pb2_grpc,
-    health_v1alpha1_pb2_grpc,
     pluginregistration_pb2,
     pluginregistration_pb2_grpc,
 )
@@ -153,13 +152,11 @@ class KubeletPlugin:
             )
             add_dra_servicers(dra_server, self._service)
             if settings.health is not None:
-                health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-                    HealthServicer(
-                        settings.health,
-                        self._stop,
-                        resend_interval=settings.health_resend_interval,
-                    ),
+                add_health_servicers(
                     dra_server,
+                    settings.health,
+                    self._stop,
+                    resend_interval=settings.health_resend_interval,
                 )
             _bind(dra_server, self._paths.dra, settings.socket_mode)
             dra_server.start()

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from dra_core.kubelet import DeviceHealthState, HealthBoard, KubeletPlugin, RegistrationServicer
+from dra_core.kubelet.health import add_health_servicers
 from dra_core.kubelet.proto import dra_v1_pb2, dra_v1_pb2_grpc, pluginregistration_pb2_grpc
 
 from .conftest import DRIVER, PluginFactory, TableNodeService, claim
@@ -81,6 +82,7 @@ def test_registration(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
     }
     assert report["chosen_version"] == "v1.DRAPlugin"
     assert report["health_offered"] is False
+    assert "health_version" not in report
     assert plugin.registered.wait(2)
 
 
@@ -141,7 +143,17 @@ class _Watched(HealthBoard):
         return states
 
 
-def test_health_stream(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
+@pytest.mark.parametrize(
+    ("health_api", "expected"),
+    [
+        (None, "v1.DRAResourceHealth"),  # the kubelet's own choice
+        ("v1", "v1.DRAResourceHealth"),
+        ("v1alpha1", "v1alpha1.DRAResourceHealth"),
+    ],
+)
+def test_health_stream(
+    kubeletpeer: Path, make_plugin: PluginFactory, health_api: str | None, expected: str
+) -> None:
     board = _Watched(
         [DeviceHealthState("node-1", "gpu-0", True), DeviceHealthState("node-1", "gpu-1", None)]
     )
@@ -158,10 +170,19 @@ def test_health_stream(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
 
     changer = threading.Thread(target=degrade, daemon=True)
     changer.start()
-    report = run_peer(kubeletpeer, plugin, "--watch-health", "2", "--health-timeout", "20s")
+    forced = ["--health-api", health_api] if health_api else []
+    report = run_peer(
+        kubeletpeer, plugin, "--watch-health", "2", "--health-timeout", "20s", *forced
+    )
     changer.join(5)
     assert report["health_offered"] is True
-    assert report["info"]["supported_versions"][-1] == "v1alpha1.DRAResourceHealth"
+    assert report["health_version"] == expected
+    assert report["info"]["supported_versions"] == [
+        "v1.DRAPlugin",
+        "v1beta1.DRAPlugin",
+        "v1.DRAResourceHealth",
+        "v1alpha1.DRAResourceHealth",
+    ]
     first, second = report["health"]
     assert [(d["device_name"], d["health"]) for d in first] == [
         ("gpu-0", "HEALTHY"),
@@ -173,6 +194,62 @@ def test_health_stream(kubeletpeer: Path, make_plugin: PluginFactory) -> None:
     ]
     assert all(d["health_check_timeout_seconds"] == 30 for d in first + second)
     assert all(d["pool_name"] == "node-1" and d["last_updated_time"] > 0 for d in first)
+
+
+def _serve_health_plugin(sockdir: Path, versions: list[str]) -> tuple[grpc.Server, Path]:
+    """A plugin serving both health versions of one device but advertising ``versions``."""
+    reg, dra = sockdir / "reg.sock", sockdir / "dra.sock"
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(
+        RegistrationServicer(DRIVER, str(dra), versions), server
+    )
+    board = HealthBoard([DeviceHealthState("node-1", "gpu-0", False, "wedged")])
+    add_health_servicers(server, board, threading.Event(), resend_interval=0.2)
+    server.add_insecure_port(f"unix://{reg}")
+    server.add_insecure_port(f"unix://{dra}")
+    server.start()
+    return server, reg
+
+
+@pytest.mark.parametrize(
+    ("health", "expected"),
+    [
+        (["v1alpha1.DRAResourceHealth", "v1.DRAResourceHealth"], "v1.DRAResourceHealth"),
+        (["v1alpha1.DRAResourceHealth"], "v1alpha1.DRAResourceHealth"),
+        (["v1.DRAResourceHealth"], "v1.DRAResourceHealth"),
+    ],
+)
+def test_peer_picks_the_health_version_as_the_kubelet(
+    kubeletpeer: Path, sockdir: Path, health: list[str], expected: str
+) -> None:
+    """v1 whenever it is advertised, whatever the order; v1alpha1 only when alone."""
+    server, reg = _serve_health_plugin(sockdir, ["v1.DRAPlugin", *health])
+    try:
+        result = subprocess.run(
+            [str(kubeletpeer), "--registration-socket", str(reg), "--watch-health", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        server.stop(None).wait()
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["health_version"] == expected
+    messages = report["health"]
+    assert len(messages) == 2
+    for message in messages:
+        assert [d.pop("last_updated_time") > 0 for d in message] == [True]
+        assert message == [
+            {
+                "pool_name": "node-1",
+                "device_name": "gpu-0",
+                "health": "UNHEALTHY",
+                "health_check_timeout_seconds": 30,
+                "message": "wedged",
+            }
+        ]
 
 
 class _SkippingServicer(dra_v1_pb2_grpc.DRAPluginServicer):
@@ -191,6 +268,14 @@ class _SkippingServicer(dra_v1_pb2_grpc.DRAPluginServicer):
         (["v9.Unknown"], [], "none of the plugin's versions"),
         (["v1.DRAPlugin"], ["--api", "v1beta1"], "is not among the plugin's versions"),
         (["v1.DRAPlugin"], ["--prepare", f"ns/name/{SOME_UID}"], "skipped 1"),
+        (["v1.DRAPlugin"], ["--watch-health", "1"], "advertises none of"),
+        (
+            ["v1.DRAPlugin", "v1.DRAResourceHealth"],
+            ["--health-api", "v1alpha1"],
+            "forced health API v1alpha1.DRAResourceHealth is not among",
+        ),
+        # Advertised but not served: the v1 client gets Unimplemented.
+        (["v1.DRAPlugin", "v1.DRAResourceHealth"], ["--watch-health", "1"], "Unimplemented"),
     ],
 )
 def test_peer_rejects_protocol_errors(

@@ -16,7 +16,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	drahealth "k8s.io/kubelet/pkg/apis/dra-health/v1alpha1"
+	drahealthv1 "k8s.io/kubelet/pkg/apis/dra-health/v1"
+	drahealthv1alpha1 "k8s.io/kubelet/pkg/apis/dra-health/v1alpha1"
 	drav1 "k8s.io/kubelet/pkg/apis/dra/v1"
 	drav1beta1 "k8s.io/kubelet/pkg/apis/dra/v1beta1"
 	registration "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
@@ -25,7 +26,12 @@ import (
 // servicesSupportedByKubelet mirrors the kubelet's preference list (1.34+).
 var servicesSupportedByKubelet = []string{"v1.DRAPlugin", "v1beta1.DRAPlugin"}
 
-const healthService = "v1alpha1.DRAResourceHealth"
+// healthServicesSupportedByKubelet mirrors the kubelet's health preference (1.37+): it takes
+// the first of these that the plugin advertises, whatever the plugin's order.
+var healthServicesSupportedByKubelet = []string{
+	drahealthv1.DRAResourceHealthService,
+	drahealthv1alpha1.DRAResourceHealthService,
+}
 
 type infoOut struct {
 	Type              string   `json:"type"`
@@ -64,6 +70,7 @@ type report struct {
 	Info          *infoOut                `json:"info,omitempty"`
 	ChosenVersion string                  `json:"chosen_version,omitempty"`
 	HealthOffered bool                    `json:"health_offered"`
+	HealthVersion string                  `json:"health_version,omitempty"`
 	Prepare       map[string]prepareOut   `json:"prepare,omitempty"`
 	Unprepare     map[string]unprepareOut `json:"unprepare,omitempty"`
 	Health        [][]healthDeviceOut     `json:"health,omitempty"`
@@ -93,12 +100,13 @@ func main() {
 	prepare := flag.String("prepare", "", "claims to prepare: ns/name/uid,...")
 	unprepare := flag.String("unprepare", "", "claims to unprepare: ns/name/uid,...")
 	watchHealth := flag.Int("watch-health", 0, "read this many NodeWatchResources messages")
+	healthAPI := flag.String("health-api", "", "force the health API version: v1 or v1alpha1 (default: the kubelet's choice)")
 	healthTimeout := flag.Duration("health-timeout", 30*time.Second, "time limit for --watch-health")
 	notifyFailure := flag.String("notify-failure", "", "send NotifyRegistrationStatus{false, this error} instead of success")
 	flag.Parse()
 
 	rep := &report{}
-	err := run(rep, *regSocket, *api, *prepare, *unprepare, *watchHealth, *healthTimeout, *notifyFailure)
+	err := run(rep, *regSocket, *api, *prepare, *unprepare, *watchHealth, *healthAPI, *healthTimeout, *notifyFailure)
 	if err != nil {
 		rep.Error = err.Error()
 	}
@@ -119,7 +127,7 @@ func dial(path string) (*grpc.ClientConn, error) {
 }
 
 func run(rep *report, regSocket, api, prepareSpec, unprepareSpec string, watchHealth int,
-	healthTimeout time.Duration, notifyFailure string) error {
+	healthAPI string, healthTimeout time.Duration, notifyFailure string) error {
 	if regSocket == "" {
 		return errors.New("--registration-socket is required")
 	}
@@ -156,9 +164,6 @@ func run(rep *report, regSocket, api, prepareSpec, unprepareSpec string, watchHe
 				chosen = v
 			}
 		}
-		if v == healthService {
-			rep.HealthOffered = true
-		}
 	}
 	if chosen == "" {
 		return fmt.Errorf("none of the plugin's versions %v is supported (%v)", info.SupportedVersions, servicesSupportedByKubelet)
@@ -175,6 +180,12 @@ func run(rep *report, regSocket, api, prepareSpec, unprepareSpec string, watchHe
 		chosen = want
 	}
 	rep.ChosenVersion = chosen
+	healthChosen, err := pickHealthService(info.SupportedVersions, healthAPI)
+	if err != nil {
+		return err
+	}
+	rep.HealthOffered = healthChosen != ""
+	rep.HealthVersion = healthChosen
 	status := &registration.RegistrationStatus{PluginRegistered: true}
 	if notifyFailure != "" {
 		status = &registration.RegistrationStatus{PluginRegistered: false, Error: notifyFailure}
@@ -207,14 +218,37 @@ func run(rep *report, regSocket, api, prepareSpec, unprepareSpec string, watchHe
 		}
 	}
 	if watchHealth > 0 {
-		if !rep.HealthOffered {
-			return fmt.Errorf("--watch-health: the plugin does not advertise %s", healthService)
+		if healthChosen == "" {
+			return fmt.Errorf("--watch-health: the plugin advertises none of %v", healthServicesSupportedByKubelet)
 		}
-		if rep.Health, err = doWatch(conn, watchHealth, healthTimeout); err != nil {
+		if rep.Health, err = doWatch(conn, healthChosen, watchHealth, healthTimeout); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// pickHealthService chooses the health service as the kubelet does: the first of
+// healthServicesSupportedByKubelet that the plugin advertises, "" if none. A forced version
+// must be advertised.
+func pickHealthService(advertised []string, force string) (string, error) {
+	offered := map[string]bool{}
+	for _, v := range advertised {
+		offered[v] = true
+	}
+	if force != "" {
+		want := force + ".DRAResourceHealth"
+		if !offered[want] {
+			return "", fmt.Errorf("forced health API %s is not among the plugin's versions %v", want, advertised)
+		}
+		return want, nil
+	}
+	for _, k := range healthServicesSupportedByKubelet {
+		if offered[k] {
+			return k, nil
+		}
+	}
+	return "", nil
 }
 
 // checkKeys applies the kubelet's response checks: no unknown key, no missing claim.
@@ -310,21 +344,32 @@ func doUnprepare(conn *grpc.ClientConn, version string, claims []claim) (map[str
 	}
 }
 
-func doWatch(conn *grpc.ClientConn, n int, timeout time.Duration) ([][]healthDeviceOut, error) {
+// doWatch reads n messages of the chosen health service. The v1 client is used directly; a
+// v1alpha1 plugin is read through the official conversion wrapper, as the kubelet does.
+func doWatch(conn *grpc.ClientConn, service string, n int, timeout time.Duration) ([][]healthDeviceOut, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	stream, err := drahealth.NewDRAResourceHealthClient(conn).NodeWatchResources(ctx, &drahealth.NodeWatchResourcesRequest{})
+	var client drahealthv1.DRAResourceHealthClient
+	switch service {
+	case drahealthv1.DRAResourceHealthService:
+		client = drahealthv1.NewDRAResourceHealthClient(conn)
+	case drahealthv1alpha1.DRAResourceHealthService:
+		client = drahealthv1.V1Alpha1ClientWrapper{Client: drahealthv1alpha1.NewDRAResourceHealthClient(conn)}
+	default:
+		return nil, fmt.Errorf("NodeWatchResources: unknown health service %q", service)
+	}
+	stream, err := client.NodeWatchResources(ctx, &drahealthv1.NodeWatchResourcesRequest{})
 	if err != nil {
-		return nil, fmt.Errorf("NodeWatchResources: %w", err)
+		return nil, fmt.Errorf("NodeWatchResources (%s): %w", service, err)
 	}
 	var msgs [][]healthDeviceOut
 	for len(msgs) < n {
 		resp, err := stream.Recv()
 		if err == io.EOF {
-			return msgs, fmt.Errorf("NodeWatchResources: stream ended after %d of %d messages", len(msgs), n)
+			return msgs, fmt.Errorf("NodeWatchResources (%s): stream ended after %d of %d messages", service, len(msgs), n)
 		}
 		if err != nil {
-			return msgs, fmt.Errorf("NodeWatchResources: after %d of %d messages: %w", len(msgs), n, err)
+			return msgs, fmt.Errorf("NodeWatchResources (%s): after %d of %d messages: %w", service, len(msgs), n, err)
 		}
 		var devs []healthDeviceOut
 		for _, d := range resp.Devices {
