@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.controlplane.fixtures"]
+pytest_plugins = ["tests.controlplane.fixtures", "tests.cdicheck"]
