@@ -5,9 +5,17 @@ and ``/dev`` for each GPU family: real directories under ``sys/devices/pci0000:0
 PCIe bridge for discrete cards), relative symlinks for ``bus/pci/devices/<BDF>``, the ``driver``
 link into ``bus/pci/drivers/{i915,xe}``, ``drm/cardN`` and ``drm/renderDM`` with their
 ``class/drm`` links, i915 GTs with error counters, xe tiles and GTs, memory files, the SR-IOV
-files and quota trees (i915 ``prelim_iov``, xe ``sriov_admin``), and ``dev/dri`` nodes (plain
-files) with ``by-path`` links. Card and render numbers are handed out separately, like the
-kernel's minors, so a ``simpledrm`` card0 without a render node shifts the Intel cards.
+files and quota trees (i915 ``prelim_iov``, xe ``sriov_admin``), and ``dev/dri`` nodes with
+udev's relative ``by-path`` links (``dev/dri/by-path/pci-<BDF>-card`` -> ``../cardN``). Card and
+render numbers are handed out separately, like the kernel's minors, so a ``simpledrm`` card0
+without a render node shifts the Intel cards.
+
+The ``dev/dri`` nodes are plain empty files by default, which needs no privileges. With
+``FakeSysfs(base, char_devices=True)`` they are real character devices with the DRM major 226
+and the minor of their name (``cardN`` -> 226:N, ``renderDM`` -> 226:M, as in ``drm/<node>/dev``),
+for tests that hand them to a container runtime; this needs ``CAP_MKNOD`` (root). Every node
+the tree makes is one: ``add_gpu``, ``add_simpledrm``, VFs created on demand through
+:class:`FakeKernel` or ``add_vf``, and nodes made again on ``rebind``.
 
 Plain files cannot refuse a write with ``EBUSY``, so the kernel rules live behind the
 backend's one write seam, :class:`dra_backend_i915.sysfs.SysfsWriter`. :class:`FakeKernel` is
@@ -18,8 +26,8 @@ the backend's bounded wait is exercised; ``materialise=False`` makes VFs never a
 
 :class:`FakeDrmIoctl` answers the DRM memory-region queries like i915 and xe do.
 
-Demo: ``python -m dra_backend_i915.testing /tmp/fake-node`` builds a node with a Flex 170
-(SR-IOV), an Arc A770, an Arc B580 (xe), a Tiger Lake iGPU and a simpledrm card.
+Demo: ``python -m dra_backend_i915.testing [--char-devices] /tmp/fake-node`` builds a node with
+a Flex 170 (SR-IOV), an Arc A770, an Arc B580 (xe), a Tiger Lake iGPU and a simpledrm card.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import struct
 import sys
 import threading
@@ -47,6 +56,7 @@ from dra_backend_i915.memory import (
 from dra_core import AllocatedClaim, AllocatedDevice, ClaimRef, NodeContext
 
 __all__ = (
+    "DRM_MAJOR",
     "GIB",
     "FakeDrmIoctl",
     "FakeKernel",
@@ -68,6 +78,8 @@ I915_QUOTA_FILES = (
 XE_PROFILE_FILES = ("exec_quantum_ms", "preempt_timeout_us", "sched_priority", "vram_quota")
 FATAL_COUNTERS = ("fatal_guc", "fatal_l3_double", "fatal_eu_grf", "sgunit_fatal")
 GIB = 1 << 30
+#: The character-device major of DRM nodes (``/dev/dri/card*``, ``renderD*``).
+DRM_MAJOR = 226
 
 
 def _write(path: Path, value: object) -> None:
@@ -101,12 +113,23 @@ class _GpuRecord:
 
 
 class FakeSysfs:
-    """A fake ``/sys`` (``<base>/sys``) and ``/dev`` (``<base>/dev``) built one GPU at a time."""
+    """A fake ``/sys`` (``<base>/sys``) and ``/dev`` (``<base>/dev``) built one GPU at a time.
 
-    def __init__(self, base: Path) -> None:
+    ``char_devices=False`` (the default) makes the ``dev/dri`` nodes plain empty files, which
+    works without privileges. ``char_devices=True`` makes them character devices with the DRM
+    major 226 and the node's own minor (``card1`` is 226:1, ``renderD128`` is 226:128), card
+    nodes mode 0660 and render nodes 0666 as udev leaves them, so a container runtime accepts
+    them as CDI host paths and creates them in the container with those numbers; making them
+    needs ``CAP_MKNOD`` (root). The numbers are real DRM numbers: on a host with a DRM driver
+    loaded they open that driver's devices, and on a host without one opening them fails with
+    ``ENXIO``, so the DRM memory query finds nothing unless given an opener of its own.
+    """
+
+    def __init__(self, base: Path, *, char_devices: bool = False) -> None:
         self.base = base
         self.sys = base / "sys"
         self.dev = base / "dev"
+        self.char_devices = char_devices
         for driver in ("i915", "xe", "vfio-pci", "xe-vfio-pci"):
             for name in ("bind", "unbind"):
                 _write(self.sys / "bus/pci/drivers" / driver / name, "")
@@ -124,10 +147,31 @@ class FakeSysfs:
         """A firmware framebuffer card (no render node, not PCI); returns its card name."""
         card = f"card{self._take_card()}"
         drm = self.sys / "devices/platform/simple-framebuffer.0/drm" / card
-        _write(drm / "dev", f"226:{card[4:]}")
+        _write(drm / "dev", f"{DRM_MAJOR}:{card[4:]}")
         _link(self.sys / "class/drm" / card, drm)
-        _write(self.dev / "dri" / card, "")
+        self._dev_node(card)
         return card
+
+    def _dev_node(self, name: str) -> Path:
+        """Make ``dev/dri/<name>``: a plain file, or with ``char_devices`` the DRM device."""
+        path = self.dev / "dri" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        if not self.char_devices:
+            path.write_text("", encoding="utf-8")
+            return path
+        minor = int(name.removeprefix("renderD").removeprefix("card"))
+        mode = 0o666 if name.startswith("renderD") else 0o660
+        try:
+            os.mknod(path, stat.S_IFCHR | mode, os.makedev(DRM_MAJOR, minor))
+        except PermissionError as exc:
+            msg = (
+                f"cannot make the character device {path} ({DRM_MAJOR}:{minor}): "
+                f"{exc.strerror}; FakeSysfs(char_devices=True) needs CAP_MKNOD (root)"
+            )
+            raise PermissionError(exc.errno, msg) from exc
+        path.chmod(mode)  # mknod's mode is reduced by the umask
+        return path
 
     def add_gpu(
         self,
@@ -217,15 +261,15 @@ class FakeSysfs:
             self._next_render += 1
             node = f"renderD{number}"
             record.render = node
-            _write(record.path / "drm" / node / "dev", f"226:{number}")
+            _write(record.path / "drm" / node / "dev", f"{DRM_MAJOR}:{number}")
             _link(self.sys / "class/drm" / node, record.path / "drm" / node)
-            _write(self.dev / "dri" / node, "")
+            self._dev_node(node)
             _link(self.dev / f"dri/by-path/pci-{record.address}-render", self.dev / "dri" / node)
         card = f"card{self._take_card()}"
         record.card = card
-        _write(self.dev / "dri" / card, "")
+        self._dev_node(card)
         _link(self.dev / f"dri/by-path/pci-{record.address}-card", self.dev / "dri" / card)
-        _write(record.path / "drm" / card / "dev", f"226:{card[4:]}")
+        _write(record.path / "drm" / card / "dev", f"{DRM_MAJOR}:{card[4:]}")
         _link(record.path / "drm" / card / "device", record.path)
         _link(self.sys / "class/drm" / card, record.path / "drm" / card)
 
@@ -543,9 +587,12 @@ def allocated_claim(
     return AllocatedClaim(ClaimRef("default", f"claim-{uid[:8]}", uid), allocated, configs or {})
 
 
-def build_demo(base: Path) -> FakeSysfs:
-    """A demo node: simpledrm card0, Flex 170 (SR-IOV), Arc A770, Arc B580 (xe), TGL iGPU."""
-    fs = FakeSysfs(base)
+def build_demo(base: Path, *, char_devices: bool = False) -> FakeSysfs:
+    """A demo node: simpledrm card0, Flex 170 (SR-IOV), Arc A770, Arc B580 (xe), TGL iGPU.
+
+    ``char_devices`` as for :class:`FakeSysfs`.
+    """
+    fs = FakeSysfs(base, char_devices=char_devices)
     fs.add_simpledrm()
     fs.add_gpu(
         "0000:03:00.0",
@@ -569,16 +616,25 @@ def build_demo(base: Path) -> FakeSysfs:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dra_backend_i915.testing DIR``: build the demo node under ``DIR``."""
+    """``python -m dra_backend_i915.testing [--char-devices] DIR``: build the demo node in DIR.
+
+    ``--char-devices`` makes the ``dev/dri`` nodes character devices (needs root).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m dra_backend_i915.testing DIR", file=sys.stderr)
+    char_devices = "--char-devices" in args
+    args = [a for a in args if a != "--char-devices"]
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m dra_backend_i915.testing [--char-devices] DIR", file=sys.stderr)
         return 2
     base = Path(args[0])
     if base.exists() and any(base.iterdir()):
         print(f"{base} is not empty; choose a new directory", file=sys.stderr)
         return 1
-    fs = build_demo(base)
+    try:
+        fs = build_demo(base, char_devices=char_devices)
+    except PermissionError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(f"fake sysfs: {fs.sys}\nfake devfs: {fs.dev}")
     print(
         f"try: dra-core discover --backend i915 --sysfs-root {fs.sys} --devfs-root {fs.dev}\n"

@@ -10,6 +10,7 @@ unprepared through the agent's kubelet plugin socket as the kubelet would, and t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -55,7 +56,9 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def fs(short_dir: Path) -> FakeSysfs:
-    fake = FakeSysfs(short_dir / "node")
+    # As root, the /dev/dri entries are character devices, so the CDI specs the agent writes
+    # are ones a container runtime accepts (tests/cdicheck.py injects them with the CDI library).
+    fake = FakeSysfs(short_dir / "node", char_devices=os.geteuid() == 0)
     fake.add_gpu(FLEX, "0x56c0", lmem_total_bytes=16 * GIB, sriov_totalvfs=31, error_counters=True)
     fake.add_gpu(
         A770, "0x56a0", bridge="0000:00:1c.0", lmem_total_bytes=16 * GIB, error_counters=True
@@ -249,6 +252,12 @@ def test_vf_then_whole_gpu(agent, kubelet, kube_api, namespace, fs, kernel, shor
     paths = {n["path"]: n.get("hostPath") for n in edits["deviceNodes"]}
     assert paths[f"/dev/dri/{vf.card}"] == str(fs.dev / "dri" / vf.card)
     assert paths[f"/dev/dri/{vf.render}"] == str(fs.dev / "dri" / vf.render)
+    # the udev by-path names, backed by the nodes themselves (a runtime refuses a symlink)
+    assert paths[f"/dev/dri/by-path/pci-{vf_address}-card"] == str(fs.dev / "dri" / vf.card)
+    assert paths[f"/dev/dri/by-path/pci-{vf_address}-render"] == str(fs.dev / "dri" / vf.render)
+    if fs.char_devices:
+        numbers = {(n["type"], n["major"], n["minor"]) for n in edits["deviceNodes"]}
+        assert numbers == {("c", 226, int(vf.card[4:])), ("c", 226, int(vf.render[7:]))}
     assert f"DRI_RENDER_NODE=/dev/dri/{vf.render}" in edits["env"]
     assert f"DRI_CARD_NODE=/dev/dri/{vf.card}" in edits["env"]
 

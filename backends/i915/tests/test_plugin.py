@@ -63,8 +63,8 @@ def test_whole_gpu_prepare_edits_and_exclusive(hooks, fs, context):
     assert nodes == {
         "/dev/dri/card1": f"{fs.dev}/dri/card1",
         "/dev/dri/renderD128": f"{fs.dev}/dri/renderD128",
-        "/dev/dri/by-path/pci-0000:03:00.0-card": f"{fs.dev}/dri/by-path/pci-0000:03:00.0-card",
-        "/dev/dri/by-path/pci-0000:03:00.0-render": f"{fs.dev}/dri/by-path/pci-0000:03:00.0-render",
+        "/dev/dri/by-path/pci-0000:03:00.0-card": f"{fs.dev}/dri/card1",
+        "/dev/dri/by-path/pci-0000:03:00.0-render": f"{fs.dev}/dri/renderD128",
     }
     assert device.edits.env["DRI_RENDER_NODE"] == "/dev/dri/renderD128"
     assert device.edits.env["DRI_CARD_NODE_0000_03_00_0"] == "/dev/dri/card1"

@@ -59,6 +59,10 @@ def test_first_vf_creates_all_last_vf_tears_down(hooks, ctx, fs, flex, kernel, t
     card = next(p.name for p in (vf_dir / "drm").glob("card*"))
     assert f"/dev/dri/{card}" in paths
     assert "/dev/dri/by-path/pci-0000:03:00.1-render" in paths
+    hosts = {n.path: n.host_path for n in device.edits.device_nodes}
+    render = next(p.name for p in (vf_dir / "drm").glob("renderD*"))
+    assert hosts["/dev/dri/by-path/pci-0000:03:00.1-render"] == str(fs.dev / "dri" / render)
+    assert hosts["/dev/dri/by-path/pci-0000:03:00.1-card"] == str(fs.dev / "dri" / card)
     assert device.edits.env["DRI_RENDER_NODE"].startswith("/dev/dri/renderD")
 
     # the kernel saw quotas (in order, per VF and GT) before autoprobe and numvfs
