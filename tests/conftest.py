@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.controlplane.fixtures", "tests.cdicheck"]
+pytest_plugins = ["tests.controlplane.fixtures", "tests.realnode.fixtures", "tests.cdicheck"]

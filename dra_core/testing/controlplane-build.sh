@@ -9,15 +9,14 @@
 #
 # Progress goes to stderr; the last line on stdout is the bin directory.
 set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LOG_TAG="build.sh"
+# shellcheck source=build-lib.sh
+source "$HERE/build-lib.sh"     # K8S_VERSION, STAGING_VERSION, log, die, run_logged
 
-K8S_VERSION="v1.37.2"          # k8s.io/kubernetes; staging modules k8s.io/* at v0.37.2
-STAGING_VERSION="v0.37.2"
 ETCD_VERSION="v3.7.3"          # go.etcd.io/etcd/server/v3 (k8s 1.37 uses the etcd 3.7 client)
 BINARIES=(etcd kube-apiserver kube-scheduler kube-controller-manager)
 K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager)
-
-log() { printf '[build.sh] %s\n' "$*" >&2; }
-die() { printf '[build.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 
 print_versions() {
     local dir="$1" b
@@ -92,17 +91,7 @@ export GOTOOLCHAIN=local GOFLAGS="-buildvcs=false" CGO_ENABLED=0
 GO_VERSION="$(go env GOVERSION)"
 log "go: $GO_VERSION ($(go env GOOS)/$(go env GOARCH)); build cache $(go env GOCACHE)"
 
-run_logged() {  # run_logged <component> <step> <cmd...>: on failure, say which and why
-    local comp="$1" step="$2"; shift 2
-    local logf="$CACHE_ROOT/logs/${comp}-${step}.log"
-    log "[$comp] $step: $*"
-    if ! "$@" >"$logf" 2>&1; then
-        printf '[build.sh] ERROR: building %s failed at step "%s" (full log: %s); last lines:\n' \
-            "$comp" "$step" "$logf" >&2
-        tail -n 30 "$logf" >&2
-        exit 1
-    fi
-}
+LOG_DIR="$CACHE_ROOT/logs"
 
 T_ALL=$SECONDS
 
@@ -131,49 +120,7 @@ log "[etcd] built in ${ETCD_SECS}s"
 
 # --- kubernetes: generated module with staging replaces ------------------------------
 T0=$SECONDS
-cd "$CACHE_ROOT/src/k8s"
-log "[kubernetes] go mod download k8s.io/kubernetes@${K8S_VERSION}"
-dl_json="$(go mod download -json "k8s.io/kubernetes@${K8S_VERSION}" 2>"$CACHE_ROOT/logs/kubernetes-download.log")" || {
-    log "ERROR: building kubernetes failed at step download; last lines:"
-    tail -n 30 "$CACHE_ROOT/logs/kubernetes-download.log" >&2
-    exit 1
-}
-k8s_gomod="$(printf '%s' "$dl_json" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' | head -n 1)"
-[[ -n "$k8s_gomod" && -f "$k8s_gomod" ]] || die "kubernetes: cannot find go.mod of k8s.io/kubernetes@${K8S_VERSION} in: $dl_json"
-# Staging modules: every "k8s.io/X => ./staging/src/k8s.io/X" replace of k8s.io/kubernetes.
-mapfile -t STAGING < <(sed -n 's#^[[:space:]]*\(k8s\.io/[A-Za-z0-9._-]*\)[[:space:]]*=>[[:space:]]*\./staging/src/.*$#\1#p' "$k8s_gomod" | sort -u)
-((${#STAGING[@]} > 10)) || die "kubernetes: found only ${#STAGING[@]} staging replaces in $k8s_gomod"
-log "[kubernetes] ${#STAGING[@]} staging modules -> ${STAGING_VERSION}"
-{
-    echo "module dra-core.local/controlplane/k8s"
-    echo
-    echo "go 1.26.0"
-    echo
-    echo "require k8s.io/kubernetes ${K8S_VERSION}"
-    echo
-    echo "replace ("
-    for m in "${STAGING[@]}"; do echo "	$m => $m ${STAGING_VERSION}"; done
-    echo ")"
-} >go.mod
-{
-    echo "//go:build tools"
-    echo
-    echo "package tools"
-    echo
-    echo "import ("
-    for c in "${K8S_CMDS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$c\""; done
-    echo ")"
-} >tools.go
-rm -f go.sum
-run_logged kubernetes mod-tidy go mod tidy
-VPKG=k8s.io/component-base/version
-LDFLAGS="-s -X ${VPKG}.gitVersion=${K8S_VERSION} -X ${VPKG}.gitMajor=1 -X ${VPKG}.gitMinor=37"
-LDFLAGS+=" -X ${VPKG}.gitTreeState=clean -X ${VPKG}.buildDate=1970-01-01T00:00:00Z"
-CV=k8s.io/client-go/pkg/version
-LDFLAGS+=" -X ${CV}.gitVersion=${K8S_VERSION} -X ${CV}.gitMajor=1 -X ${CV}.gitMinor=37 -X ${CV}.gitTreeState=clean"
-pkgs=()
-for c in "${K8S_CMDS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
-run_logged kubernetes build go build -p 2 -trimpath "-ldflags=${LDFLAGS}" -o "$BIN/" "${pkgs[@]}"
+build_k8s_commands "$CACHE_ROOT/src/k8s" "$BIN" "${K8S_CMDS[@]}"
 K8S_SECS=$((SECONDS - T0))
 log "[kubernetes] built ${K8S_CMDS[*]} in ${K8S_SECS}s"
 

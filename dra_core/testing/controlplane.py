@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -90,7 +92,11 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def find_binaries(build: bool = True, timeout: float | None = None) -> Path:
+def find_binaries(
+    build: bool = True,
+    timeout: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """Return the directory holding the four binaries.
 
     Runs build.sh (which uses ``DRA_TEST_BINARIES`` when set, else a cached or fresh build).
@@ -107,25 +113,48 @@ def find_binaries(build: bool = True, timeout: float | None = None) -> Path:
             msg = f"DRA_TEST_BINARIES={d} lacks executable {missing}"
             raise BinariesUnavailable(msg)
         return d
+    return run_build_script(BUILD_SCRIPT, timeout, progress)
+
+
+def run_build_script(
+    script: Path, timeout: float | None = None, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Run a build script that prints its bin directory as the last line on stdout.
+
+    Its progress lines (stderr) go to ``progress`` as they come (default: this process's
+    stderr), so a long first build shows where it is; a failure raises
+    :class:`BinariesUnavailable` with the last lines of it.
+    """
+    report = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    last: collections.deque[str] = collections.deque(maxlen=40)
     try:
-        proc = subprocess.run(
-            ["bash", str(BUILD_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        msg = f"{BUILD_SCRIPT} could not run: {e}"
+        with subprocess.Popen(
+            ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
+            assert proc.stdout is not None and proc.stderr is not None
+            timer = threading.Timer(timeout, proc.kill) if timeout else None
+            if timer:
+                timer.start()
+            try:
+                for line in proc.stderr:
+                    last.append(line.rstrip("\n"))
+                    report(last[-1])
+                out = [line.strip() for line in proc.stdout.read().splitlines() if line.strip()]
+                returncode = proc.wait()
+            finally:
+                if timer:
+                    timer.cancel()
+    except OSError as e:
+        msg = f"{script} could not run: {e}"
         raise BinariesUnavailable(msg) from e
-    if proc.returncode != 0:
-        err = "\n".join(proc.stderr.splitlines()[-40:])
-        msg = f"{BUILD_SCRIPT} failed (exit {proc.returncode}):\n{err}"
+    if returncode != 0:
+        detail = "\n".join(last)
+        msg = f"{script} failed (exit {returncode}):\n{detail}"
         raise BinariesUnavailable(msg)
-    out = [line for line in proc.stdout.splitlines() if line.strip()]
     if not out:
-        msg = f"{BUILD_SCRIPT} printed no bin directory"
+        msg = f"{script} printed no bin directory"
         raise BinariesUnavailable(msg)
-    return Path(out[-1].strip())
+    return Path(out[-1])
 
 
 def free_port() -> int:
@@ -148,10 +177,13 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux only)
 
 
 class _Component:
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
@@ -162,6 +194,7 @@ class _Component:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=self.env,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
@@ -177,6 +210,33 @@ class _Component:
                 f"{tail(self.log_path)}"
             )
             raise ControlPlaneError(msg)
+
+    def wait_until(
+        self,
+        probe: Probe,
+        what: str,
+        timeout: float,
+        error: type[ControlPlaneError] = ControlPlaneError,
+    ) -> None:
+        """Poll ``probe`` until it says ready; raise ``error`` with the last probe and the log
+        tail if the component exits or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        last = "not probed yet"
+        while True:
+            self.check_alive()
+            try:
+                ok, last = probe()
+            except Exception as e:  # noqa: BLE001 - keep polling, report last error
+                ok, last = False, f"{type(e).__name__}: {e}"
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                msg = (
+                    f"{self.name} not {what} after {timeout:.0f}s (last probe: {last}); "
+                    f"last lines of {self.log_path}:\n{tail(self.log_path)}"
+                )
+                raise error(msg)
+            time.sleep(0.2)
 
     def stop(self, grace: float = 10.0) -> None:
         p = self.proc
@@ -323,23 +383,7 @@ class ControlPlane:
     def _wait(
         self, comp: _Component, probe: Probe, what: str, timeout: float | None = None
     ) -> None:
-        deadline = time.monotonic() + (timeout or self.start_timeout)
-        last = "not probed yet"
-        while True:
-            comp.check_alive()
-            try:
-                ok, last = probe()
-            except Exception as e:  # noqa: BLE001 - keep polling, report last error
-                ok, last = False, f"{type(e).__name__}: {e}"
-            if ok:
-                return
-            if time.monotonic() > deadline:
-                msg = (
-                    f"{comp.name} not {what} after {timeout or self.start_timeout:.0f}s "
-                    f"(last probe: {last}); last lines of {comp.log_path}:\n{tail(comp.log_path)}"
-                )
-                raise ControlPlaneError(msg)
-            time.sleep(0.2)
+        comp.wait_until(probe, what, timeout or self.start_timeout)
 
     def _start_etcd(self) -> None:
         wd = self.workdir
