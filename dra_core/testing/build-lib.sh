@@ -21,6 +21,21 @@ run_logged() {  # run_logged <component> <step> <cmd...>: on failure, say which 
     fi
 }
 
+# use_prebuilt <variable>: if the environment variable names a directory, check that it holds
+# every binary (the caller's check_dir), print its versions (print_versions) and path, and exit.
+use_prebuilt() {
+    local var="$1" dir missing
+    [[ -n "${!var:-}" ]] || return 0
+    dir="$(cd "${!var}" 2>/dev/null && pwd)" || die "$var=${!var} is not a directory"
+    if ! missing="$(check_dir "$dir")"; then
+        die "$var=$dir lacks executable: $(echo "$missing" | tr '\n' ' ')"
+    fi
+    log "using prebuilt binaries from $var=$dir"
+    print_versions "$dir"
+    echo "$dir"
+    exit 0
+}
+
 # build_k8s_commands <module dir> <output dir> <cmd...>: build k8s.io/kubernetes/cmd/<cmd> at
 # K8S_VERSION in a wrapper module whose go.mod pins every staging module k8s.io/X (replaced by
 # ./staging/src in the kubernetes repository) to STAGING_VERSION, with version stamps.

@@ -42,17 +42,7 @@ check_dir() {
 }
 
 # --- 1. prebuilt binaries --------------------------------------------------------
-if [[ -n "${DRA_TEST_BINARIES:-}" ]]; then
-    dir="$(cd "$DRA_TEST_BINARIES" 2>/dev/null && pwd)" \
-        || die "DRA_TEST_BINARIES=$DRA_TEST_BINARIES is not a directory"
-    if ! missing="$(check_dir "$dir")"; then
-        die "DRA_TEST_BINARIES=$dir lacks executable: $(echo "$missing" | tr '\n' ' ')"
-    fi
-    log "using prebuilt binaries from DRA_TEST_BINARIES=$dir"
-    print_versions "$dir"
-    echo "$dir"
-    exit 0
-fi
+use_prebuilt DRA_TEST_BINARIES
 
 # --- 2. cached build --------------------------------------------------------------
 command -v go >/dev/null 2>&1 || die "no 'go' on PATH and DRA_TEST_BINARIES is not set"

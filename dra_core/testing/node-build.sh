@@ -37,17 +37,7 @@ print_versions() {
     log "  runc: $("$dir/runc" --version 2>&1 | head -n 1)"
 }
 
-if [[ -n "${DRA_TEST_NODE_BINARIES:-}" ]]; then
-    dir="$(cd "$DRA_TEST_NODE_BINARIES" 2>/dev/null && pwd)" \
-        || die "DRA_TEST_NODE_BINARIES=$DRA_TEST_NODE_BINARIES is not a directory"
-    if ! missing="$(check_dir "$dir")"; then
-        die "DRA_TEST_NODE_BINARIES=$dir lacks executable: $(echo "$missing" | tr '\n' ' ')"
-    fi
-    log "using prebuilt node binaries from DRA_TEST_NODE_BINARIES=$dir"
-    print_versions "$dir"
-    echo "$dir"
-    exit 0
-fi
+use_prebuilt DRA_TEST_NODE_BINARIES
 
 command -v go >/dev/null 2>&1 || die "no 'go' on PATH and DRA_TEST_NODE_BINARIES is not set"
 
