@@ -21,6 +21,8 @@ from dra_core.kubelet.proto import (
     dra_v1_pb2_grpc,
     dra_v1beta1_pb2,
     dra_v1beta1_pb2_grpc,
+    health_v1_pb2,
+    health_v1_pb2_grpc,
     health_v1alpha1_pb2,
     health_v1alpha1_pb2_grpc,
     pluginregistration_pb2,
@@ -31,6 +33,11 @@ from dra_core.model import ClaimRef, ClaimResult, ResultDevice
 __all__ = ["FakeKubelet", "HealthReport", "KubeletProtocolError", "PluginInfo"]
 
 ApiVersion = Literal["v1", "v1beta1"]
+HealthVersion = Literal["v1", "v1alpha1"]
+_HEALTH_MODULES: dict[str, tuple[Any, Any]] = {
+    "v1": (health_v1_pb2, health_v1_pb2_grpc),
+    "v1alpha1": (health_v1alpha1_pb2, health_v1alpha1_pb2_grpc),
+}
 #: The kubelet's own preference list (1.34 and later).
 KUBELET_DRA_SERVICES = ("v1.DRAPlugin", "v1beta1.DRAPlugin")
 _HEALTH = {
@@ -192,15 +199,28 @@ class FakeKubelet:
         self._check_keys("NodeUnprepareResources", claims, list(response.claims))
         return {uid: entry.error for uid, entry in response.claims.items()}
 
-    def watch_health(self, timeout: float = 30.0) -> Iterator[list[HealthReport]]:
-        """The health stream's messages, as they come; closes the stream when dropped."""
+    def health_version(self) -> HealthVersion:
+        """The health service the kubelet would watch: v1 when advertised, else v1alpha1."""
+        if self.info is None:
+            msg = "call register() first"
+            raise KubeletProtocolError(msg)
+        for version in ("v1", "v1alpha1"):
+            if f"{version}.DRAResourceHealth" in self.info.supported_versions:
+                return version
+        msg = f"no health service is advertised: {list(self.info.supported_versions)}"
+        raise KubeletProtocolError(msg)
+
+    def watch_health(
+        self, timeout: float = 30.0, *, api: HealthVersion | None = None
+    ) -> Iterator[list[HealthReport]]:
+        """The health stream's messages, as they come (over ``api``, by default the version
+        the kubelet would choose); closes the stream when dropped."""
         if self._dra is None:
             msg = "call register() first"
             raise KubeletProtocolError(msg)
-        stub = health_v1alpha1_pb2_grpc.DRAResourceHealthStub(self._dra)
-        stream = stub.NodeWatchResources(
-            health_v1alpha1_pb2.NodeWatchResourcesRequest(), timeout=timeout
-        )
+        messages, grpc_module = _HEALTH_MODULES[api or self.health_version()]
+        stub = grpc_module.DRAResourceHealthStub(self._dra)
+        stream = stub.NodeWatchResources(messages.NodeWatchResourcesRequest(), timeout=timeout)
         try:
             for response in stream:
                 yield [
@@ -216,10 +236,12 @@ class FakeKubelet:
         finally:
             stream.cancel()
 
-    def read_health(self, count: int, timeout: float = 30.0) -> list[list[HealthReport]]:
+    def read_health(
+        self, count: int, timeout: float = 30.0, *, api: HealthVersion | None = None
+    ) -> list[list[HealthReport]]:
         """The first ``count`` messages of a fresh health stream."""
         messages: list[list[HealthReport]] = []
-        for message in self.watch_health(timeout):
+        for message in self.watch_health(timeout, api=api):
             messages.append(message)
             if len(messages) >= count:
                 return messages

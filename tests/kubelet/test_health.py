@@ -70,6 +70,17 @@ def test_stream_sends_initial_state_and_changes(make_plugin: PluginFactory) -> N
     assert len(second[0].message) == 1024
 
 
+@pytest.mark.parametrize("api", ["v1", "v1alpha1"])
+def test_fake_kubelet_reads_either_version(make_plugin: PluginFactory, api: str) -> None:
+    board = HealthBoard([GPU0, GPU1])
+    plugin = make_plugin(health=board)
+    with FakeKubelet(plugin.registration_socket) as kubelet:
+        kubelet.register()
+        assert kubelet.health_version() == "v1", "the kubelet's choice when both are advertised"
+        (message,) = kubelet.read_health(1, timeout=5, api=api)  # type: ignore[arg-type]
+    assert [(d.device, d.healthy) for d in message] == [("gpu-0", True), ("gpu-1", None)]
+
+
 def test_stream_resends_unchanged_state(make_plugin: PluginFactory) -> None:
     board = HealthBoard([GPU0])
     plugin = make_plugin(health=board, health_resend_interval=0.1)
