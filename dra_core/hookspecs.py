@@ -51,13 +51,16 @@ class BackendOption:
 
     ``name`` becomes ``--name`` and the value arrives in :attr:`NodeContext.options` under
     ``name`` with dashes turned into underscores. ``env`` names an environment variable that
-    supplies the value when the flag is not given.
+    supplies the value when the flag is not given. ``path`` says the value is a file or
+    directory: ``dra-core`` makes a relative one absolute (against its working directory) when
+    it starts, and refuses an empty one.
     """
 
     name: str
     help: str
     default: str | None = None
     env: str | None = None
+    path: bool = False
 
 
 def _no_rediscovery() -> None:

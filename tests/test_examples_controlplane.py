@@ -12,7 +12,8 @@ from tests.controlplane import helpers
 pytestmark = pytest.mark.controlplane
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-KUBERNETES_APIS = {"v1", "resource.k8s.io/v1"}
+KUBERNETES_APIS = {"v1", "apps/v1", "resource.k8s.io/v1"}
+ADMIN_ACCESS_LABEL = "resource.kubernetes.io/admin-access"
 
 
 def objects(path: Path) -> list[dict]:
@@ -30,18 +31,69 @@ PATHS = {
     "ResourceClaim": f"{helpers.RESOURCE_API}/namespaces/{{ns}}/resourceclaims",
     "Pod": "/api/v1/namespaces/{ns}/pods",
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "DaemonSet": "/apis/apps/v1/namespaces/{ns}/daemonsets",
 }
+
+
+def own_namespace(path: Path, bodies: list[dict]) -> dict | None:
+    """The Namespace a file brings for its other objects (e.g. one labelled for admin access)."""
+    namespaces = [b for b in bodies if b["kind"] == "Namespace"]
+    assert len(namespaces) <= 1, f"{path}: one Namespace per example at most"
+    if not namespaces:
+        return None
+    name = namespaces[0]["metadata"]["name"]
+    for body in bodies:
+        if body["kind"] != "Namespace":
+            assert body["metadata"].get("namespace") == name, (
+                f"{path}: {body['kind']} {body['metadata']['name']} is not in the file's "
+                f"namespace {name}, so `kubectl apply -f` would put it elsewhere"
+            )
+    return namespaces[0]
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_example_is_accepted(path, kube_api, namespace):
-    for body in objects(path):
-        kind = body["kind"]
-        assert kind in PATHS, f"{path}: no test path for kind {kind}"
-        created = helpers.create(
-            kube_api, PATHS[kind].format(ns=namespace), body, query={"dryRun": "All"}
+    bodies = objects(path)
+    brought = own_namespace(path, bodies)
+    if brought is not None:
+        # Created for real under a unique name: admission of what goes into it (admin-access
+        # claims) reads the namespace's labels.
+        namespace = helpers.create_namespace(
+            kube_api, helpers.unique_name("example"), brought["metadata"].get("labels")
         )
-        assert created["metadata"]["name"] == body["metadata"]["name"]
+    try:
+        for body in bodies:
+            kind = body["kind"]
+            if kind == "Namespace":
+                continue
+            assert kind in PATHS, f"{path}: no test path for kind {kind}"
+            body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
+            created = helpers.create(
+                kube_api, PATHS[kind].format(ns=namespace), body, query={"dryRun": "All"}
+            )
+            assert created["metadata"]["name"] == body["metadata"]["name"]
+    finally:
+        if brought is not None:
+            helpers.delete_namespace(kube_api, namespace)
+
+
+def test_admin_access_needs_the_labelled_namespace(kube_api, namespace):
+    from kubernetes.client.exceptions import ApiException
+
+    path = EXAMPLES / "i915" / "monitoring-daemonset.yaml"
+    bodies = objects(path)
+    assert own_namespace(path, bodies)["metadata"]["labels"] == {ADMIN_ACCESS_LABEL: "true"}
+    (template,) = [b for b in bodies if b["kind"] == "ResourceClaimTemplate"]
+    template = {**template, "metadata": {**template["metadata"], "namespace": namespace}}
+    with pytest.raises(ApiException) as refused:
+        helpers.create(
+            kube_api,
+            PATHS["ResourceClaimTemplate"].format(ns=namespace),
+            template,
+            query={"dryRun": "All"},
+        )
+    assert refused.value.status in (403, 422), refused.value.body
+    assert ADMIN_ACCESS_LABEL in refused.value.body
 
 
 def test_every_example_directory_is_covered():

@@ -43,8 +43,10 @@ __all__ = (
     "address_of",
     "device_name",
     "drm_nodes",
+    "mei_node",
     "vf_address",
     "vf_name",
+    "vf_quota",
 )
 
 INTEL_VENDOR = 0x8086
@@ -54,6 +56,7 @@ _ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CARD = re.compile(r"^card(\d+)$")
 _RENDER = re.compile(r"^renderD(\d+)$")
 _VIRTFN = re.compile(r"^virtfn(\d+)$")
+_MEI = re.compile(r"^mei(\d+)$")
 _NAME = re.compile(r"^gpu-([0-9a-f]{4})-([0-9a-f]{2})-([0-9a-f]{2})-([0-7])$")
 
 
@@ -122,7 +125,8 @@ class Gpu:
     render: str | None
     #: Bytes of local memory; None when nothing said.
     memory_bytes: int | None
-    #: Where ``memory_bytes`` came from: ``sysfs``, ``ioctl``, ``integrated`` or ``unknown``.
+    #: Where ``memory_bytes`` came from: ``sysfs``, ``ioctl``, ``quota`` (a VF's, set on its
+    #: PF), ``integrated`` or ``unknown``.
     memory_source: str
     sriov: SriovInfo | None = None
     #: For a VF: its PF's address and its virtfn index.
@@ -132,6 +136,9 @@ class Gpu:
     #: (unbound, bound to another driver, gone from sysfs): why. Everything else is as it was
     #: last seen, so it stays published the same way (and unhealthy).
     lost: str = ""
+    #: The management engine (MEI/GSC) character device of the GPU (``mei0``), when it has
+    #: one: the ``mei`` child of the function's own ``*.mei-gsc*`` auxiliary device.
+    mei: str | None = None
 
     @property
     def name(self) -> str:
@@ -188,6 +195,22 @@ def drm_nodes(device_dir: Path) -> tuple[str | None, str | None]:
     return (cards[0][1] if cards else None, renders[0][1] if renders else None)
 
 
+def mei_node(device_dir: Path) -> str | None:
+    """The MEI device (``mei0``, node ``/dev/mei0``) of a PCI function, or None.
+
+    The GPU's graphics system controller is an auxiliary device of the function
+    (``i915.mei-gsc.<id>`` on Flex and Max, ``i915.mei-gscfi.<id>`` on Arc, ``xe.mei-gscfi.<id>``),
+    whose ``mei/meiN`` child is the character device monitoring and firmware tools open. When
+    several match (it should not happen), the lowest number wins.
+    """
+    found = sorted(
+        (int(m.group(1)), p.name)
+        for p in device_dir.glob("*mei*/mei/mei*")
+        if (m := _MEI.match(p.name))
+    )
+    return found[0][1] if found else None
+
+
 def _pcie_root(resolved: Path, sysfs_root: Path) -> str:
     """``pci0000:00`` from ``<sysfs>/devices/pci0000:00/.../0000:03:00.0`` (both resolved)."""
     try:
@@ -213,6 +236,9 @@ class Discoverer:
     _said: set[str] = field(default_factory=set)
     #: GPUs published earlier in this run, kept (lost) when they lose their driver.
     last_seen: LastSeen = field(default_factory=lambda: LastSeen())
+    #: The memory quota last read for each VF made outside this backend, by VF address.
+    _quotas: dict[str, int | None] = field(default_factory=dict)
+    _quota_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _once(self, level: str, address: str, message: str) -> None:
         first = message not in self._said
@@ -244,6 +270,7 @@ class Discoverer:
                 continue
             if gpu is not None:
                 gpus.append(gpu)
+        gpus = self._with_vf_quotas(gpus, created)
         result = self.last_seen.apply(Discovery(tuple(gpus), tuple(skipped)), created)
         result = replace(result, gpus=tuple(self._with_vf_indexes(result.gpus)))
         for item in result.skipped:
@@ -301,6 +328,7 @@ class Discoverer:
             memory_source=source,
             sriov=None if physfn else _sriov(entry),
             physfn=physfn,
+            mei=mei_node(resolved),
         )
 
     def _memory(
@@ -320,13 +348,53 @@ class Discoverer:
             value = self._memory_cache[key]
             if value is not None:
                 return value, "ioctl"
+        if not (device_dir / "physfn").is_symlink():  # a VF's quota may still say: see below
+            self._unknown_memory(device_dir.name)
+        return None, "unknown"
+
+    def _unknown_memory(self, address: str) -> None:
         self._once(
             "INFO",
-            device_dir.name,
-            f"local memory of {device_dir.name} unknown (no sysfs size, DRM query failed or not "
-            f"privileged); publishing it without a memory capacity",
+            address,
+            f"local memory of {address} unknown (no sysfs size or VF quota, DRM query failed or "
+            f"not privileged); publishing it without a memory capacity",
         )
-        return None, "unknown"
+
+    def _with_vf_quotas(self, gpus: list[Gpu], created: Collection[str]) -> list[Gpu]:
+        """Give VFs made outside this backend the memory their PF's quota gives them.
+
+        Only for VFs whose memory nothing else told (their own ``lmem_total_bytes``, the DRM
+        query); the VFs of PFs in ``created`` are published from their profile instead. A VF
+        whose PF is not usable now (no driver, so no quota tree) keeps the quota last read.
+        """
+        pfs = {g.address for g in gpus if g.sriov is not None}
+        slot = {
+            address: (pf, index)
+            for pf in gpus
+            if pf.sriov is not None and pf.address not in created
+            for index, address in pf.sriov.vfs
+        }
+        result = []
+        for gpu in gpus:
+            if gpu.physfn is None or gpu.memory_bytes is not None or gpu.physfn in created:
+                result.append(gpu)
+                continue
+            found = slot.get(gpu.address)
+            if found is not None:
+                quota = vf_quota(*found)
+                with self._quota_lock:
+                    self._quotas[gpu.address] = quota
+            elif gpu.physfn not in pfs:
+                with self._quota_lock:
+                    quota = self._quotas.get(gpu.address)
+            else:
+                quota = None
+            if quota is None:
+                self._unknown_memory(gpu.address)
+            else:
+                gpu = replace(gpu, memory_bytes=quota, memory_source="quota")
+            result.append(gpu)
+        return result
 
     @staticmethod
     def _with_vf_indexes(gpus: Iterable[Gpu]) -> list[Gpu]:
@@ -447,6 +515,32 @@ def _numa(entry: Path) -> int | None:
         logger.debug("{}; NUMA node unknown", exc)
         return None
     return node if node >= 0 else None
+
+
+def vf_quota(pf: Gpu, index: int) -> int | None:
+    """The local memory ``pf`` gives its VF ``index`` (``virtfnK``) by quota; None if unset.
+
+    i915 ``<pf card>/prelim_iov/vf<K+1>/gt*/lmem_quota`` summed over the GTs (a per-tile
+    figure on each tile), xe ``sriov_admin/vf<K+1>/profile/vram_quota``. A quota of 0 means the
+    kernel provisioned the VF itself (a fair share it does not show), which is None too.
+    """
+    vf = f"vf{index + 1}"
+    paths: list[Path] = []
+    if pf.driver == "i915" and pf.card is not None:
+        card = pf.path / "drm" / pf.card
+        for tree in ("prelim_iov", "iov"):
+            paths = sorted((card / tree / vf).glob("gt*/lmem_quota"))
+            if paths:
+                break
+    elif pf.driver == "xe":
+        paths = [pf.path / "sriov_admin" / vf / "profile" / "vram_quota"]
+        paths = [p for p in paths if p.exists()]
+    try:
+        total = sum(read_int(p) for p in paths)
+    except SysfsError as exc:
+        logger.warning("{}; the memory of VF {} of {} is unknown", exc, index, pf.address)
+        return None
+    return total or None
 
 
 def _sysfs_memory(device_dir: Path, driver: str, card: str | None) -> int | None:

@@ -17,6 +17,9 @@ Per device:
 - for a share of a shared GPU: ``GPU_SHARE_MEMORY_BYTES`` and ``GPU_SHARE_MILLICORES`` with
   what the scheduler reserved for this share. Nothing enforces them: the workload is expected
   to honour them (e.g. pass them to its runtime's memory and thread limits).
+
+For admin access (monitoring) :func:`mei_edits` adds the GPU's management engine node
+``/dev/meiN`` (host path under the devfs root) and ``MEI_NODE_<address>=/dev/meiN``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from loguru import logger
 
 from dra_core import ContainerEdits, DeviceNode, QuantityError, parse_quantity
 
-__all__ = ("drm_edits",)
+__all__ = ("drm_edits", "mei_edits")
 
 
 def _suffix(address: str) -> str:
@@ -170,3 +173,27 @@ def drm_edits(
         except QuantityError:
             env[variable] = value
     return ContainerEdits(env=env, device_nodes=tuple(nodes))
+
+
+def mei_edits(address: str, mei: str | None, devfs_root: Path) -> ContainerEdits:
+    """The management engine node of the GPU at ``address`` (``mei0`` -> ``/dev/mei0``).
+
+    Nothing when the GPU has none, or when its node is missing from the devfs root (a
+    container runtime refuses a host path that is not there): that is logged with the GPU.
+    """
+    if mei is None:
+        return ContainerEdits()
+    host = Path(os.path.normpath(devfs_root)) / mei
+    if not os.path.lexists(host):
+        logger.bind(device=address).warning(
+            "GPU {}: its management engine {} has no device node {}; not giving it to the "
+            "container (is udev running, and the devfs root right?)",
+            address,
+            mei,
+            host,
+        )
+        return ContainerEdits()
+    path = f"/dev/{mei}"
+    return ContainerEdits(
+        env={f"MEI_NODE_{_suffix(address)}": path}, device_nodes=(_device_node(path, host),)
+    )

@@ -17,19 +17,21 @@ from loguru import logger
 from dra_backend_i915 import CDI_CLASS, CDI_VENDOR, DRIVER_NAME
 from dra_backend_i915.config import GpuConfig, NodeSettings, decode_opaque, settings_from
 from dra_backend_i915.discovery import Discoverer, Discovery, Gpu, drm_nodes, vf_name
-from dra_backend_i915.edits import drm_edits
+from dra_backend_i915.edits import drm_edits, mei_edits
 from dra_backend_i915.health import HealthMonitor
 from dra_backend_i915.inventory import Built, DeviceRecord, build
 from dra_backend_i915.memory import DrmMemoryQuery, MemoryQuery
+from dra_backend_i915.profiles import Profile
 from dra_backend_i915.sriov import VfProvisioner
 from dra_backend_i915.state import CreatedVfs, State, StateStore
-from dra_backend_i915.sysfs import FileWriter, SysfsWriter
+from dra_backend_i915.sysfs import FileWriter, SysfsError, SysfsWriter, read_int
 from dra_core import (
     AllocatedClaim,
     AllocatedDevice,
     AllocationError,
     BackendIdentity,
     BackendOption,
+    ContainerEdits,
     DeviceClassSpec,
     DeviceHealth,
     Inventory,
@@ -146,9 +148,9 @@ class I915Backend:
                         f"(unplugged, unbound or re-partitioned); the claim must be re-allocated"
                     )
                     raise AllocationError(msg)
-                self._check_health(record, settings)
                 if allocated.admin_access:
-                    continue
+                    continue  # monitoring: unhealthy GPUs too, beside any claim
+                self._check_health(record, settings)
                 self._check_exclusive(record, allocated, state, uid)
                 self._check_profile(record, claim.configs_for(allocated))
 
@@ -234,6 +236,9 @@ class I915Backend:
                     if record is None:
                         msg = f"device {allocated.device} is not on node {context.node_name}"
                         raise PrepareError(msg)
+                    if allocated.admin_access:
+                        result.append(self._prepare_admin(record, allocated, settings, uid))
+                        continue
                     lost = _lost(record)
                     if lost:
                         msg = f"device {allocated.device} cannot be prepared: {lost}"
@@ -250,9 +255,50 @@ class I915Backend:
                     state.hold(allocated.device, uid)
                     store.save(state)
             except BaseException:
-                self._release(uid, [d.device for d in claim.devices], context)
+                held = [d.device for d in claim.devices if not d.admin_access]
+                try:
+                    if held:  # admin access holds nothing: nothing to undo, no VF to remove
+                        self._release(uid, held, context)
+                except RuntimeError as undo:  # the core's unprepare of the claim tries again
+                    logger.bind(claim=uid).error("undoing the failed prepare: {}", undo)
                 raise
             return result
+
+    @staticmethod
+    def _prepare_admin(
+        record: DeviceRecord, allocated: AllocatedDevice, settings: NodeSettings, uid: str
+    ) -> PreparedDevice:
+        """Admin access (monitoring): the device's nodes now, plus its management engine.
+
+        Nothing is held, so normal claims are never refused because of it, and nothing is
+        created: a VF that does not exist (its PF's VFs are made for the first normal claim
+        of one) gets no edits, and neither does a GPU that lost its driver (its nodes are
+        gone), so one missing device does not keep a monitoring pod from the others. A
+        shared GPU's share variables are not given.
+        """
+        gpu = record.gpu
+        state: dict[str, object] = {"kind": record.kind, "adminAccess": True}
+        log = logger.bind(claim=uid, device=record.name)
+        if gpu is None:
+            log.info(
+                "admin access to VF {} of {}: it does not exist (VFs are created for normal "
+                "claims only), so the container gets no node for it",
+                record.name,
+                record.pf_address,
+            )
+            return PreparedDevice(allocated, ContainerEdits(), state)
+        lost = _lost(record)
+        if lost:
+            log.warning(
+                "admin access to {}: {}; the container gets no node for it", record.name, lost
+            )
+            return PreparedDevice(allocated, ContainerEdits(), state)
+        devfs = settings.devfs_root
+        edits = drm_edits(gpu.address, gpu.card, gpu.render, devfs).merged(
+            mei_edits(gpu.address, gpu.mei, devfs)
+        )
+        state["address"] = gpu.address
+        return PreparedDevice(allocated, edits, state)
 
     def _prepare_one(
         self,
@@ -313,39 +359,7 @@ class I915Backend:
     ) -> tuple[str, str | None, str | None]:
         pf, profile, index = record.pf, record.profile, record.vf_index
         assert pf is not None and profile is not None and index is not None
-        provisioner = VfProvisioner(self.writer, timeout=settings.vf_timeout, poll=self.poll)
-        created = state.created.get(pf.address)
-        if created is not None and not created.complete:
-            logger.bind(device=pf.name).warning(
-                "an earlier VF creation on {} was interrupted; starting over", pf.address
-            )
-            try:
-                provisioner.teardown(pf)
-            except (OSError, TimeoutError) as exc:
-                msg = f"cannot clean up the interrupted VF creation on {pf.address}: {exc}"
-                raise PrepareError(msg) from exc
-            created = None
-        if created is not None and pf.sriov is not None and pf.sriov.num_vfs == 0:
-            logger.bind(device=pf.name).warning(
-                "the VFs made on {} are gone (sriov_numvfs is 0); creating them again", pf.address
-            )
-            created = None
-        if created is None:
-            whole = state.holders.get(pf.name)
-            if whole:
-                msg = f"VF {record.name} cannot be created: PF {pf.name} is held by {whole[0]}"
-                raise PrepareError(msg)
-            state.created[pf.address] = CreatedVfs(profile.name, profile.num_vfs)
-            store.save(state)
-            try:
-                provisioner.create(pf, profile)
-            except PrepareError:
-                del state.created[pf.address]
-                store.save(state)
-                raise
-            state.created[pf.address].complete = True
-            store.save(state)
-            context.request_rediscovery()
+        self._ensure_vfs(record.name, pf, profile, settings, state, store, context)
         link = pf.path / f"virtfn{index}"
         if not link.exists():
             msg = (
@@ -357,8 +371,157 @@ class I915Backend:
         card, render = drm_nodes(target)
         return target.name, card, render
 
+    def _ensure_vfs(
+        self,
+        device: str,
+        pf: Gpu,
+        profile: Profile,
+        settings: NodeSettings,
+        state: State,
+        store: StateStore,
+        context: NodeContext,
+    ) -> None:
+        """Make the PF's VFs exist, once for every VF of every claim that needs one of them.
+
+        Idempotent per PF, whatever the shape of the claims (several VFs in one claim, several
+        claims in one call, calls one after the other): the state says whether this backend
+        made the PF's VFs or was making them, and ``sriov_numvfs`` read now (not the discovery
+        the claim started from, which predates VFs made for an earlier device of the same
+        claim) says whether they exist. The intent is saved before ``sriov_numvfs`` is written
+        and forgotten only once the PF has no VFs again, so VFs this backend made are never
+        taken for an administrator's.
+        """
+        numvfs = pf.path / "sriov_numvfs"
+        try:
+            current = read_int(numvfs)
+        except SysfsError as exc:
+            msg = (
+                f"VF {device} cannot be prepared: the VF count of GPU {pf.address} cannot be "
+                f"read ({exc}); check that the GPU is still bound to {pf.driver}"
+            )
+            raise PrepareError(msg) from None
+        provisioner = VfProvisioner(self.writer, timeout=settings.vf_timeout, poll=self.poll)
+        log = logger.bind(device=pf.name)
+        created = state.created.get(pf.address)
+        if created is not None and created.complete:
+            if current == created.num_vfs:
+                return
+            if current != 0:
+                msg = (
+                    f"VF {device} cannot be prepared: GPU {pf.address} has {current} VFs where "
+                    f"this driver made {created.num_vfs} ({created.profile}), so sriov_numvfs was "
+                    f"changed outside the driver; release the claims on its VFs (the driver "
+                    f"then removes them) or write 0 to {numvfs}, and the kubelet retries"
+                )
+                raise PrepareError(msg)
+            log.warning(
+                "the VFs made on {} are gone (sriov_numvfs is 0); creating them again", pf.address
+            )
+        elif created is not None:
+            # The agent stopped between saving the intent and recording the VFs as made.
+            if current == created.num_vfs and self._finish_interrupted(
+                pf, created, provisioner, state, store, context
+            ):
+                return
+            if current != 0:
+                log.warning(
+                    "an earlier VF creation on {} was interrupted with {} VFs; starting over",
+                    pf.address,
+                    current,
+                )
+                try:
+                    provisioner.teardown(pf)
+                except (OSError, TimeoutError) as exc:
+                    msg = (
+                        f"VF {device} cannot be prepared: removing the VFs of an interrupted "
+                        f"creation on GPU {pf.address} failed ({exc}); they stay recorded as "
+                        f"this driver's. Write 0 to {numvfs} (see the kernel log if it "
+                        f"refuses), and the kubelet retries"
+                    )
+                    raise PrepareError(msg) from exc
+        else:
+            if current != 0:
+                msg = (
+                    f"VF {device} cannot be prepared: GPU {pf.address} got {current} VFs from "
+                    f"outside this driver since the claim was allocated; the driver never "
+                    f"changes such VFs, and the kubelet's retry gets them as they are"
+                )
+                raise PrepareError(msg)
+            whole = state.holders.get(pf.name)
+            if whole:
+                msg = (
+                    f"VF {device} cannot be created: GPU {pf.address} ({pf.name}) is held whole "
+                    f"by claim {whole[0]}; the kubelet retries once it is released"
+                )
+                raise PrepareError(msg)
+        state.created[pf.address] = CreatedVfs(profile.name, profile.num_vfs)
+        store.save(state)  # durable before sriov_numvfs is written: a crash keeps them ours
+        try:
+            provisioner.create(pf, profile)
+        except PrepareError:
+            self._forget_unless_vfs_remain(pf, state, store)
+            raise
+        state.created[pf.address].complete = True
+        store.save(state)
+        context.request_rediscovery()
+
+    def _finish_interrupted(
+        self,
+        pf: Gpu,
+        created: CreatedVfs,
+        provisioner: VfProvisioner,
+        state: State,
+        store: StateStore,
+        context: NodeContext,
+    ) -> bool:
+        """Use the VFs of a creation whose ``sriov_numvfs`` write went through; False if unusable.
+
+        The quotas were written before ``sriov_numvfs``, so VFs of the recorded count are the
+        ones the profile asked for; they only need to appear with their DRM nodes.
+        """
+        try:
+            provisioner.wait_created(pf, created.num_vfs)
+        except TimeoutError as exc:
+            logger.bind(device=pf.name).warning(
+                "the VFs of an interrupted creation on {} are not usable: {}", pf.address, exc
+            )
+            return False
+        created.complete = True
+        store.save(state)
+        context.request_rediscovery()
+        logger.bind(device=pf.name).info(
+            "the {} VFs ({}) whose creation on {} was interrupted are there; using them",
+            created.num_vfs,
+            created.profile,
+            pf.address,
+        )
+        return True
+
+    @staticmethod
+    def _forget_unless_vfs_remain(pf: Gpu, state: State, store: StateStore) -> None:
+        """After a failed creation: forget the intent only once the PF reads 0 VFs."""
+        try:
+            remaining = read_int(pf.path / "sriov_numvfs")
+        except SysfsError as exc:
+            logger.bind(device=pf.name).error(
+                "{}; the VFs of {} stay recorded as this driver's", exc, pf.address
+            )
+            return
+        if remaining == 0:
+            del state.created[pf.address]
+            store.save(state)
+            return
+        logger.bind(device=pf.name).error(
+            "the rollback left {} VFs on {}; they stay recorded as this driver's and are removed "
+            "when no claim uses them",
+            remaining,
+            pf.address,
+        )
+
     def unprepare(self, claim: PreparedClaim, context: NodeContext) -> bool:
         """Release the claim's devices; tear down backend-made VFs nobody holds."""
+        if claim.devices and all(d.allocation.admin_access for d in claim.devices):
+            return True  # admin access held nothing and never removes VFs
         with self._lock:
             self._release(claim.ref.uid, [d.allocation.device for d in claim.devices], context)
         return True
@@ -452,9 +615,13 @@ def dra_backend_identity() -> BackendIdentity:
 def dra_backend_options() -> Sequence[BackendOption]:
     """``--sysfs-root``, ``--devfs-root``, ``--vf-profile``, ``--shared-gpus``."""
     return (
-        BackendOption("sysfs-root", "root of the host's sysfs", "/sys", "SYSFS_ROOT"),
+        BackendOption("sysfs-root", "root of the host's sysfs", "/sys", "SYSFS_ROOT", path=True),
         BackendOption(
-            "devfs-root", "root of the host's /dev (CDI host paths)", "/dev", "DEVFS_ROOT"
+            "devfs-root",
+            "root of the host's /dev (CDI host paths)",
+            "/dev",
+            "DEVFS_ROOT",
+            path=True,
         ),
         BackendOption(
             "vf-profile",
@@ -485,7 +652,7 @@ def dra_discover(context: NodeContext) -> Inventory:
 
 @hookimpl
 def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
-    """Whole GPUs, VFs and shared GPUs."""
+    """Whole GPUs, VFs, shared GPUs, and every GPU for monitoring (admin access)."""
     d = identity.driver_name
     return (
         DeviceClassSpec(
@@ -502,6 +669,15 @@ def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
             name=f"shared.{d}",
             selectors=(f'device.driver == "{d}" && device.allowMultipleAllocations == true',),
             description="Shares of Intel GPUs by memory and millicores (accounting only)",
+        ),
+        DeviceClassSpec(
+            name=f"monitoring.{d}",
+            # Not the VFs this backend makes on demand (they have a profile): their PF is
+            # selected, and one claim cannot take a PF and its VFs' counters twice.
+            selectors=(f'device.driver == "{d}" && !("profile" in device.attributes["{d}"])',),
+            description="Every Intel GPU of a node, for monitoring (adminAccess, allocationMode "
+            "All): whole, shared and partitionable GPUs and VFs an administrator made, with "
+            "their management engines (/dev/meiN)",
         ),
     )
 

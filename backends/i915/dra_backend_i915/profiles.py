@@ -3,8 +3,10 @@
 i915 profiles (Flex 170/140, Max 1550/1450 and 1100) carry the quotas Intel's driver wrote to
 ``prelim_iov/vfK/<gt>/``: ``lmem_quota`` (per tile, with an ECC-on variant), ``ggtt_quota``,
 ``doorbells_quota``, ``contexts_quota`` (1024), ``exec_quantum_ms`` and ``preempt_timeout_us``.
-On two-tile Max the per-tile figures go into both GT directories, so a VF gets twice
-``lmem_quota``.
+On two-tile Max ``lmem_quota`` is a per-tile figure written to both GT directories (a VF gets
+twice ``lmem_quota``), while ``doorbells_quota`` and ``ggtt_quota`` are per-VF figures that
+:mod:`dra_backend_i915.sriov` divides by the number of tiles, as Intel's driver does (each
+tile has its own doorbells and GGTT).
 
 xe profiles (Arc Pro B-series) split the card's VF memory pool equally (``vram_quota`` in
 ``sriov_admin/vfN/profile/``), with the Flexible scheduling preset (``exec_quantum_ms`` =

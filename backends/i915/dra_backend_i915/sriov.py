@@ -5,7 +5,10 @@ Creation (at the prepare of a PF's first VF):
 1. ``sriov_numvfs`` must read 0 (the PCI core refuses to change a non-zero count: ``EBUSY``).
 2. Quotas, per VF and per GT, in this order: ``exec_quantum_ms``, ``preempt_timeout_us``,
    ``lmem_quota``, ``ggtt_quota``, ``doorbells_quota``, ``contexts_quota`` (i915
-   ``<card>/prelim_iov/vfK/<gt>/``; files the GT lacks are skipped). On xe,
+   ``<card>/prelim_iov/vfK/<gt>/``; files the GT lacks are skipped). On two-tile GPUs (Max
+   1550/1450: ``gt0`` and ``gt1``) ``ggtt_quota`` and ``doorbells_quota`` are divided by the
+   number of tiles, as Intel's driver does, and ``lmem_quota`` (a per-tile figure) is written
+   whole to each tile. On xe,
    ``sriov_admin/vfK/profile/{exec_quantum_ms,preempt_timeout_us,vram_quota}`` when the kernel
    has ``sriov_admin`` (6.19+), else the kernel's fair-share auto-provisioning is used.
 3. ``sriov_drivers_autoprobe`` = 1 (VFs bind to i915/xe and get DRM nodes), then
@@ -70,6 +73,20 @@ def _i915_values(profile: Profile, ecc: bool) -> dict[str, int]:
     }
 
 
+#: The i915 VF quotas that are per-VF figures, divided by the number of tiles on each tile.
+I915_SPLIT_OVER_TILES = ("ggtt_quota", "doorbells_quota")
+
+
+def _per_tile(values: dict[str, int], tiles: int) -> dict[str, int]:
+    """The values to write on each of ``tiles`` tiles, as Intel's driver divides them."""
+    if tiles <= 1:
+        return values
+    return {
+        name: value // tiles if name in I915_SPLIT_OVER_TILES else value
+        for name, value in values.items()
+    }
+
+
 def quota_writes(pf: Gpu, profile: Profile) -> list[tuple[Path, int]]:
     """The quota files to write for ``profile`` on ``pf``, in order, with their values."""
     writes: list[tuple[Path, int]] = []
@@ -81,9 +98,13 @@ def quota_writes(pf: Gpu, profile: Profile) -> list[tuple[Path, int]]:
             return writes
         values = _i915_values(profile, ecc)
         for vf in range(1, profile.num_vfs + 1):
-            for gt in sorted(p for p in (iov / f"vf{vf}").glob("gt*") if p.is_dir()):
+            gts = sorted(p for p in (iov / f"vf{vf}").glob("gt*") if p.is_dir())
+            # Doorbells and GGTT are per-VF figures split over the tiles (each tile has its
+            # own 240 doorbells and GGTT); lmem_quota is already a per-tile figure.
+            per_tile = _per_tile(values, len(gts))
+            for gt in gts:
                 writes.extend(
-                    (gt / name, values[name]) for name in I915_QUOTA_ORDER if (gt / name).exists()
+                    (gt / name, per_tile[name]) for name in I915_QUOTA_ORDER if (gt / name).exists()
                 )
     elif pf.driver == "xe":
         admin = pf.path / "sriov_admin"
@@ -145,10 +166,16 @@ class VfProvisioner:
             addresses = self._wait_created(pf, profile.num_vfs)
         except (OSError, SysfsError, TimeoutError) as exc:
             reason = _reason(exc)
-            self._rollback(pf, writes)
+            left = self._rollback(pf, writes)
+            outcome = (
+                "rolled back to 0 VFs, the kubelet will retry"
+                if not left
+                else f"the rollback could not remove the VFs ({left}): they are removed once no "
+                f"claim uses them, or write 0 to {numvfs} by hand"
+            )
             msg = (
                 f"creating {profile.num_vfs} VFs ({profile.name}) on {pf.address} failed while "
-                f"{step}: {reason}; rolled back to 0 VFs, the kubelet will retry"
+                f"{step}: {reason}; {outcome}"
             )
             raise PrepareError(msg) from exc
         logger.bind(device=pf.name).info(
@@ -162,6 +189,14 @@ class VfProvisioner:
         self._wait_gone(pf)
         self._reset_quotas(pf)
         logger.bind(device=pf.name).info("removed the VFs of {}", pf.address)
+
+    def wait_created(self, pf: Gpu, count: int) -> list[str]:
+        """Wait (bounded) for ``count`` VFs of ``pf`` with their DRM cards; their addresses.
+
+        For VFs whose ``sriov_numvfs`` write is done (e.g. by an agent that stopped before
+        recording them as made). ``TimeoutError`` when they do not all appear in time.
+        """
+        return self._wait_created(pf, count)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -195,17 +230,21 @@ class VfProvisioner:
                 raise TimeoutError(msg)
             time.sleep(self.poll)
 
-    def _rollback(self, pf: Gpu, writes: list[tuple[Path, int]]) -> None:
+    def _rollback(self, pf: Gpu, writes: list[tuple[Path, int]]) -> str:
+        """Back to 0 VFs and zero quotas; why the VFs could not be removed, or ""."""
+        left = ""
         try:
             self.writer.write(pf.path / "sriov_numvfs", "0")
             self._wait_gone(pf)
         except (OSError, TimeoutError) as exc:
+            left = _reason(exc)
             logger.bind(device=pf.name).error(
-                "rollback of {}: writing 0 to sriov_numvfs failed: {}", pf.address, _reason(exc)
+                "rollback of {}: writing 0 to sriov_numvfs failed: {}", pf.address, left
             )
         for path, _ in reversed(writes):
             self._zero(path)
         self._reset_quotas(pf)
+        return left
 
     def _reset_quotas(self, pf: Gpu) -> None:
         """Zero every VF quota, then give the PF back to auto-provisioning."""

@@ -1,12 +1,14 @@
 """The backend's small durable state: which PFs' VFs it created, and who holds which device.
 
-Kept as JSON in ``<state_dir>/i915-state.json`` (written atomically: temp file, fsync,
-rename), or in memory when the agent gives no state directory (``dra-core discover``, tests).
-It answers three questions the sysfs tree cannot:
+Kept as JSON in ``<state_dir>/i915-state.json`` (written atomically and durably: temp file,
+fsync, rename, fsync of the directory), or in memory when the agent gives no state directory
+(``dra-core discover``, tests). It answers three questions the sysfs tree cannot:
 
 - were a PF's VFs created by this backend (torn down when the last is released) or by an
-  administrator (never touched)? A PF is recorded *before* ``sriov_numvfs`` is written, so a
-  crash half way still counts as ours;
+  administrator (never touched)? A PF is recorded (``complete: false``) and saved *before*
+  ``sriov_numvfs`` is written, marked complete once its VFs are there, and forgotten only
+  when it has no VFs again, so an agent that dies anywhere in between still knows them as
+  its own;
 - which claims hold each device, so the last VF's release triggers the teardown and a whole GPU
   is not handed to a second claim;
 - which profile the VFs were made with.
@@ -31,7 +33,7 @@ _VERSION = 1
 
 @dataclass
 class CreatedVfs:
-    """VFs this backend created (or is creating) on one PF."""
+    """VFs this backend created (or is creating: ``complete`` false) on one PF."""
 
     profile: str
     num_vfs: int
@@ -140,4 +142,9 @@ class StateStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash or power cut
+        finally:
+            os.close(directory)
         logger.trace("saved {}", path)

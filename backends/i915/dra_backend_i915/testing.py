@@ -17,10 +17,14 @@ for tests that hand them to a container runtime; this needs ``CAP_MKNOD`` (root)
 the tree makes is one: ``add_gpu``, ``add_simpledrm``, VFs created on demand through
 :class:`FakeKernel` or ``add_vf``, and nodes made again on ``rebind``.
 
+:meth:`FakeSysfs.add_mei` gives a GPU its management engine (MEI/GSC): the auxiliary device
+``<function>/i915.mei-gscfi.<id>/mei/meiN``, ``class/mei/meiN`` and ``dev/meiN``.
+
 Plain files cannot refuse a write with ``EBUSY``, so the kernel rules live behind the
 backend's one write seam, :class:`dra_backend_i915.sysfs.SysfsWriter`. :class:`FakeKernel` is
 a writer that enforces the PCI core's ``sriov_numvfs`` rules (``ERANGE`` past
-``sriov_totalvfs``, ``EBUSY`` on changing a non-zero count, ``ENOENT`` when unbound), and
+``sriov_totalvfs``, ``EBUSY`` on changing a non-zero count, ``ENOENT`` when unbound) and i915's
+per-GT quota limits (``EDQUOT`` past 240 doorbells or the GGTT of one tile), and
 creates the VF functions, links and DRM nodes in a background thread after a short delay, so
 the backend's bounded wait is exercised; ``materialise=False`` makes VFs never appear.
 
@@ -58,6 +62,8 @@ from dra_core import AllocatedClaim, AllocatedDevice, ClaimRef, NodeContext
 __all__ = (
     "DRM_MAJOR",
     "GIB",
+    "I915_GT_LIMITS",
+    "MEI_MAJOR",
     "FakeDrmIoctl",
     "FakeKernel",
     "FakeSysfs",
@@ -78,8 +84,15 @@ I915_QUOTA_FILES = (
 XE_PROFILE_FILES = ("exec_quantum_ms", "preempt_timeout_us", "sched_priority", "vram_quota")
 FATAL_COUNTERS = ("fatal_guc", "fatal_l3_double", "fatal_eu_grf", "sgunit_fatal")
 GIB = 1 << 30
+#: What the VFs on one GT (one tile) of an i915 PF share at most: 240 doorbells and
+#: 4026531840 bytes of GGTT (4 GiB less the PF's part), the figures the one-VF profile of every
+#: i915 model gives. :class:`FakeKernel` refuses a quota write past them with ``EDQUOT``.
+I915_GT_LIMITS = {"doorbells_quota": 240, "ggtt_quota": 4026531840}
 #: The character-device major of DRM nodes (``/dev/dri/card*``, ``renderD*``).
 DRM_MAJOR = 226
+#: The major of the fake ``/dev/meiN`` nodes. The kernel gives MEI a dynamic major at boot
+#: (``mei`` in ``/proc/devices``); 240 is in the range Linux keeps for local use.
+MEI_MAJOR = 240
 
 
 def _write(path: Path, value: object) -> None:
@@ -348,6 +361,40 @@ class FakeSysfs:
                     (self.sys / "bus/pci/drivers" / record.driver / address).unlink(missing_ok=True)
                 shutil.rmtree(record.path, ignore_errors=True)
 
+    def add_mei(self, address: str, aux: str = "mei-gscfi") -> str:
+        """Give a GPU its management engine as the kernel's ``mei_gsc`` does; returns ``meiN``.
+
+        Makes the auxiliary device ``<function>/<driver>.<aux>.<id>/`` (``aux`` is
+        ``mei-gscfi`` on Arc and xe GPUs, ``mei-gsc`` on Flex and Max; ``id`` is the PCI
+        function's bus, device and function number) with its ``mei/meiN/dev``, the link
+        ``class/mei/meiN`` and the node ``dev/meiN``: a plain file, or with ``char_devices``
+        a character device :data:`MEI_MAJOR`:N (mode 0600, as udev leaves it).
+        """
+        record = self.gpus[address]
+        number = len(list((self.sys / "class/mei").glob("mei*")))
+        name = f"mei{number}"
+        bus, devfn = address.split(":")[1], address.split(":")[2]
+        dev, fn = devfn.split(".")
+        aux_id = (int(bus, 16) << 8) | (int(dev, 16) << 3) | int(fn)
+        node_dir = record.path / f"{record.driver or 'i915'}.{aux}.{aux_id}" / "mei" / name
+        _write(node_dir / "dev", f"{MEI_MAJOR}:{number}")
+        _link(self.sys / "class/mei" / name, node_dir)
+        path = self.dev / name
+        path.unlink(missing_ok=True)
+        if not self.char_devices:
+            path.write_text("", encoding="utf-8")
+            return name
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(MEI_MAJOR, number))
+        except PermissionError as exc:
+            msg = (
+                f"cannot make the character device {path} ({MEI_MAJOR}:{number}): "
+                f"{exc.strerror}; FakeSysfs(char_devices=True) needs CAP_MKNOD (root)"
+            )
+            raise PermissionError(exc.errno, msg) from exc
+        path.chmod(0o600)
+        return name
+
     def add_admin_vfs(self, pf_address: str, count: int) -> list[str]:
         """VFs an administrator created before the agent started."""
         _write(self.gpus[pf_address].path / "sriov_numvfs", count)
@@ -419,7 +466,9 @@ class FakeKernel:
     Every write is recorded in :attr:`writes` as ``(path relative to sys, value)``. Writing N
     to a PF's ``sriov_numvfs`` creates its VFs in a thread after ``delay`` seconds (never, with
     ``materialise=False``); writing 0 removes them at once. ``fail`` maps a file name to an
-    errno raised on writing it (e.g. ``{"lmem_quota": errno.EDQUOT}``).
+    errno raised on writing it (e.g. ``{"lmem_quota": errno.EDQUOT}``). An i915 quota write that
+    would give the VFs of one GT more doorbells or GGTT than the GT has (:attr:`gt_limits`)
+    fails with ``EDQUOT``, as i915 refuses a quota over the available maximum.
     """
 
     def __init__(self, fs: FakeSysfs, *, delay: float = 0.05, materialise: bool = True) -> None:
@@ -427,6 +476,8 @@ class FakeKernel:
         self.delay = delay
         self.materialise = materialise
         self.fail: dict[str, int] = {}
+        #: Per-GT limits of the i915 VF quotas (see :data:`I915_GT_LIMITS`).
+        self.gt_limits: dict[str, int] = dict(I915_GT_LIMITS)
         self.writes: list[tuple[str, str]] = []
         self._threads: list[threading.Thread] = []
 
@@ -451,9 +502,22 @@ class FakeKernel:
             if path == auto and value.strip() == "1" and self._quotas_set(iov):
                 # i915: back to auto only once every VF quota is 0.
                 raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+            if path.name in self.gt_limits:
+                self._check_gt_limit(iov, path, value)
             if path.name in I915_QUOTA_FILES and value.strip() != "0":
                 auto.write_text("0\n", encoding="utf-8")  # any quota switches to manual
         path.write_text(f"{value}\n", encoding="utf-8")
+
+    def _check_gt_limit(self, iov: Path, path: Path, value: str) -> None:
+        """``EDQUOT`` when the VFs of the GT would hold more of the quota than the GT has."""
+        try:
+            wanted = int(value.strip(), 0)
+        except ValueError:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), str(path)) from None
+        gt = path.parent.name
+        held = sum(int(p.read_text()) for p in iov.glob(f"vf*/{gt}/{path.name}") if p != path)
+        if held + wanted > self.gt_limits[path.name]:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
 
     @staticmethod
     def _quotas_set(iov: Path) -> bool:
@@ -569,8 +633,13 @@ def allocated_claim(
     configs: dict[str, tuple[object, ...]] | None = None,
     consumed: dict[str, str] | None = None,
     share_id: str | None = None,
+    admin_access: bool = False,
 ) -> AllocatedClaim:
-    """A claim allocated the named devices (requests ``r0``, ``r1``... in pool ``node-1``)."""
+    """A claim allocated the named devices (requests ``r0``, ``r1``... in pool ``node-1``).
+
+    ``admin_access`` marks every result as the scheduler does for a request with
+    ``adminAccess: true`` (monitoring).
+    """
     import uuid
 
     uid = uid or str(uuid.uuid4())
@@ -581,6 +650,7 @@ def allocated_claim(
             device=name,
             share_id=share_id,
             consumed_capacity=consumed or {},
+            admin_access=admin_access,
         )
         for i, name in enumerate(devices)
     )
@@ -589,6 +659,8 @@ def allocated_claim(
 
 def build_demo(base: Path, *, char_devices: bool = False) -> FakeSysfs:
     """A demo node: simpledrm card0, Flex 170 (SR-IOV), Arc A770, Arc B580 (xe), TGL iGPU.
+
+    The Flex and the A770 have management engines (``mei0``, ``mei1``).
 
     ``char_devices`` as for :class:`FakeSysfs`.
     """
@@ -601,7 +673,9 @@ def build_demo(base: Path, *, char_devices: bool = False) -> FakeSysfs:
         sriov_totalvfs=31,
         error_counters=True,
     )
+    fs.add_mei("0000:03:00.0", "mei-gsc")
     fs.add_gpu("0000:08:00.0", "0x56a0", bridge="0000:00:1c.0", numa_node=0)
+    fs.add_mei("0000:08:00.0")
     fs.add_gpu(
         "0000:0c:00.0",
         "0xe20b",

@@ -21,10 +21,16 @@ def test_identity_options_classes(hooks):
     assert (options["sysfs-root"].default, options["sysfs-root"].env) == ("/sys", "SYSFS_ROOT")
     assert (options["devfs-root"].default, options["devfs-root"].env) == ("/dev", "DEVFS_ROOT")
     classes = {c.name: c.selectors for c in hooks.device_classes(identity)}
-    assert set(classes) == {"gpu.intel.com", "vf.gpu.intel.com", "shared.gpu.intel.com"}
+    assert set(classes) == {
+        "gpu.intel.com",
+        "vf.gpu.intel.com",
+        "shared.gpu.intel.com",
+        "monitoring.gpu.intel.com",
+    }
     assert '.type == "gpu"' in classes["gpu.intel.com"][0]
     assert '.type == "vf"' in classes["vf.gpu.intel.com"][0]
     assert "device.allowMultipleAllocations == true" in classes["shared.gpu.intel.com"][0]
+    assert '!("profile" in device.attributes' in classes["monitoring.gpu.intel.com"][0]
 
 
 def test_decode_config_through_hooks(hooks, context):

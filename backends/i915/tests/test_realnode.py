@@ -44,6 +44,8 @@ def fs() -> Iterator[FakeSysfs]:
     fake.add_gpu(FLEX, "0x56c0", lmem_total_bytes=16 * GIB, sriov_totalvfs=31)
     fake.add_gpu(A770, "0x56a0", bridge="0000:00:1c.0", lmem_total_bytes=16 * GIB)
     fake.add_gpu(B580, "0xe20b", bridge="0000:00:1d.0", driver="xe", lmem_total_bytes=12 * GIB)
+    for address, aux in ((FLEX, "mei-gsc"), (A770, "mei-gscfi"), (B580, "mei-gscfi")):
+        fake.add_mei(address, aux)  # mei0, mei1, mei2: the GPUs' management engines
     yield fake
     shutil.rmtree(base, ignore_errors=True)
 
@@ -149,3 +151,49 @@ def test_shared_gpu(i915_agent, real_node, fs, kube_api, namespace):
     )
     for view in (first, second):
         assert_gpu(view, fs, A770)
+
+
+def test_monitoring_sees_every_gpu_beside_a_workload(
+    i915_agent, real_node, fs, kube_api, namespace
+):
+    from dra_backend_i915.testing import MEI_MAJOR
+
+    admin = helpers.create_namespace(
+        kube_api, helpers.unique_name("monitor"), {"resource.kubernetes.io/admin-access": "true"}
+    )
+    try:
+        monitor = run(
+            kube_api,
+            admin,
+            real_node,
+            "monitor",
+            "monitoring.gpu.intel.com",
+            allocationMode="All",
+            adminAccess=True,
+        )
+        # A normal pod on a GPU the monitor has: scheduled, prepared and running beside it.
+        selectors = [
+            {"cel": {"expression": f'device.attributes["gpu.intel.com"].pciAddress == "{B580}"'}}
+        ]
+        workload = run(
+            kube_api, namespace, real_node, "beside", "gpu.intel.com", selectors=selectors
+        )
+        assert_gpu(workload, fs, B580)
+        assert pods.phase(kube_api, admin, "monitor")[0] == "Running"
+
+        expected = {
+            path: numbers
+            for address in (FLEX, A770, B580)
+            for path, numbers in dri_numbers(fs, address).items()
+        }
+        dri = {p: n for p, n in monitor.devices.items() if p.startswith("/dev/dri/")}
+        assert dri == expected, "the card and render nodes of every GPU, and no VF's"
+        meis = {p: n for p, n in monitor.devices.items() if p.startswith("/dev/mei")}
+        assert meis == {f"/dev/mei{k}": (MEI_MAJOR, k) for k in range(3)}
+        for k, address in enumerate((FLEX, A770, B580)):
+            assert monitor.env[f"MEI_NODE_{address.replace(':', '_').replace('.', '_')}"] == (
+                f"/dev/mei{k}"
+            )
+        assert not {p for p in workload.devices if p.startswith("/dev/mei")}
+    finally:
+        helpers.delete_namespace(kube_api, admin)

@@ -197,24 +197,52 @@ def test_admin_vfs_never_touched(hooks, fs, flex, kernel, tmp_path):
     assert numvfs(flex) == 2
 
 
-def test_interrupted_creation_is_redone(hooks, ctx, fs, flex, kernel, tmp_path):
-    # a crash after numvfs was written: state says "creating", VFs exist
+def interrupted(tmp_path, num_vfs: int = 4) -> None:
+    """The state an agent leaves when it dies after saving its intent to make VFs."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     (state_dir / "i915-state.json").write_text(
         json.dumps(
             {
                 "version": 1,
-                "created": {PF: {"profile": "flex170_m4", "numVfs": 4, "complete": False}},
+                "created": {PF: {"profile": "flex170_m4", "numVfs": num_vfs, "complete": False}},
                 "holders": {},
             }
         )
     )
+
+
+def test_interrupted_creation_is_used(hooks, ctx, fs, flex, kernel, tmp_path):
+    # the agent died after writing sriov_numvfs (quotas first), before recording the VFs made
+    interrupted(tmp_path)
     fs.add_admin_vfs(PF, 4)
     done = prepared(hooks, ctx, allocated_claim(f"{PF_NAME}-vf3"))
-    assert ("bus/pci/devices/" + PF) not in kernel.writes
+    assert kernel.writes == [], "the VFs of the recorded count are used as they are"
+    assert done.devices[0].state["address"] == "0000:03:00.4"
+    assert done.devices[0].state["createdByBackend"] is True
+    state = json.loads((tmp_path / "state/i915-state.json").read_text())
+    assert state["created"][PF]["complete"] is True
+    hooks.unprepare(done, ctx)
+    assert numvfs(flex) == 0, "ours: removed with the last claim"
+
+
+def test_interrupted_creation_with_other_count_is_redone(hooks, ctx, fs, flex, kernel, tmp_path):
+    interrupted(tmp_path)
+    fs.add_admin_vfs(PF, 2)
+    done = prepared(hooks, ctx, allocated_claim(f"{PF_NAME}-vf3"))
     assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["0", "4"]
     assert done.devices[0].state["address"] == "0000:03:00.4"
+
+
+def test_interrupted_creation_unused_is_torn_down(hooks, ctx, fs, flex, kernel, tmp_path):
+    # the core rolls back the claim that was being prepared: nobody holds the VFs
+    interrupted(tmp_path)
+    fs.add_admin_vfs(PF, 4)
+    claim = allocated_claim(f"{PF_NAME}-vf0")
+    hooks.unprepare(PreparedClaim(claim.ref, ()), ctx)
+    assert numvfs(flex) == 0
+    state = json.loads((tmp_path / "state/i915-state.json").read_text())
+    assert state["created"] == {}
 
 
 def test_state_survives_restart(fs, flex, tmp_path, kernel):
