@@ -12,6 +12,9 @@ Measures, on this machine, against a real API server and scheduler (the test con
    kubelet call, sequentially, through the agent's real sockets; p50/p99 (and unprepare).
 5. claims in flight: CLAIMS more claims prepared by CLAIMS concurrent kubelet calls; errors,
    total time, claims/s.
+6. cost in the number of claims held: the CLAIMS claims of 4 prepared and unprepared one at a
+   time with no other claim prepared, then again with HELD claims prepared; p50/p99 of each,
+   and the fsyncs (and fdatasyncs) the agent made per prepare and per unprepare.
 
 Usage: ``python benchmarks/run.py [--claims 100] [--gpus 8] [--vfs 63] [--json out.json]``.
 ``--kubeconfig`` uses a running cluster (with kube-scheduler) instead of starting the test
@@ -117,6 +120,18 @@ FIGURE_KEYS = (
     "concurrent_claims_per_s",
     "concurrent_call_ms_p50",
     "concurrent_call_ms_p99",
+    "held_claims",
+    "prepare_held0_ms_p50",
+    "prepare_held0_ms_p99",
+    "unprepare_held0_ms_p50",
+    "unprepare_held0_ms_p99",
+    "prepare_heldn_ms_p50",
+    "prepare_heldn_ms_p99",
+    "unprepare_heldn_ms_p50",
+    "unprepare_heldn_ms_p99",
+    "prepare_held_ratio_p50",
+    "fsyncs_per_prepare",
+    "fsyncs_per_unprepare",
 )
 
 
@@ -201,7 +216,24 @@ def start_once(root: Path, timeout: float = 30.0) -> tuple[float, float]:
     return elapsed, rss
 
 
+def compile_bytecode() -> None:
+    """Compile dra-core and the fake backend as ``pip install`` does.
+
+    An editable install under ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every
+    module from source at each start, which an installed agent never does.
+    """
+    import compileall
+
+    import dra_backend_fake
+
+    import dra_core
+
+    for package in (dra_core, dra_backend_fake):
+        compileall.compile_dir(Path(package.__file__).parent, quiet=1)
+
+
 def bench_start(report: Report, root: Path, runs: int) -> None:
+    compile_bytecode()
     results = [start_once(root / "start") for _ in range(runs)]
     times = [ms(t) for t, _ in results]
     report.add(
@@ -577,7 +609,106 @@ def bench_concurrent(report: Report, kubelet: FakeKubelet, refs: Sequence[ClaimR
     report.add("concurrent_call_ms_p99", "in flight: call latency p99", percentile(calls, 99), "ms")
 
 
-def bench_claims(report: Report, kubeconfig: str, root: Path, claims: int) -> None:
+class FsyncCounter:
+    """Counts the fsync and fdatasync calls of this process (the in-process agent)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._lock = threading.Lock()
+        self._saved: list[tuple[str, Callable[[int], None]]] = []
+
+    def __enter__(self) -> FsyncCounter:
+        for name in ("fsync", "fdatasync"):
+            original = getattr(os, name, None)
+            if original is None:
+                continue
+            self._saved.append((name, original))
+            setattr(os, name, self._counting(original))
+        return self
+
+    def _counting(self, original: Callable[[int], None]) -> Callable[[int], None]:
+        def call(fd: int) -> None:
+            with self._lock:
+                self.calls += 1
+            original(fd)
+
+        return call
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved:
+            setattr(os, name, original)
+
+
+def _in_batches(
+    kubelet: FakeKubelet, refs: Sequence[ClaimRef], unprepare: bool, size: int = 50
+) -> None:
+    for i in range(0, len(refs), size):
+        batch = refs[i : i + size]
+        if unprepare:
+            failed = {u: e for u, e in kubelet.unprepare(batch).items() if e}
+        else:
+            failed = {u: r.error for u, r in kubelet.prepare(batch).items() if r.error}
+        if failed:
+            msg = f"{'unprepare' if unprepare else 'prepare'} of held claims failed: {failed}"
+            raise RuntimeError(msg)
+
+
+def bench_held(
+    report: Report, kubelet: FakeKubelet, probes: Sequence[ClaimRef], held: Sequence[ClaimRef]
+) -> None:
+    """Prepare and unprepare each probe claim alone, with none and with ``held`` prepared.
+
+    The two levels alternate over four rounds (none, all, none, all; a quarter of the probes
+    each), so that a drift of the machine's load during the run weighs on both alike.
+    """
+    levels = {"held0": 0, "heldn": len(held)}
+    samples: dict[str, tuple[list[float], list[float]]] = {tag: ([], []) for tag in levels}
+    syncs = [0, 0]
+    rounds = ["held0", "heldn", "held0", "heldn"]
+    with FsyncCounter() as fsyncs:
+        for index, tag in enumerate(rounds):
+            level = levels[tag]
+            _in_batches(kubelet, held[:level], unprepare=False)
+            prepare, unprepare = samples[tag]
+            for ref in probes[index % len(probes) :: len(rounds)]:
+                before = fsyncs.calls
+                started = time.perf_counter()
+                result = kubelet.prepare([ref])[ref.uid]
+                prepare.append(ms(time.perf_counter() - started))
+                if level == 0:
+                    syncs[0] += fsyncs.calls - before
+                if result.error:
+                    msg = f"prepare of {ref.name} with {level} held failed: {result.error}"
+                    raise RuntimeError(msg)
+                before = fsyncs.calls
+                started = time.perf_counter()
+                error = kubelet.unprepare([ref])[ref.uid]
+                unprepare.append(ms(time.perf_counter() - started))
+                if level == 0:
+                    syncs[1] += fsyncs.calls - before
+                if error:
+                    msg = f"unprepare of {ref.name} with {level} held failed: {error}"
+                    raise RuntimeError(msg)
+            _in_batches(kubelet, held[:level], unprepare=True)
+    for tag, level in levels.items():
+        prepare, unprepare = samples[tag]
+        at = f"with {level} claims held"
+        for q in (50, 99):
+            report.add(f"prepare_{tag}_ms_p{q}", f"prepare p{q} {at}", percentile(prepare, q), "ms")
+        for q in (50, 99):
+            value = percentile(unprepare, q)
+            report.add(f"unprepare_{tag}_ms_p{q}", f"unprepare p{q} {at}", value, "ms")
+    report.add("held_claims", "claims held for the figures above", len(held), "")
+    ratio = percentile(samples["heldn"][0], 50) / percentile(samples["held0"][0], 50)
+    report.add(
+        "prepare_held_ratio_p50", "prepare p50 with claims held / with none", ratio, "", "<= 1.2"
+    )
+    measured = len(samples["held0"][0])
+    report.add("fsyncs_per_prepare", "fsyncs per prepare", syncs[0] / measured, "")
+    report.add("fsyncs_per_unprepare", "fsyncs per unprepare", syncs[1] / measured, "")
+
+
+def bench_claims(report: Report, kubeconfig: str, root: Path, claims: int, held: int) -> None:
     client = load_client(kubeconfig, timeout=30)
     cluster = Cluster(client)
     suffix = uuid.uuid4().hex[:6]
@@ -595,7 +726,7 @@ def bench_claims(report: Report, kubeconfig: str, root: Path, claims: int) -> No
             {"fieldSelector": f"spec.nodeName={node}"},
         )
         agent = cleanup.enter_context(
-            claims_agent(cluster, kubeconfig, root / "agent", node, 2 * claims, report)
+            claims_agent(cluster, kubeconfig, root / "agent", node, 2 * claims + held, report)
         )
         device_class = f"bench-{suffix}"
         cluster.create(
@@ -617,13 +748,15 @@ def bench_claims(report: Report, kubeconfig: str, root: Path, claims: int) -> No
         )
         started = time.perf_counter()
         names = [f"seq-{i}" for i in range(claims)] + [f"par-{i}" for i in range(claims)]
+        names += [f"held-{i}" for i in range(held)]
         refs = allocate_claims(cluster, namespace, device_class, node, names)
         report.info["allocation_seconds"] = round(time.perf_counter() - started, 2)
         assert agent.plugin is not None
         with FakeKubelet(agent.plugin.registration_socket) as kubelet:
             kubelet.register()
             bench_sequential(report, kubelet, refs[:claims])
-            bench_concurrent(report, kubelet, refs[claims:])
+            bench_concurrent(report, kubelet, refs[claims : 2 * claims])
+            bench_held(report, kubelet, refs[:claims], refs[2 * claims :])
 
 
 # ---------------------------------------------------------------------------- main
@@ -637,6 +770,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-runs", type=int, default=5, help="agent starts to time")
     parser.add_argument("--discovery-runs", type=int, default=20, help="discoveries to time")
     parser.add_argument("--quiet", type=float, default=5.0, help="seconds of steady state")
+    parser.add_argument(
+        "--held", type=int, default=500, help="claims held for the cost-in-claims-held figures"
+    )
     parser.add_argument("--kubeconfig", help="use this cluster instead of the test control plane")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
@@ -669,12 +805,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         claims=args.claims,
         gpus=args.gpus,
         vfs=args.vfs,
+        held=args.held,
     )
     root = Path(tempfile.mkdtemp(prefix="dra-bench-", dir="/tmp"))  # short socket paths
     try:
-        print("1/5 start to registered ...", file=sys.stderr)
+        print("1/6 start to registered ...", file=sys.stderr)
         bench_start(report, root, args.start_runs)
-        print("2/5 discovery ...", file=sys.stderr)
+        print("2/6 discovery ...", file=sys.stderr)
         hooks, context = i915_node(root, args.gpus, args.vfs)
         hooks.start(context)
         try:
@@ -691,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kubeconfig = str(cp.kubeconfig_path)
             client = load_client(kubeconfig, timeout=30)
             wait_for_api(client)
-            print("3/5 publishing ...", file=sys.stderr)
+            print("3/6 publishing ...", file=sys.stderr)
             node = f"bench-i915-{uuid.uuid4().hex[:6]}"
             cluster = Cluster(client)
             try:
@@ -701,8 +838,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{RESOURCE_API}/resourceslices", {"fieldSelector": f"spec.nodeName={node}"}
                 )
                 cluster.delete(f"/api/v1/nodes/{node}")
-            print("4/5, 5/5 claims ...", file=sys.stderr)
-            bench_claims(report, kubeconfig, root, args.claims)
+            print("4/6, 5/6, 6/6 claims ...", file=sys.stderr)
+            bench_claims(report, kubeconfig, root, args.claims, args.held)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(report.table())

@@ -9,9 +9,15 @@ CDI schema forbids empty edits) and no ID; a claim with none of them gets no spe
 
 Specs are written atomically through `dra_core.fileio` with mode 0644 (container runtimes read
 them) at the lowest ``cdiVersion`` their content needs (`minimum_version`), since runtimes
-refuse versions they do not know. Claim UIDs are checked to be UUIDs before they reach a path,
-and every name against the CDI rules, so a bad value is a `CdiError` naming the claim and
-device instead of a spec the runtime rejects at container start.
+refuse versions they do not know. They are not flushed to disk: a runtime never sees a torn
+spec (the rename is atomic), and a spec is derived state, rebuilt from the checkpoint, which
+is flushed: a power cut means a reboot, after which every claim is prepared again and its spec
+rewritten, and start-up reconciliation writes missing specs and removes orphaned ones (the
+dynamic CDI directory is usually a tmpfs anyway).
+
+Claim UIDs are checked to be UUIDs before they reach a path, and every name against the CDI
+rules, so a bad value is a `CdiError` naming the claim and device instead of a spec the
+runtime rejects at container start.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 from loguru import logger
 
-from dra_core.fileio import atomic_write, remove_durably, remove_stale_temps
+from dra_core.fileio import atomic_write, remove_stale_temps
 from dra_core.model import BackendIdentity, DeviceNode, Mount, PreparedClaim, PreparedDevice
 
 __all__ = (
@@ -327,7 +333,7 @@ class CdiSpecs:
                 if path.read_bytes() == data and stat.S_IMODE(path.stat().st_mode) == SPEC_MODE:
                     return ids
             self._directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-            atomic_write(path, data, SPEC_MODE)
+            atomic_write(path, data, SPEC_MODE, durable=False)
         except OSError as exc:
             msg = (
                 f"CDI spec {path}: claim {uid}: cannot write it: {exc}; check that "
@@ -341,7 +347,10 @@ class CdiSpecs:
         """Delete the spec of ``claim_uid``; False when there was none."""
         path = self.spec_path(claim_uid)
         try:
-            removed = remove_durably(path)
+            path.unlink()
+            removed = True
+        except FileNotFoundError:
+            removed = False
         except OSError as exc:
             msg = (
                 f"CDI spec {path}: claim {claim_uid}: cannot remove it: {exc}; check the "

@@ -4,6 +4,9 @@ render manifests, serve the admission webhook.
 Backends add their own options (``--sysfs-root`` and the like) to ``run`` and ``discover``; the
 backend is therefore chosen first (``--backend`` or ``DRA_BACKEND``), then the full command
 line is parsed with its options.
+
+Modules that only some commands need are imported by those commands, so that ``run`` starts
+serving the kubelet without waiting for them.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from dra_core._version import __version__
 from dra_core.logs import configure_logging
@@ -43,6 +44,18 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def _env_path(name: str, default: str) -> Path:
     return Path(os.environ.get(name) or default)
+
+
+def _absolute(value: str | Path, flag: str) -> Path:
+    """``value`` made absolute against the working directory; an empty one is refused.
+
+    Sockets, CDI host paths and the paths handed to the kubelet must not depend on the
+    directory the agent was started in.
+    """
+    if not str(value).strip():
+        msg = f"{flag} is empty; give a directory or file path (relative ones are fine)"
+        raise CliError(msg)
+    return Path(os.path.normpath(Path(value).absolute()))  # symlinks kept, as given
 
 
 def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
@@ -109,19 +122,16 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     )
     run.add_argument(
         "--registration-dir",
-        type=Path,
         default=_env_path("DRA_REGISTRATION_DIR", "/var/lib/kubelet/plugins_registry"),
         help="the kubelet's plugin registration directory (env DRA_REGISTRATION_DIR)",
     )
     run.add_argument(
         "--plugins-dir",
-        type=Path,
         default=_env_path("DRA_PLUGINS_DIR", "/var/lib/kubelet/plugins"),
         help="parent of the driver's socket and checkpoint directory (env DRA_PLUGINS_DIR)",
     )
     run.add_argument(
         "--cdi-dir",
-        type=Path,
         default=_env_path("DRA_CDI_DIR", "/var/run/cdi"),
         help="dynamic CDI spec directory the container runtime reads (env DRA_CDI_DIR)",
     )
@@ -136,6 +146,12 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         type=int,
         default=int(_env("DRA_HTTP_PORT", "8080") or 0),
         help="port of /healthz and /metrics; 0 disables (env DRA_HTTP_PORT)",
+    )
+    run.add_argument(
+        "--http-host",
+        default=_env("DRA_HTTP_HOST", "0.0.0.0"),
+        help="address /healthz and /metrics listen on (env DRA_HTTP_HOST; default all); the "
+        "kubelet probes the pod IP, which the DaemonSet sets from status.podIP",
     )
     run.add_argument(
         "--poll-interval",
@@ -223,6 +239,12 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         help="port to listen on (env DRA_WEBHOOK_PORT; default 8443)",
     )
     webhook.add_argument(
+        "--host",
+        default=_env("DRA_WEBHOOK_HOST", "0.0.0.0"),
+        help="address to listen on (env DRA_WEBHOOK_HOST; default all); the Deployment sets "
+        "the pod IP, which the API server reaches through the Service",
+    )
+    webhook.add_argument(
         "--tls-cert-file",
         type=Path,
         default=_env("DRA_WEBHOOK_TLS_CERT_FILE"),
@@ -274,13 +296,22 @@ def _load_hooks(name: str | None) -> Any:
 
 
 def _options(args: argparse.Namespace, hooks: Any) -> dict[str, str | None]:
-    keys = (o.name.replace("-", "_") for o in hooks.backend_options())
-    return {key: getattr(args, key) for key in keys}
+    """The backend's option values; paths (``BackendOption.path``) made absolute."""
+    values: dict[str, str | None] = {}
+    for option in hooks.backend_options():
+        key = option.name.replace("-", "_")
+        value = getattr(args, key)
+        if value is not None and option.path:
+            value = str(_absolute(value, f"--{option.name}"))
+        values[key] = value
+    return values
 
 
 def _backend_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -294,27 +325,39 @@ def _backend_config(path: Path | None) -> dict[str, Any]:
 
 
 def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.kubelet.server import KubeletPluginError
     from dra_core.runtime import Agent, AgentSettings
 
     settings = AgentSettings(
         node_name=args.node_name,
         driver_name=args.driver_name,
         kubeconfig=args.kubeconfig,
-        registration_dir=args.registration_dir,
-        plugins_dir=args.plugins_dir,
-        cdi_dir=args.cdi_dir,
+        registration_dir=_absolute(args.registration_dir, "--registration-dir"),
+        plugins_dir=_absolute(args.plugins_dir, "--plugins-dir"),
+        cdi_dir=_absolute(args.cdi_dir, "--cdi-dir"),
         instance_id=args.instance_id,
         poll_interval=args.poll_interval,
+        http_host=args.http_host,
         http_port=args.http_port,
         publish=not args.no_publish,
         backend_options=_options(args, hooks),
         backend_config=_backend_config(args.config),
     )
-    Agent(settings, hooks).run()
+    try:
+        Agent(settings, hooks).run()
+    except (KubeletPluginError, OSError) as exc:
+        msg = (
+            f"the node agent cannot start: {exc} (--registration-dir "
+            f"{settings.registration_dir}, --plugins-dir {settings.plugins_dir}, --cdi-dir "
+            f"{settings.cdi_dir})"
+        )
+        raise CliError(msg) from None
     return 0
 
 
 def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
+    import yaml
+
     from dra_core.hookspecs import NodeContext
     from dra_core.model import validate_inventory
     from dra_core.slices.build import build_slices
@@ -379,15 +422,17 @@ def _cmd_webhook(args: argparse.Namespace, hooks: Any) -> int:
             raise CliError(msg) from None
     driver = args.driver_name or hooks.backend_identity().driver_name
     try:
-        webhook = Webhook(hooks, driver, port=args.port, tls=tls)
+        webhook = Webhook(hooks, driver, host=args.host, port=args.port, tls=tls)
     except OSError as exc:
-        msg = f"cannot listen on port {args.port}: {exc}"
+        msg = f"cannot listen on {args.host} port {args.port}: {exc}"
         raise CliError(msg) from None
     serve(webhook)
     return 0
 
 
 def _cmd_render(args: argparse.Namespace, hooks: Any) -> int:
+    import yaml
+
     from dra_core.manifests import device_class_manifests
 
     identity = hooks.backend_identity()

@@ -3,7 +3,10 @@
 `atomic_write` gives readers either the old content or the new, never a torn file, and makes
 the new content survive a power cut once it returns: the data goes to a temp file in the same
 directory, is flushed to disk, given its mode, renamed over the target, and the directory entry
-is flushed too. `remove_durably` is the matching delete.
+is flushed too (``durable=False`` skips both flushes, for files that can be rebuilt: the
+replacement is still atomic for readers). `atomic_write_locked` does the same and hands back the
+new file open, under an exclusive ``flock`` taken before it was renamed into place, so that
+the first holder of the new file is its writer. `remove_durably` is the matching delete.
 
 Temp files are named ``.<name>.<random>.tmp`` so that a crash between write and rename leaves
 something recognisable (hidden, and without the ``.json`` suffix that CDI runtimes load);
@@ -13,6 +16,7 @@ something recognisable (hidden, and without the ``.json`` suffix that CDI runtim
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import time
@@ -22,6 +26,7 @@ from pathlib import Path
 __all__ = (
     "TEMP_SUFFIX",
     "atomic_write",
+    "atomic_write_locked",
     "fsync_directory",
     "is_temp_for",
     "remove_durably",
@@ -64,32 +69,65 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically and durably, with permission bits ``mode``.
-
-    The directory must exist. On any failure the temp file is removed, ``path`` keeps its old
-    content, and the original exception propagates.
-    """
+def _replace(
+    path: Path, data: bytes, mode: int, *, durable: bool, keep: bool, create: bool = False
+) -> int | None:
     path = Path(path)
     directory = path.parent
     temp = directory / _temp_name(path)
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    access = os.O_RDWR | os.O_APPEND if keep else os.O_WRONLY
+    fd = os.open(temp, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    is_open = True
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        if durable:
             os.fsync(fd)
-            os.fchmod(fd, mode)
-        finally:
+        os.fchmod(fd, mode)
+        if keep:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            is_open = False
             os.close(fd)
-        temp.replace(path)
+        if create:
+            os.link(temp, path)  # FileExistsError when someone else created it
+            temp.unlink()
+        else:
+            temp.replace(path)
+        if durable:
+            fsync_directory(directory)
     except BaseException:
+        if is_open:
+            os.close(fd)
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    fsync_directory(directory)
+    return fd if keep else None
+
+
+def atomic_write(path: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically and durably, with permission bits ``mode``.
+
+    The directory must exist. On any failure the temp file is removed, ``path`` keeps its old
+    content, and the original exception propagates. With ``durable=False`` nothing is flushed:
+    readers still see the old content or the new, but a power cut may lose the change.
+    """
+    _replace(path, data, mode, durable=durable, keep=False)
+
+
+def atomic_write_locked(path: Path, data: bytes, mode: int, *, create: bool = False) -> int:
+    """`atomic_write` (durable), returning the new file's descriptor (read-write, append).
+
+    The descriptor holds an exclusive ``flock`` on the new file, taken before the rename, so
+    no other process can lock the new file before the caller releases it (or closes the
+    descriptor, which the caller owns). With ``create``, ``path`` must not exist: the file is
+    linked into place instead of renamed, and FileExistsError says someone else created it.
+    """
+    fd = _replace(path, data, mode, durable=True, keep=True, create=create)
+    assert fd is not None
+    return fd
 
 
 def remove_stale_temps(

@@ -10,7 +10,7 @@ an exception into a :class:`HookError` naming the plugin and the hook.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, TypeVar
@@ -134,10 +134,10 @@ def _installed_names() -> str:
 
 
 def _load_entry_point(ep: importlib_metadata.EntryPoint, kind: str) -> object:
-    info = _describe(ep)
     try:
         return ep.load()
     except Exception as exc:
+        info = _describe(ep)  # reads the distribution's metadata: only for the message
         msg = (
             f"{kind} {ep.name!r} from {info.origin} cannot be imported ({ep.value}): "
             f"{type(exc).__name__}: {exc}. Reinstall it, or choose another; installed backends: "
@@ -146,15 +146,15 @@ def _load_entry_point(ep: importlib_metadata.EntryPoint, kind: str) -> object:
         raise PluginLoadError(msg) from exc
 
 
-def _load_backend(name: str) -> object:
-    matches = [ep for ep in _entry_points(BACKEND_GROUP) if ep.name == name]
+def _load_backend(name: str, candidates: Iterable[importlib_metadata.EntryPoint]) -> object:
+    matches = [ep for ep in candidates if ep.name == name]
     if not matches:
         msg = (
             f"backend {name!r} is not installed (no entry point {name!r} in group "
             f"{BACKEND_GROUP!r}); installed backends: {_installed_names()}"
         )
         raise PluginLoadError(msg)
-    origins = sorted({_describe(ep).origin for ep in matches})
+    origins = sorted({_describe(ep).origin for ep in matches}) if len(matches) > 1 else []
     if len(origins) > 1:
         msg = (
             f"backend {name!r} is registered by more than one distribution ({', '.join(origins)}); "
@@ -187,13 +187,14 @@ def load(
     :raises PluginLoadError: the backend is missing or broken, or a strict plugin is.
     """
     pm = _plugin_manager()
-    module = _load_backend(backend)
+    installed = importlib_metadata.entry_points()  # one scan of the installed distributions
+    module = _load_backend(backend, installed.select(group=BACKEND_GROUP))
     _register(pm, backend, module)
     if strict_plugins is None:
         strict_plugins = os.environ.get(STRICT_PLUGINS_ENV, "") == "1"
     if plugins:
         disabled = {n.strip() for n in os.environ.get(DISABLED_PLUGINS_ENV, "").split(",") if n}
-        for ep in _entry_points(PLUGIN_GROUP):
+        for ep in installed.select(group=PLUGIN_GROUP):
             if ep.name in disabled or pm.has_plugin(ep.name):
                 continue
             try:

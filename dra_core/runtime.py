@@ -1,48 +1,61 @@
 """One node agent, wired together and run until it is told to stop.
 
 Start order matters: the checkpoint is opened first (a corrupt one stops the agent before
-anything is served), then the sockets are served so the kubelet can register within a second,
-then the slower work runs in the background: reconciliation with the API, publishing, and the
-discovery and health loop.
+anything is served), then the sockets are served so the kubelet can register at once (a
+prepare or unprepare that arrives this early waits until the agent is ready), then the backend
+is started and discovers its devices, the API client is made, and the claim service opens the
+gate; last, the slower work runs in the background: reconciliation with the API, publishing,
+and the discovery and health loop. Modules that only the later steps need are imported by
+them, so that registration does not wait for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from dra_core import metrics
-from dra_core.cdi import CdiSpecs
 from dra_core.checkpoint import BOOT_ID_PATH, Checkpoint, current_boot_id
-from dra_core.health import HealthTracker
 from dra_core.hookspecs import NodeContext
-from dra_core.httpserver import StatusServer
-from dra_core.kube.client import KubeClient, load_client
-from dra_core.kube.events import EventRecorder
 from dra_core.kubelet.health import HealthBoard
 from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
 from dra_core.model import (
     BackendIdentity,
+    ClaimRef,
+    ClaimResult,
     Inventory,
     ModelError,
     validate_driver_name,
     validate_inventory,
 )
-from dra_core.node.lock import DriverLock
-from dra_core.node.service import ClaimService
 from dra_core.plugins import HookError, Hooks
-from dra_core.slices.publisher import SlicePublisher
+
+if TYPE_CHECKING:
+    from dra_core.health import HealthTracker
+    from dra_core.httpserver import StatusServer
+    from dra_core.kube.client import KubeClient
+    from dra_core.kube.events import EventRecorder
+    from dra_core.kubelet.service import NodeService
+    from dra_core.node.service import ClaimService
+    from dra_core.slices.publisher import SlicePublisher
 
 __all__ = ("Agent", "AgentSettings")
+
+#: How often `Agent.run` looks at its stop event when no signal wakes it.
+_STOP_CHECK_SECONDS = 5.0
+#: How long a kubelet call that arrives while the agent starts waits for it (of the 45 s the
+#: kubelet gives a call).
+_READY_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,34 @@ class AgentSettings:
         return self.plugins_dir / driver
 
 
+class _Gate:
+    """The kubelet's `NodeService` while the agent starts: calls wait for the claim service."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._ready = threading.Event()
+        self._service: NodeService | None = None
+
+    def open(self, service: NodeService) -> None:
+        self._service = service
+        self._ready.set()
+
+    def _wait(self) -> NodeService:
+        if not self._ready.wait(self._timeout) or self._service is None:
+            msg = (
+                f"the agent is still starting (backend and devices not ready after "
+                f"{self._timeout:g} s); the kubelet retries"
+            )
+            raise RuntimeError(msg)
+        return self._service
+
+    def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, ClaimResult]:
+        return self._wait().prepare(claims)
+
+    def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
+        return self._wait().unprepare(claims)
+
+
 class Agent:
     """A running node agent: kubelet plugin, publisher, discovery and health loop."""
 
@@ -105,7 +146,8 @@ class Agent:
         )
         self.client = client
         self.board = HealthBoard()
-        self.health = HealthTracker(self.driver, settings.node_name, self.board)
+        self.health: HealthTracker | None = None
+        self._gate = _Gate(_READY_TIMEOUT_SECONDS)
         self._inventory = Inventory()
         self._published: Inventory | None = None
         self._threads: list[threading.Thread] = []
@@ -124,11 +166,67 @@ class Agent:
         started_at = time.monotonic()
         self.plugin_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         checkpoint = Checkpoint.open(self.plugin_dir / "checkpoint.json")
+        health = self.board if self.hooks.implemented("dra_device_health") else None
+        self.plugin = KubeletPlugin(
+            KubeletPluginSettings(
+                driver_name=self.driver,
+                registration_dir=self.settings.registration_dir,
+                plugin_dir=self.plugin_dir,
+                instance_id=self.settings.instance_id,
+                health=health,
+            ),
+            self._gate,
+        )
+        self.plugin.start()
+        logger.info(
+            "serving driver {} for node {} ({:.0f} ms after start)",
+            self.driver,
+            self.settings.node_name,
+            (time.monotonic() - started_at) * 1000,
+        )
+        try:
+            self._start_services(checkpoint)
+        except BaseException:
+            self.plugin.stop(grace=None)
+            raise
+        logger.info(
+            "ready: backend {} started, {} devices ({:.0f} ms after start)",
+            self.hooks.backend,
+            len(self._inventory.devices),
+            (time.monotonic() - started_at) * 1000,
+        )
+        if self.settings.http_port:
+            from dra_core.httpserver import StatusServer
+
+            self.http = StatusServer(
+                self.settings.http_host, self.settings.http_port, probe=self.plugin.probe
+            )
+            self.http.start()
+        if self.settings.publish and self.client is not None:
+            from dra_core.slices.publisher import SlicePublisher
+
+            self.publisher = SlicePublisher(self.client, self.driver, self.settings.node_name)
+            self.publisher.start()
+        self._spawn("reconcile", self._reconcile)
+        self._spawn("discovery", self._discovery_loop)
+
+    def _start_services(self, checkpoint: Checkpoint) -> None:
+        """Start the backend, discover, connect to the API, and open the gate to the claims."""
+        from dra_core.cdi import CdiSpecs
+        from dra_core.health import HealthTracker
+        from dra_core.node.lock import DriverLock
+        from dra_core.node.service import ClaimService
+
+        self.health = HealthTracker(self.driver, self.settings.node_name, self.board)
         self.hooks.start(self.context)
         self._discover()
         if self.client is None and self.settings.publish:
+            from dra_core.kube.client import load_client
+
             self.client = load_client(self.settings.kubeconfig)
         if self.client is not None:
+            from dra_core.kube.events import EventRecorder
+
             self.events = EventRecorder(self.client, self.driver, self.settings.node_name)
             self.events.start()
         self.service = ClaimService(
@@ -143,34 +241,7 @@ class Agent:
             boot_id=current_boot_id(self.settings.boot_id_file),
             events=self.events,
         )
-        health = self.board if self.hooks.implemented("dra_device_health") else None
-        self.plugin = KubeletPlugin(
-            KubeletPluginSettings(
-                driver_name=self.driver,
-                registration_dir=self.settings.registration_dir,
-                plugin_dir=self.plugin_dir,
-                instance_id=self.settings.instance_id,
-                health=health,
-            ),
-            self.service,
-        )
-        self.plugin.start()
-        logger.info(
-            "serving driver {} for node {} ({:.0f} ms after start)",
-            self.driver,
-            self.settings.node_name,
-            (time.monotonic() - started_at) * 1000,
-        )
-        if self.settings.http_port:
-            self.http = StatusServer(
-                self.settings.http_host, self.settings.http_port, probe=self.plugin.probe
-            )
-            self.http.start()
-        if self.settings.publish and self.client is not None:
-            self.publisher = SlicePublisher(self.client, self.driver, self.settings.node_name)
-            self.publisher.start()
-        self._spawn("reconcile", self._reconcile)
-        self._spawn("discovery", self._discovery_loop)
+        self._gate.open(self.service)
 
     def _spawn(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=f"dra-{name}", daemon=True)
@@ -188,6 +259,9 @@ class Agent:
 
     def _discover(self) -> None:
         """Rediscover and check health; publish when the result changed."""
+        from dra_core import metrics
+
+        assert self.health is not None
         try:
             inventory = self.hooks.discover(self.context)
             validate_inventory(inventory)
@@ -236,11 +310,27 @@ class Agent:
             logger.info("received {}, stopping", signal.Signals(signum).name)
             self.stop_event.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        self.start()
+        # Python runs a handler in the main thread, when that thread runs Python code, but the
+        # kernel may deliver the signal to any thread. Whichever thread takes it writes to the
+        # wake-up pipe, so the main thread waits on the pipe rather than on the event alone.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         try:
-            self.stop_event.wait()
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            self.start()
+            try:
+                while not self.stop_event.is_set():
+                    # Handlers run when select returns; the timeout only bounds how long a stop
+                    # requested without a signal (setting the event) waits.
+                    select.select([wake_r], [], [], _STOP_CHECK_SECONDS)
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(wake_r, 64):
+                            pass
+            finally:
+                self.stop()
         finally:
-            self.stop()
+            signal.set_wakeup_fd(previous)
+            os.close(wake_r)
+            os.close(wake_w)
         logger.info("stopped (pid {})", os.getpid())

@@ -40,13 +40,25 @@ FIGURES = (
     "concurrent_claims_per_s",
     "concurrent_call_ms_p50",
     "concurrent_call_ms_p99",
+    "held_claims",
+    "prepare_held0_ms_p50",
+    "prepare_held0_ms_p99",
+    "unprepare_held0_ms_p50",
+    "unprepare_held0_ms_p99",
+    "prepare_heldn_ms_p50",
+    "prepare_heldn_ms_p99",
+    "unprepare_heldn_ms_p50",
+    "unprepare_heldn_ms_p99",
+    "prepare_held_ratio_p50",
+    "fsyncs_per_prepare",
+    "fsyncs_per_unprepare",
 )
 
 
 def test_benchmark_runs_with_tiny_sizes(control_plane, tmp_path):
     out = tmp_path / "figures.json"
     argv = [sys.executable, str(SCRIPT), "--claims", "5", "--gpus", "1", "--vfs", "2"]
-    argv += ["--start-runs", "2", "--discovery-runs", "3", "--quiet", "1"]
+    argv += ["--start-runs", "2", "--discovery-runs", "3", "--quiet", "1", "--held", "3"]
     argv += ["--kubeconfig", str(control_plane.kubeconfig_path), "--json", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"

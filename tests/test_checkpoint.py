@@ -94,12 +94,14 @@ def _mode(path: Path) -> int:
 
 
 def _doc(path: Path) -> dict[str, Any]:
+    """The snapshot document, once every logged change is folded into it."""
+    Checkpoint.open(path, boot_id=BOOT).compact()
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 def _rewrite(path: Path, doc: dict[str, Any], *, fix_checksum: bool = True) -> None:
     if fix_checksum:
-        doc["checksum"] = cp.store._checksum(doc["data"])
+        doc["checksum"] = cp.fileformat.checksum(doc["data"])
     path.write_text(json.dumps(doc))
 
 
@@ -117,7 +119,7 @@ def test_open_creates_empty_file_and_private_dir(ckpt_path: Path) -> None:
     assert _mode(ckpt_path.parent) == 0o700
     doc = _doc(ckpt_path)
     assert doc["kind"] == "dra-core-checkpoint"
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert doc["data"] == {"claims": {}}
     assert doc["checksum"].startswith("sha256:")
 
@@ -159,21 +161,53 @@ def test_put_replaces_and_remove_is_durable(ckpt_path: Path) -> None:
     assert sorted(p.name for p in ckpt_path.parent.iterdir()) == ["checkpoint.json"]
 
 
-def test_failed_write_keeps_old_state(ckpt_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("fails", ["write", "fdatasync"])
+def test_failed_write_keeps_old_state(
+    ckpt_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
     ckpt = Checkpoint.open(ckpt_path, boot_id=BOOT)
     ckpt.put(_started(UID1))
+    before = ckpt_path.read_bytes()
+    real = getattr(os, fails)
+
+    def crash(fd: int, *args: Any) -> Any:
+        if fails == "write":
+            real(fd, bytes(args[0])[:7])  # a part reaches the file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, fails, crash)
+    with pytest.raises(CheckpointError, match="cannot write") as info:
+        ckpt.put(_full_record(UID2))
+    assert str(ckpt_path) in str(info.value)
+    monkeypatch.undo()
+    assert ckpt_path.read_bytes() == before, "what reached the file was taken back"
+    assert set(ckpt.records()) == {UID1}
+    assert set(Checkpoint.open(ckpt_path, boot_id=BOOT).records()) == {UID1}
+    assert sorted(p.name for p in ckpt_path.parent.iterdir()) == ["checkpoint.json"]
+    ckpt.put(_full_record(UID2))
+    assert set(Checkpoint.open(ckpt_path, boot_id=BOOT).records()) == {UID1, UID2}
+
+
+def test_failed_compaction_keeps_old_state(
+    ckpt_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = Checkpoint.open(ckpt_path, boot_id=BOOT)
+    ckpt.put(_started(UID1))
+    before = ckpt_path.read_bytes()
 
     def crash(self: Path, target: Path) -> Path:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Path, "replace", crash)
     with pytest.raises(CheckpointError, match="cannot write") as info:
-        ckpt.put(_full_record(UID2))
+        ckpt.compact()
     assert str(ckpt_path) in str(info.value)
     monkeypatch.undo()
+    assert ckpt_path.read_bytes() == before
     assert set(ckpt.records()) == {UID1}
-    assert set(Checkpoint.open(ckpt_path, boot_id=BOOT).records()) == {UID1}
     assert sorted(p.name for p in ckpt_path.parent.iterdir()) == ["checkpoint.json"]
+    ckpt.put(_full_record(UID2))
+    assert set(Checkpoint.open(ckpt_path, boot_id=BOOT).records()) == {UID1, UID2}
 
 
 def test_unserialisable_state_is_refused(ckpt_path: Path) -> None:
@@ -236,9 +270,9 @@ def test_checksum_mismatch_is_refused_not_reset(ckpt_path: Path) -> None:
 def test_unknown_version(ckpt_path: Path) -> None:
     Checkpoint.open(ckpt_path, boot_id=BOOT)
     doc = _doc(ckpt_path)
-    doc["version"] = 2
+    doc["version"] = 3
     _rewrite(ckpt_path, doc)
-    with pytest.raises(CheckpointError, match="version 2 is unknown"):
+    with pytest.raises(CheckpointError, match="version 3 is unknown"):
         Checkpoint.open(ckpt_path, boot_id=BOOT)
 
 
@@ -253,7 +287,9 @@ def test_wrong_kind(ckpt_path: Path) -> None:
 
 @pytest.mark.parametrize("cut", [0, 1, 10, -20])
 def test_truncated_file(ckpt_path: Path, cut: int) -> None:
-    Checkpoint.open(ckpt_path, boot_id=BOOT).put(_full_record())
+    ckpt = Checkpoint.open(ckpt_path, boot_id=BOOT)
+    ckpt.put(_full_record())
+    ckpt.compact()  # the snapshot itself is cut (an entry cut short is a crash's, see below)
     raw = ckpt_path.read_bytes()
     ckpt_path.write_bytes(raw[:cut])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -376,7 +412,7 @@ def test_inspect_healthy(ckpt_path: Path) -> None:
     ckpt.put(_full_record())
     report = inspect(ckpt_path)
     assert report.ok
-    assert report.version == 1
+    assert report.version == 2
     assert report.problems == []
     assert report.records == [_full_record()]
     text = render_inspect(report)

@@ -29,7 +29,7 @@ __all__ = (
 )
 
 KIND = "dra-core-checkpoint"
-VERSION = 1
+VERSION = 2
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from loguru import logger
 
-from dra_core.checkpoint.codec import encode_record
+from dra_core.checkpoint import fileformat
 from dra_core.checkpoint.records import FILE_MODE, VERSION, CheckpointError, ClaimRecord
-from dra_core.checkpoint.store import _document, _parse
+from dra_core.checkpoint.store import exclusive
 from dra_core.fileio import atomic_write
 
 __all__ = (
@@ -43,7 +44,9 @@ class InspectReport:
     """What `inspect` found: ``ok`` when the agent would load the file as it is.
 
     ``records`` are the records that decode (all of them when ok); ``dropped`` the UIDs of
-    those that do not; ``problems`` every problem found, in file order.
+    those that do not; ``problems`` every problem found, in file order; ``notes`` what is
+    not damage but worth knowing (an append a crash cut short); ``entries`` the changes
+    logged after the snapshot.
     """
 
     path: Path
@@ -53,6 +56,8 @@ class InspectReport:
     records: list[ClaimRecord]
     dropped: list[str] = field(default_factory=list)
     exists: bool = True
+    notes: list[str] = field(default_factory=list)
+    entries: int = 0
 
     def render(self) -> str:
         """A short human-readable summary for the CLI."""
@@ -60,9 +65,14 @@ class InspectReport:
         if not self.exists:
             lines.append("  the file does not exist (the agent creates an empty one on start)")
             return "\n".join(lines)
-        lines.append(f"  version: {self.version if self.version is not None else 'unknown'}")
+        version = self.version if self.version is not None else "unknown"
+        if self.version is not None and self.version < VERSION:
+            version = f"{version} (an earlier release's; the agent rewrites it as {VERSION})"
+        lines.append(f"  version: {version}")
         lines.append(f"  status: {'OK' if self.ok else 'DAMAGED'}")
         lines.extend(f"  problem: {p}" for p in self.problems)
+        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.append(f"  entries after the snapshot: {self.entries}")
         lines.append(f"  records: {len(self.records)} decodable, {len(self.dropped)} not")
         lines.extend(f"    {_describe(r)}" for r in self.records)
         if not self.ok:
@@ -118,7 +128,7 @@ def inspect(path: Path) -> InspectReport:
         return InspectReport(path, False, None, ["the file does not exist"], [], exists=False)
     except OSError as exc:
         return InspectReport(path, False, None, [f"cannot be read: {exc}"], [])
-    parsed = _parse(raw)
+    parsed = fileformat.parse(raw)
     return InspectReport(
         path=path,
         ok=not parsed.problems,
@@ -126,6 +136,8 @@ def inspect(path: Path) -> InspectReport:
         problems=parsed.problems,
         records=list(parsed.records.values()),
         dropped=parsed.dropped,
+        notes=parsed.notes,
+        entries=parsed.entries,
     )
 
 
@@ -154,34 +166,43 @@ def repair(path: Path, *, force: bool = False) -> RepairReport:
 
     The damaged file is first copied to ``<path>.corrupt-<UTC timestamp>`` (mode 0600); then
     every record that decodes is written into a fresh, valid checkpoint (after a checksum
-    mismatch the decodable records are kept; unparsable JSON leaves none). A file written by a
-    newer release (higher version) is refused unless ``force``, since rewriting it as version
-    1 could lose what that release recorded. A healthy file is left untouched.
+    mismatch the decodable records are kept, and every logged change that verifies is
+    applied; unparsable JSON leaves none). A file written by a newer release (higher version)
+    is refused unless ``force``, since rewriting it as the current version could lose what that
+    release recorded. A healthy file is left untouched. The file is locked while it is
+    repaired, so an agent using it waits.
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        msg = f"checkpoint {path}: the file does not exist; there is nothing to repair"
-        raise CheckpointError(msg) from None
+        with exclusive(path) as fd:
+            if fd is None:
+                msg = f"checkpoint {path}: the file does not exist; there is nothing to repair"
+                raise CheckpointError(msg)
+            return _repair_locked(path, fd, force=force)
     except OSError as exc:
         msg = f"checkpoint {path}: cannot be read: {exc}; fix its permissions and retry"
         raise CheckpointError(msg) from exc
-    parsed = _parse(raw)
+
+
+def _repair_locked(path: Path, fd: int, *, force: bool) -> RepairReport:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    parsed = fileformat.parse(raw)
     if not parsed.problems:
         return RepairReport(path, False, None, list(parsed.records.values()), [], [])
     if parsed.version is not None and parsed.version > VERSION and not force:
         msg = (
             f"checkpoint {path}: version {parsed.version} was written by a newer dra-core "
-            f"(this one reads version {VERSION}); run that release, or repair with --force "
+            f"(this one reads versions up to {VERSION}); run that release, or repair with --force "
             f"to rewrite it as version {VERSION} and drop what this release cannot read"
         )
         raise CheckpointError(msg)
     backup = _backup_path(path)
     try:
         atomic_write(backup, raw, FILE_MODE)
-        encoded = {uid: encode_record(r) for uid, r in parsed.records.items()}
-        atomic_write(path, _document(encoded), FILE_MODE)
+        atomic_write(path, fileformat.snapshot_line(parsed.canon), FILE_MODE)
     except OSError as exc:
         msg = f"checkpoint {path}: repair failed: {exc}; the file was not changed"
         raise CheckpointError(msg) from exc

@@ -1,155 +1,134 @@
-"""The checkpoint file: checksummed, atomically rewritten, reloaded when replaced."""
+"""The agent's view of the checkpoint file: records in memory, each change appended durably.
+
+The file's format is `dra_core.checkpoint.fileformat`'s. A change costs one appended line and
+one ``fdatasync``, whatever the number of claims recorded; the log is folded into a new
+snapshot (an atomic replacement of the file) once it is longer than the snapshot and at least
+`COMPACT_BYTES`, so the work of compacting is bounded by a constant per change too.
+
+Several processes may use the file (two agent instances during a rolling update): every
+change is made under an exclusive ``flock`` of the file, after reading what others appended,
+and a compaction locks the new file before renaming it into place. Readers compare the file's
+identity, size and modification time with what they last read; they read only the bytes
+appended since, and reload the whole file when it was replaced. The descriptor a `Checkpoint`
+keeps open pins the inode it read, so a replaced file is always seen as replaced.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import fcntl
 import json
+import os
 import stat
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
-from dra_core.checkpoint.codec import _Bad, _decode, _type_name, encode_record
+from dra_core.checkpoint import fileformat
+from dra_core.checkpoint.codec import _Bad, _decode, encode_record
 from dra_core.checkpoint.records import (
     _PHASES,
     DIR_MODE,
     FILE_MODE,
-    KIND,
-    VERSION,
     CheckpointError,
     ClaimRecord,
     _damaged,
     current_boot_id,
 )
-from dra_core.fileio import atomic_write, remove_stale_temps
+from dra_core.fileio import atomic_write_locked, remove_stale_temps
 
-__all__ = ("Checkpoint",)
+__all__ = ("COMPACT_BYTES", "Checkpoint", "exclusive")
 
-# ---------------------------------------------------------------------------------------------
-# File level
-# ---------------------------------------------------------------------------------------------
+#: The log is compacted once it is longer than both this and the snapshot.
+COMPACT_BYTES = 256 * 1024
 
-
-def _canonical(data: object) -> bytes:
-    return json.dumps(
-        data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+_READ_CHUNK = 1 << 20
 
 
-def _checksum(data: object) -> str:
-    return "sha256:" + hashlib.sha256(_canonical(data)).hexdigest()
+def _read_from(fd: int, offset: int) -> bytes:
+    """The bytes of ``fd`` from ``offset`` to its end."""
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.pread(fd, _READ_CHUNK, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
-def _document(records: Mapping[str, dict[str, Any]]) -> bytes:
-    data = {"claims": dict(records)}
-    doc = {"kind": KIND, "version": VERSION, "checksum": _checksum(data), "data": data}
-    text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    return (text + "\n").encode("utf-8")
+def _disappeared(path: Path) -> CheckpointError:
+    msg = (
+        f"checkpoint {path}: the file disappeared while the agent was running; the prepared "
+        f"claims it recorded are unknown now. Restore it from a backup or restart the agent, "
+        f"which will create an empty one"
+    )
+    return CheckpointError(msg)
 
 
-@dataclass
-class _Parsed:
-    version: int | None = None
-    problems: list[str] = field(default_factory=list)
-    records: dict[str, ClaimRecord] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-    #: False when the content cannot be read as a checkpoint at all (no records to salvage).
-    structured: bool = False
+def _cannot_write(path: Path, exc: OSError) -> CheckpointError:
+    msg = (
+        f"checkpoint {path}: cannot write it: {exc}; check free space and permissions of "
+        f"{path.parent} (the previous content is unchanged)"
+    )
+    return CheckpointError(msg)
 
 
-def _reject_constant(name: str) -> float:
-    msg = f"{name} is not valid JSON"
-    raise ValueError(msg)
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[int | None]:
+    """Hold the exclusive ``flock`` of the checkpoint at ``path`` (None when it does not exist).
 
-
-def _parse(raw: bytes) -> _Parsed:
-    """Read a checkpoint leniently: every problem is listed, every decodable record kept."""
-    out = _Parsed()
-    try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        if not raw.strip():
-            out.problems.append("the file is empty (truncated?)")
-        else:
-            out.problems.append(f"not valid JSON (truncated or overwritten?): {exc}")
-        return out
-    if not isinstance(doc, dict):
-        out.problems.append(f"the top level is {_type_name(doc)}, not an object")
-        return out
-    if doc.get("kind") != KIND:
-        out.problems.append(f"kind is {doc.get('kind')!r}, not {KIND!r}")
-    version = doc.get("version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        out.problems.append(f"version is {version!r}, not an integer")
-    else:
-        out.version = version
-        if version != VERSION:
-            out.problems.append(
-                f"version {version} is unknown to this dra-core, which reads version {VERSION}"
-                + (" (written by a newer release?)" if version > VERSION else "")
-            )
-    unknown = sorted(str(k) for k in doc.keys() - {"kind", "version", "checksum", "data"})
-    if unknown:
-        out.problems.append(f"unknown top-level field(s) {', '.join(unknown)}")
-    data = doc.get("data")
-    if not isinstance(data, dict) or not isinstance(data.get("claims"), dict):
-        out.problems.append("data.claims is missing or not an object")
-        return out
-    extra = sorted(str(k) for k in data.keys() - {"claims"})
-    if extra:
-        out.problems.append(f"unknown field(s) in data: {', '.join(extra)}")
-    checksum = doc.get("checksum")
-    if not isinstance(checksum, str):
-        out.problems.append(f"checksum is {checksum!r}, not a string")
-    elif checksum != _checksum(data):
-        out.problems.append(
-            "checksum mismatch: the data was changed or partly overwritten after it was written"
-        )
-    out.structured = True
-    for uid, raw_record in data["claims"].items():
+    Yields a read-only descriptor of the file that is current under the lock.
+    """
+    while True:
         try:
-            out.records[uid] = _decode(uid, raw_record)
-        except _Bad as exc:
-            out.problems.append(f"claim {uid}: field {exc.where or '(record)'}: {exc.problem}")
-            out.dropped.append(uid)
-    return out
-
-
-def _file_id(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            with contextlib.suppress(FileNotFoundError):
+                current = path.stat()
+                if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                    yield fd
+                    return
+        finally:
+            os.close(fd)
 
 
 class Checkpoint:
     """The checkpoint file of one agent: a thread-safe map from claim UID to `ClaimRecord`.
 
     Build it with `Checkpoint.open`. Reads are answered from memory after a ``stat`` that
-    reloads the file if another process replaced it; `put` and `remove` rewrite the whole file
-    atomically and durably before they return.
+    reads what another process appended or reloads a file it replaced; `put` and `remove`
+    append one entry and flush it to disk before they return.
     """
 
-    def __init__(self, path: Path, boot_id: str, records: dict[str, ClaimRecord]) -> None:
+    def __init__(self, path: Path, boot_id: str, fd: int, state: fileformat.State) -> None:
         self._path = path
         self._boot_id = boot_id
-        self._records = records
-        self._encoded = {uid: encode_record(r) for uid, r in records.items()}
         self._lock = threading.RLock()
-        self._file_id = _file_id(path)
+        self._fd = -1
+        self._close: Callable[[], None] = lambda: None
+        self._identity: tuple[int, int] = (0, 0)
+        self._seen: tuple[int, int] = (-1, -1)
+        self._state = state
+        self._adopt(fd, state)
+
+    # -- opening and reading -------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: Path, *, boot_id: str | None = None) -> Checkpoint:
         """Load the checkpoint at ``path``, creating an empty one (directory 0700) if absent.
 
         ``boot_id`` is this boot's ID (read from the kernel when None). Raises CheckpointError
-        when the file is unreadable, corrupt or of an unknown version; it is never reset.
+        when the file is unreadable, corrupt or of an unknown version; it is never reset. A
+        version 1 file (an earlier release's) is rewritten as version 2.
         """
         path = Path(path)
         if not path.parent.is_dir():
@@ -163,42 +142,258 @@ class Checkpoint:
                 raise CheckpointError(msg) from exc
         with contextlib.suppress(OSError):
             remove_stale_temps(path.parent, lambda name: name == path.name, older_than=600)
-        records = cls._load(path)
-        if records is None:
-            cls._write(path, {})
-            logger.info("created an empty checkpoint at {}", path)
-            records = {}
-        else:
-            with contextlib.suppress(OSError):
-                if stat.S_IMODE(path.stat().st_mode) & ~FILE_MODE:
-                    path.chmod(FILE_MODE)
+        loaded = cls._load(path)
+        if loaded is None:
+            empty = fileformat.snapshot_line({})
+            try:
+                fd = atomic_write_locked(path, empty, FILE_MODE, create=True)
+            except FileExistsError:
+                loaded = cls._load(path)  # another instance created it meanwhile
+            except OSError as exc:
+                raise _cannot_write(path, exc) from exc
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                loaded = fd, fileformat.parse(empty)
+                logger.info("created an empty checkpoint at {}", path)
+            if loaded is None:
+                raise _disappeared(path)
+        fd, state = loaded
+        with contextlib.suppress(OSError):
+            if stat.S_IMODE(os.fstat(fd).st_mode) & ~FILE_MODE:
+                os.fchmod(fd, FILE_MODE)
         resolved = current_boot_id() if boot_id is None else boot_id
-        return cls(path, resolved, records)
+        checkpoint = cls(path, resolved, fd, state)
+        if not state.appendable:
+            with checkpoint._lock, checkpoint._locked():
+                if not checkpoint._state.appendable:
+                    logger.info(
+                        "converting checkpoint {} from version {} to {}",
+                        path,
+                        checkpoint._state.version,
+                        fileformat.VERSION,
+                    )
+                    checkpoint._compact()
+        return checkpoint
 
     @staticmethod
-    def _load(path: Path) -> dict[str, ClaimRecord] | None:
+    def _load(path: Path) -> tuple[int, fileformat.State] | None:
+        """Open and read the file at ``path``; None when there is none."""
         try:
-            raw = path.read_bytes()
+            fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise _damaged(path, f"cannot be read: {exc}") from exc
-        parsed = _parse(raw)
-        if parsed.problems:
-            raise _damaged(path, "; ".join(parsed.problems))
-        return parsed.records
-
-    @staticmethod
-    def _write(path: Path, encoded: Mapping[str, dict[str, Any]]) -> None:
         try:
-            data = _document(encoded)
-            atomic_write(path, data, FILE_MODE)
+            state = fileformat.parse(_read_from(fd, 0))
         except OSError as exc:
+            os.close(fd)
+            raise _damaged(path, f"cannot be read: {exc}") from exc
+        if state.problems:
+            os.close(fd)
+            raise _damaged(path, "; ".join(state.problems))
+        return fd, state
+
+    def _adopt(self, fd: int, state: fileformat.State) -> None:
+        """Make ``fd`` (and what was read from it) the current file, closing the previous one."""
+        info = os.fstat(fd)
+        self._close()
+        self._fd = fd
+        self._close = weakref.finalize(self, os.close, fd)
+        self._identity = (info.st_dev, info.st_ino)
+        self._state = state
+        # Only what was parsed counts as seen: a stat that differs makes the next read look.
+        self._seen = (state.end + state.torn, info.st_mtime_ns)
+
+    def _reload(self) -> None:
+        loaded = self._load(self._path)
+        if loaded is None:
+            raise _disappeared(self._path)
+        logger.debug("checkpoint {} was replaced on disk; reloaded", self._path)
+        self._adopt(*loaded)
+
+    def _catch_up(self, info: os.stat_result) -> None:
+        """Apply what another process appended since we last read."""
+        state = self._state
+        if info.st_size < state.end:
+            raise _damaged(
+                self._path,
+                f"the file shrank to {info.st_size} bytes below the {state.end} already read: "
+                f"something other than dra-core cut acknowledged entries off",
+            )
+        try:
+            raw = _read_from(self._fd, state.end)
+        except OSError as exc:
+            raise _damaged(self._path, f"cannot be read: {exc}") from exc
+        fileformat.parse_entries(state, raw, state.end)
+        if state.problems:
+            raise _damaged(self._path, "; ".join(state.problems))
+        self._seen = (info.st_size, info.st_mtime_ns)
+
+    def _refresh(self) -> None:
+        """Read what another process appended, or reload a file it replaced."""
+        if self._state.problems:
+            raise _damaged(self._path, "; ".join(self._state.problems))
+        try:
+            info = self._path.stat()
+        except FileNotFoundError:
+            raise _disappeared(self._path) from None
+        if (info.st_dev, info.st_ino) != self._identity:
+            self._reload()
+        elif (info.st_size, info.st_mtime_ns) != self._seen or self._state.torn:
+            # An incomplete last line is read again: it may have been completed (or cut off
+            # and replaced) without the size changing.
+            self._catch_up(info)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the file's ``flock``, with everything others wrote read (thread lock held)."""
+        while True:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                info = self._path.stat()
+            except FileNotFoundError:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                raise _disappeared(self._path) from None
+            if (info.st_dev, info.st_ino) == self._identity:
+                break
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self._reload()
+        try:
+            if self._state.problems:
+                raise _damaged(self._path, "; ".join(self._state.problems))
+            if (info.st_size, info.st_mtime_ns) != self._seen or self._state.torn:
+                self._catch_up(info)
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _append(self, line: Callable[[int], bytes]) -> None:
+        """Append entry ``line(seq)`` and flush it (file locked); CheckpointError on failure."""
+        state = self._state
+        if not state.appendable:
+            self._compact()  # a version 1 file (or a snapshot over several lines) first
+            state = self._state
+        if state.torn:
+            logger.warning(
+                "checkpoint {}: cutting off {} byte(s) of an entry a crash cut short (never "
+                "acknowledged)",
+                self._path,
+                state.torn,
+            )
+            try:
+                os.ftruncate(self._fd, state.end)
+            except OSError as exc:
+                raise _cannot_write(self._path, exc) from exc
+            state.torn = 0
+            state.notes = []
+        data = line(state.entries + 1)
+        if not state.newline:
+            data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            # Take back what may have reached the file; if even that fails, the next read
+            # looks at the file again rather than trusting memory.
+            self._seen = (-1, -1)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, state.end)
+            raise _cannot_write(self._path, exc) from exc
+        state.entries += 1
+        state.end += len(data)
+        state.newline = True
+        info = os.fstat(self._fd)
+        self._seen = (info.st_size, info.st_mtime_ns)
+
+    def _compact(self) -> None:
+        """Replace the file with a snapshot of the records (file locked)."""
+        data = fileformat.snapshot_line(self._state.canon)
+        try:
+            fd = atomic_write_locked(self._path, data, FILE_MODE)
+        except OSError as exc:
+            raise _cannot_write(self._path, exc) from exc
+        state = fileformat.State(
+            version=fileformat.VERSION,
+            records=self._state.records,
+            canon=self._state.canon,
+            structured=True,
+            snapshot_bytes=len(data),
+            end=len(data),
+            appendable=True,
+        )
+        # The old file's lock goes with its descriptor; the new one stays locked until the
+        # caller's `_locked` releases it.
+        self._adopt(fd, state)
+
+    def _maybe_compact(self) -> None:
+        state = self._state
+        log = state.end - state.snapshot_bytes
+        if log < COMPACT_BYTES or log < state.snapshot_bytes:
+            return
+        try:
+            self._compact()
+        except CheckpointError as exc:
+            logger.warning("{}; the change itself is recorded, compaction is retried later", exc)
+
+    def put(self, record: ClaimRecord) -> None:
+        """Add or replace the record of ``record.uid`` durably."""
+        uid = record.uid
+        if record.phase not in _PHASES:
+            msg = f"checkpoint {self._path}: claim {uid}: phase {record.phase!r} is not valid"
+            raise CheckpointError(msg)
+        try:
+            canon = fileformat.canonical(encode_record(record))
+        except (TypeError, ValueError) as exc:
             msg = (
-                f"checkpoint {path}: cannot write it: {exc}; check free space and "
-                f"permissions of {path.parent} (the previous content is unchanged)"
+                f"checkpoint {self._path}: claim {uid}: the record is not JSON-serialisable "
+                f"({exc}); a backend's device state must hold only JSON values (objects with "
+                f"string keys, arrays, strings, finite numbers, booleans, null)"
             )
             raise CheckpointError(msg) from exc
+        try:
+            # What a reload would give: readers see the same value before and after a restart.
+            decoded = _decode(uid, json.loads(canon))
+        except _Bad as exc:
+            msg = (
+                f"checkpoint {self._path}: claim {uid}: field {exc.where or '(record)'}: "
+                f"{exc.problem}; the record was not written (a backend returned a value the "
+                f"model does not allow)"
+            )
+            raise CheckpointError(msg) from None
+        with self._lock, self._locked():
+            self._append(lambda seq: fileformat.put_line(seq, uid, canon))
+            self._state.put(uid, decoded, canon)
+            self._maybe_compact()
+
+    def remove(self, uid: str) -> None:
+        """Forget claim ``uid`` durably; unknown UIDs are fine."""
+        with self._lock:
+            self._refresh()
+            if uid not in self._state.canon:
+                return
+            with self._locked():
+                if uid not in self._state.canon:
+                    return
+                self._append(lambda seq: fileformat.remove_line(seq, uid))
+                self._state.remove(uid)
+                self._maybe_compact()
+
+    def compact(self) -> None:
+        """Fold the log into a new snapshot now (it happens by itself as the log grows)."""
+        with self._lock, self._locked():
+            self._compact()
+
+    def close(self) -> None:
+        """Close the file; the object must not be used afterwards."""
+        with self._lock:
+            self._close()
+
+    # -- reading -------------------------------------------------------------------------------
 
     @property
     def path(self) -> Path:
@@ -210,90 +405,26 @@ class Checkpoint:
         """This boot's ID, to record in new records and compare with old ones."""
         return self._boot_id
 
-    def _refresh(self) -> None:
-        """Reload when another process replaced the file since we last read or wrote it."""
-        current = _file_id(self._path)
-        if current == self._file_id:
-            return
-        records = self._load(self._path)
-        if records is None:
-            msg = (
-                f"checkpoint {self._path}: the file disappeared while the agent was running; "
-                f"the prepared claims it recorded are unknown now. Restore it from a backup "
-                f"or restart the agent, which will create an empty one"
-            )
-            raise CheckpointError(msg)
-        logger.debug("checkpoint {} changed on disk; reloaded", self._path)
-        self._records = records
-        self._encoded = {uid: encode_record(r) for uid, r in records.items()}
-        self._file_id = current
-
     def records(self) -> dict[str, ClaimRecord]:
         """A copy of every record, by claim UID."""
         with self._lock:
             self._refresh()
-            return dict(self._records)
+            return dict(self._state.records)
 
     def get(self, uid: str) -> ClaimRecord | None:
         """The record of claim ``uid``, or None."""
         with self._lock:
             self._refresh()
-            return self._records.get(uid)
+            return self._state.records.get(uid)
 
     def from_previous_boot(self) -> dict[str, ClaimRecord]:
         """The records written before the current boot (their device state is gone)."""
         return {u: r for u, r in self.records().items() if r.boot_id != self._boot_id}
 
-    def put(self, record: ClaimRecord) -> None:
-        """Add or replace the record of ``record.uid`` durably."""
-        uid = record.uid
-        if record.phase not in _PHASES:
-            msg = f"checkpoint {self._path}: claim {uid}: phase {record.phase!r} is not valid"
-            raise CheckpointError(msg)
-        encoded = encode_record(record)
-        try:
-            normalised = json.loads(_canonical(encoded))
-        except (TypeError, ValueError) as exc:
-            msg = (
-                f"checkpoint {self._path}: claim {uid}: the record is not JSON-serialisable "
-                f"({exc}); a backend's device state must hold only JSON values (objects with "
-                f"string keys, arrays, strings, finite numbers, booleans, null)"
-            )
-            raise CheckpointError(msg) from exc
-        try:
-            # What a reload would give: readers see the same value before and after a restart.
-            decoded = _decode(uid, normalised)
-        except _Bad as exc:
-            msg = (
-                f"checkpoint {self._path}: claim {uid}: field {exc.where or '(record)'}: "
-                f"{exc.problem}; the record was not written (a backend returned a value the "
-                f"model does not allow)"
-            )
-            raise CheckpointError(msg) from None
-        with self._lock:
-            self._refresh()
-            updated = {**self._encoded, uid: encoded}
-            self._write(self._path, updated)
-            self._records[uid] = decoded
-            self._encoded = updated
-            self._file_id = _file_id(self._path)
-
-    def remove(self, uid: str) -> None:
-        """Forget claim ``uid`` durably; unknown UIDs are fine."""
-        with self._lock:
-            self._refresh()
-            if uid not in self._encoded:
-                return
-            updated = {u: r for u, r in self._encoded.items() if u != uid}
-            self._write(self._path, updated)
-            del self._records[uid]
-            self._encoded = updated
-            self._file_id = _file_id(self._path)
-
     def __len__(self) -> int:
         with self._lock:
             self._refresh()
-            return len(self._records)
+            return len(self._state.records)
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self._path)!r})"

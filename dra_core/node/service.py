@@ -185,7 +185,7 @@ class ClaimService:
             return self._failed(ref, "prepare", str(exc))
         metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         metrics.PREPARE_SECONDS.observe(time.monotonic() - started_at)
-        metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
+        metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
         log.info(
             "prepared claim {}: {}", ref, ", ".join(d.allocation.device for d in prepared.devices)
         )
@@ -286,15 +286,17 @@ class ClaimService:
             return f"unprepare of claim {ref} failed: {exc}"
         record = self.checkpoint.get(ref.uid)
         try:
-            self._roll_back(record)
-            self.cdi.remove(ref.uid)
+            if record is None:
+                self.cdi.remove(ref.uid)  # an orphan spec, if any: nothing else is known
+            else:
+                self._roll_back(record)
         except (HookError, OSError) as exc:
             log.opt(exception=exc).warning("unprepare of claim {} failed", ref)
             metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
             return f"unprepare of claim {ref} failed: {exc}"
         metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         metrics.UNPREPARE_SECONDS.observe(time.monotonic() - started_at)
-        metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
+        metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
         if record is not None:
             log.info("unprepared claim {}", ref)
         return ""
@@ -342,7 +344,7 @@ class ClaimService:
                     report.errors.append(result.error)
                 else:
                     report.reprepared.append(uid)
-        metrics.PREPARED_CLAIMS.set(len(self.checkpoint.records()))
+        metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
         return report
 
     def _reconcile_step(

@@ -15,21 +15,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from dra_backend_fake import CDI_CLASS, CDI_VENDOR, DRIVER_NAME, config, devnodes
-from dra_backend_fake.control import ControlFile, watch
-from dra_backend_fake.inventory import (
-    InventoryError,
-    build,
-    config_specs,
-    default_specs,
-    load_file,
-    simple_devices,
-)
-from dra_backend_fake.schema import ControlSpec, DeviceSpec
+from dra_backend_fake import CDI_CLASS, CDI_VENDOR, DRIVER_NAME, devnodes
 from dra_core import (
     AllocatedClaim,
     AllocatedDevice,
@@ -48,6 +38,13 @@ from dra_core import (
     PrepareError,
     hookimpl,
 )
+
+if TYPE_CHECKING:
+    from dra_backend_fake.control import ControlFile
+    from dra_backend_fake.schema import ControlSpec, DeviceSpec
+
+# The inventory, control file and opaque config modules (pydantic models) are imported when
+# first used, so loading the backend to name its driver stays cheap.
 
 __all__ = (
     "OPTIONS",
@@ -74,6 +71,7 @@ OPTIONS: tuple[BackendOption, ...] = (
         "YAML file of fake devices (schema in backends/fake/README.md); without it and "
         "without --devices, a built-in inventory is published",
         env="DRA_FAKE_INVENTORY",
+        path=True,
     ),
     BackendOption(
         "devices",
@@ -86,6 +84,7 @@ OPTIONS: tuple[BackendOption, ...] = (
         "YAML file to add, remove, fail or mark devices unhealthy while running; re-read "
         "when it changes",
         env="DRA_FAKE_CONTROL",
+        path=True,
     ),
     BackendOption(
         "control-interval",
@@ -98,6 +97,7 @@ OPTIONS: tuple[BackendOption, ...] = (
         "host directory in which prepare creates a /dev/null-like character device per "
         "device (needs CAP_MKNOD), mapped to /dev/fake/<device> in the container",
         env="DRA_FAKE_DEVICE_NODES_DIR",
+        path=True,
     ),
 )
 
@@ -174,7 +174,10 @@ class FakeBackend:
         self._thread: threading.Thread | None = None
         #: Claims (UIDs) holding each device, as prepared by this backend instance.
         self._held: dict[str, set[str]] = {}
-        self.control = (
+        from dra_backend_fake.control import ControlFile
+        from dra_backend_fake.schema import ControlSpec
+
+        self.control: ControlFile | None = (
             ControlFile(self.settings.control_file, check=self._compose)
             if self.settings.control_file is not None
             else None
@@ -185,6 +188,13 @@ class FakeBackend:
     # -- configuration -------------------------------------------------------------------------
 
     def _base_specs(self) -> list[DeviceSpec]:
+        from dra_backend_fake.inventory import (
+            config_specs,
+            default_specs,
+            load_file,
+            simple_devices,
+        )
+
         settings = self.settings
         specs: list[DeviceSpec] | None = None
         if settings.inventory is not None:
@@ -198,6 +208,8 @@ class FakeBackend:
 
     def _compose(self, control: ControlSpec) -> Inventory:
         """The inventory with ``control``'s additions and removals; ValueError on a clash."""
+        from dra_backend_fake.inventory import InventoryError, build
+
         removed = set(control.remove)
         kept = [s for s in self.base if s.name not in removed]
         taken = {n: s.name for s in kept for n in s.device_names() if n not in removed}
@@ -239,6 +251,8 @@ class FakeBackend:
 
     @property
     def control_spec(self) -> ControlSpec:
+        from dra_backend_fake.schema import ControlSpec
+
         return self.control.spec if self.control is not None else ControlSpec()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -253,6 +267,8 @@ class FakeBackend:
                 raise RuntimeError(msg) from None
         self._refresh()
         if self.control is not None:
+            from dra_backend_fake.control import watch
+
             self._thread = watch(
                 self.control,
                 self._on_control_change,
@@ -370,6 +386,8 @@ class FakeBackend:
 
     def prepare(self, claim: AllocatedClaim) -> list[PreparedDevice]:
         """Container edits (and device nodes) for every allocated device; idempotent."""
+        from dra_backend_fake import config
+
         uid = claim.ref.uid
         if not _UID.fullmatch(uid):
             msg = f"claim {claim.ref}: UID {uid!r} is not a UUID"
@@ -584,6 +602,8 @@ def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
 @hookimpl
 def dra_decode_config(parameters: Mapping[str, Any], context: NodeContext) -> object:
     """Decode a ``FakeConfig`` strictly; ValueError names each bad field."""
+    from dra_backend_fake import config
+
     del context
     return config.decode(parameters)
 

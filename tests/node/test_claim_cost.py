@@ -1,0 +1,159 @@
+"""The claim service's work per prepare and unprepare does not grow with the claims it holds.
+
+Counted, not timed: the bytes the agent writes to files and the flushes (fsync, fdatasync) it
+asks for, for one prepare and one unprepare with no other claim prepared and with 500.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dra_core import BackendIdentity, ContainerEdits, Device, Inventory, PreparedDevice, hookimpl
+from dra_core.cdi import CdiSpecs
+from dra_core.checkpoint import Checkpoint
+from dra_core.hookspecs import NodeContext
+from dra_core.kube.claims import claim_path
+from dra_core.model import ClaimRef
+from dra_core.node.lock import DriverLock
+from dra_core.node.service import ClaimService
+from dra_core.plugins import from_objects
+
+DRIVER = "cost.dra-core.dev"
+NODE = "node-1"
+BOOT = "boot-1"
+HELD = 500
+
+
+class Backend:
+    @hookimpl
+    def dra_backend_identity(self) -> BackendIdentity:
+        return BackendIdentity(DRIVER, "dra-core.dev", "cost")
+
+    @hookimpl
+    def dra_prepare(self, claim: Any) -> list[PreparedDevice]:
+        return [PreparedDevice(d, ContainerEdits(env={"DEVICE": d.device})) for d in claim.devices]
+
+    @hookimpl
+    def dra_unprepare(self, claim: Any) -> bool:
+        return True
+
+
+class Claims:
+    """The API server, as far as reading allocated claims goes."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+
+    def add(self, index: int) -> ClaimRef:
+        ref = ClaimRef("default", f"claim-{index:04d}", str(uuid.UUID(int=index + 1)))
+        result = {"request": "dev", "driver": DRIVER, "pool": NODE, "device": f"dev-{index}"}
+        self.objects[claim_path(ref)] = {
+            "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+            "status": {"allocation": {"devices": {"results": [result]}}},
+        }
+        return ref
+
+    def get(self, path: str, query: Any = None) -> Any:
+        return self.objects[path]
+
+
+@contextmanager
+def counting() -> Iterator[dict[str, int]]:
+    """Bytes written with os.write, and flushes requested (not performed: only counted)."""
+    counts = {"bytes": 0, "syncs": 0, "unlinks": 0}
+    real_write, real_fsync, real_fdatasync, real_unlink = (
+        os.write,
+        os.fsync,
+        os.fdatasync,
+        Path.unlink,
+    )
+
+    def write(fd: int, data: Any) -> int:
+        written = real_write(fd, data)
+        counts["bytes"] += written
+        return written
+
+    def sync(fd: int) -> None:
+        counts["syncs"] += 1
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        counts["unlinks"] += 1
+        real_unlink(self, missing_ok=missing_ok)
+
+    os.write, os.fsync, os.fdatasync = write, sync, sync  # type: ignore[assignment]
+    Path.unlink = unlink  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        os.write, os.fsync, os.fdatasync = real_write, real_fsync, real_fdatasync
+        Path.unlink = real_unlink  # type: ignore[method-assign]
+
+
+def _service(root: Path, claims: Claims) -> ClaimService:
+    identity = Backend().dra_backend_identity()
+    devices = tuple(Device(f"dev-{i}") for i in range(HELD + 10))
+    context = NodeContext(node_name=NODE, driver_name=DRIVER)
+    return ClaimService(
+        hooks=from_objects("cost", Backend()),
+        context=context,
+        client=claims,  # type: ignore[arg-type]
+        checkpoint=Checkpoint.open(root / "plugin" / "checkpoint.json", boot_id=BOOT),
+        cdi=CdiSpecs(root / "cdi", identity),
+        lock=DriverLock(root / "plugin" / "serialize.lock"),
+        inventory=lambda: Inventory(devices=devices),
+        pools={NODE},
+        boot_id=BOOT,
+    )
+
+
+def _cost(root: Path, held: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(prepare, unprepare) cost of one claim with ``held`` others prepared."""
+    claims = Claims()
+    service = _service(root, claims)
+    with counting():  # quick: flushes are counted, not done
+        refs = [claims.add(i) for i in range(held)]
+        assert all(not r.error for r in service.prepare(refs).values())
+        service.checkpoint.compact()
+    probe = claims.add(HELD + 1)
+    with counting() as prepare:
+        (result,) = service.prepare([probe]).values()
+    assert not result.error and result.devices
+    spec = service.cdi.spec_path(probe.uid)
+    assert spec.exists()
+    with counting() as unprepare:
+        assert service.unprepare([probe]) == {probe.uid: ""}
+    assert not spec.exists()
+    assert len(service.checkpoint) == held
+    return prepare, unprepare
+
+
+def test_prepare_and_unprepare_cost_the_same_with_none_or_500_claims_held(tmp_path: Path):
+    prepare_0, unprepare_0 = _cost(tmp_path / "empty", 0)
+    prepare_n, unprepare_n = _cost(tmp_path / "full", HELD)
+    # Two flushes per prepare (the started and the completed record), one per unprepare.
+    assert prepare_0["syncs"] == prepare_n["syncs"] == 2
+    assert unprepare_0["syncs"] == unprepare_n["syncs"] == 1
+    assert prepare_0["bytes"] == prepare_n["bytes"]
+    assert unprepare_0["bytes"] == unprepare_n["bytes"]
+    assert prepare_n["bytes"] < 4096, "a few lines and a CDI spec, not the whole checkpoint"
+
+
+def test_unprepare_removes_the_spec_once(tmp_path: Path) -> None:
+    _, unprepare = _cost(tmp_path, 0)
+    assert unprepare["unlinks"] == 1
+
+
+def test_unprepare_of_an_unknown_claim_still_removes_an_orphaned_spec(tmp_path: Path) -> None:
+    claims = Claims()
+    service = _service(tmp_path, claims)
+    ref = claims.add(3)
+    spec = service.cdi.spec_path(ref.uid)
+    spec.parent.mkdir(parents=True)
+    spec.write_text("{}")
+    assert service.unprepare([ref]) == {ref.uid: ""}
+    assert not spec.exists()

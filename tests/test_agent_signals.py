@@ -1,0 +1,61 @@
+"""`dra-core run` stops on SIGTERM whichever of its threads the signal is delivered to."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dra_core.testing.kubelet import FakeKubelet
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(os.uname().machine)
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.skipif(SYS_TGKILL is None, reason="tgkill's syscall number is not known here")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_another_thread_stops_the_agent(tmp_path: Path, signum: int) -> None:
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "dra_core", "run", "--backend", "fake", "--no-publish",
+         "--http-port", "0", "--registration-dir", str(tmp_path / "reg"),
+         "--plugins-dir", str(tmp_path / "plugins"), "--cdi-dir", str(tmp_path / "cdi")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert agent.poll() is None, agent.stdout.read() if agent.stdout else ""
+            assert time.monotonic() < deadline, "the agent did not answer GetInfo within 30 s"
+            sockets = list((tmp_path / "reg").glob("*-reg.sock"))
+            if sockets:
+                try:
+                    with FakeKubelet(sockets[0]) as kubelet:
+                        kubelet.get_info(timeout=1)
+                    break
+                except Exception:  # noqa: BLE001 - not serving yet
+                    pass
+            time.sleep(0.05)
+        threads = sorted(int(t) for t in os.listdir(f"/proc/{agent.pid}/task"))
+        others = [t for t in threads if t != agent.pid]
+        assert others, "the agent runs several threads"
+        _tgkill(agent.pid, others[-1], signum)
+        output, _ = agent.communicate(timeout=15)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate(timeout=15)
+    assert agent.returncode == 0, output
+    assert f"received {signal.Signals(signum).name}, stopping" in output
