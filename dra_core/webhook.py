@@ -14,9 +14,16 @@ Endpoints (HTTPS; plain HTTP only when asked for explicitly, for local tests):
   denies the request with a message naming the object, the entry, the requests it targets and
   the decoder's message. Other drivers' entries are ignored. An UPDATE that leaves the config
   list as it was is allowed (metadata changes, finalizer removal), so an object written before
-  the webhook existed can still be cleaned up. A malformed review is answered with HTTP 400.
+  the webhook existed can still be cleaned up. A malformed review is answered with HTTP 400,
+  and so is JSON nested more than 100 levels deep or with a number of more than 100 digits.
 * ``GET /healthz``: 200 ``ok``.
 * ``GET /metrics``: the Prometheus metrics, including ``dra_webhook_admissions_total``.
+
+Limits (:data:`WEBHOOK_LIMITS`, :mod:`dra_core.httpbase`): a review body of at most
+:data:`MAX_REVIEW_BYTES` (413 beyond, 411 without a Content-Length); at most
+:data:`MAX_REVIEW_BYTES` of bodies read and decoded at once, so a maximal review is decoded
+alone and a burst of large ones waits its turn (up to 10 s, then 503) instead of growing the
+process past its memory limit; 10 s for each phase the client controls; 32 connections.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import json
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +40,25 @@ from prometheus_client import Counter
 
 from dra_core import metrics
 from dra_core.hookspecs import NodeContext
-from dra_core.httpbase import BackgroundServer, Handler
+from dra_core.httpbase import (
+    TEXT,
+    BackgroundServer,
+    ByteBudget,
+    ClientGone,
+    Handler,
+    HttpError,
+    HttpLimits,
+    JsonLimitError,
+    LimitedHTTPServer,
+    parse_json,
+)
 from dra_core.model import LIMITS
 from dra_core.plugins import HookError, Hooks
 
 __all__ = (
     "ADMISSIONS",
     "MAX_REVIEW_BYTES",
+    "WEBHOOK_LIMITS",
     "ReviewError",
     "TlsFiles",
     "Webhook",
@@ -49,8 +67,12 @@ __all__ = (
     "validate_object",
 )
 
-#: Larger than any object the API server stores (its request limit is 3 MiB).
+#: Larger than any review of an object the API server stores (its request limit is 3 MiB,
+#: etcd's 1.5 MiB per object; an UPDATE's review carries the object and the old object).
 MAX_REVIEW_BYTES = 4 * 1024 * 1024
+
+#: The webhook's connection limits: the API server calls it with a 5 s timeout.
+WEBHOOK_LIMITS = HttpLimits(timeout=10.0, max_connections=32, max_header_bytes=64 * 1024)
 
 ADMISSIONS = Counter(
     "dra_webhook_admissions",
@@ -223,20 +245,21 @@ class TlsFiles:
             return self._context
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(LimitedHTTPServer):
     tls: TlsFiles | None = None
 
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # Runs in the request's thread: a slow TLS handshake never blocks accept().
-        request.settimeout(10)
+    def wrap(self, request: Any) -> Any:
         if self.tls is None:
-            super().finish_request(request, client_address)
-            return
-        with self.tls.context().wrap_socket(request, server_side=True) as wrapped:
-            super().finish_request(wrapped, client_address)
+            return request
+        # The handshake runs in open_connection, in the request's thread and under the
+        # client's deadline: a slow TLS client never blocks accept() nor holds a thread forever.
+        return self.tls.context().wrap_socket(
+            request, server_side=True, do_handshake_on_connect=False
+        )
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.opt(exception=True).debug("webhook: connection from {} failed", client_address)
+    def open_connection(self, conn: Any) -> None:
+        if self.tls is not None:
+            conn.do_handshake()
 
 
 class Webhook(BackgroundServer):
@@ -250,14 +273,25 @@ class Webhook(BackgroundServer):
         host: str = "0.0.0.0",  # called from outside the pod, by the API server
         port: int = 8443,
         tls: TlsFiles | None = None,
+        limits: HttpLimits = WEBHOOK_LIMITS,
+        max_review_bytes: int = MAX_REVIEW_BYTES,
+        max_inflight_bytes: int = MAX_REVIEW_BYTES,
     ) -> None:
+        """:param max_review_bytes: the largest review body accepted (413 beyond).
+        :param max_inflight_bytes: review bytes read and decoded at once; the memory a review
+            takes grows with its size (up to about 25 times for JSON made of empty objects),
+            so this bounds the process's memory under concurrent large reviews.
+        """
         self.hooks = hooks
         self.context = NodeContext(node_name="", driver_name=driver_name)
         self.tls = tls
+        self.max_review_bytes = max_review_bytes
+        self.budget = ByteBudget(max_inflight_bytes)
         webhook = self
 
         class WebhookHandler(Handler):
             def do_GET(self) -> None:  # the http.server API names it
+                self.received()
                 if self.path == "/healthz":
                     self.send_text(200, "ok")
                 elif self.path == "/metrics":
@@ -267,52 +301,82 @@ class Webhook(BackgroundServer):
 
             def do_POST(self) -> None:
                 if self.path.split("?", 1)[0] != "/validate":
+                    self.received()
                     self.send_text(404, "not found")
                     return
                 try:
-                    body = self._read_json()
+                    length = self.content_length(webhook.max_review_bytes)
+                except HttpError as exc:
+                    self._refused(exc.status, exc.message)
+                    if exc.status == 413:
+                        declared = int(self.headers.get("Content-Length", "0").strip() or 0)
+                        self.refuse_body(exc.status, exc.message, declared)
+                    else:
+                        self.send_text(exc.status, exc.message)
+                    return
+                try:
+                    with webhook.budget.hold(length, self.server.limits.timeout) as ok:
+                        if not ok:
+                            self.received()
+                            self._refused(503, "too many large reviews at once")
+                            self.send_text(503, "too many large reviews at once, try again")
+                            return
+                        status, content_type, answer = self._answer(length)
+                except ClientGone as exc:
+                    logger.debug("webhook: {} left: {}", self.client_address[0], exc)
+                    self.close_connection = True
+                    return
+                self.send_body(status, content_type, answer)
+
+            def _refused(self, status: int, message: str) -> None:
+                ADMISSIONS.labels(kind="", result="error").inc()
+                logger.warning(
+                    "webhook: refused a request from {} ({}): {}",
+                    self.client_address[0],
+                    status,
+                    message,
+                )
+
+            def _answer(self, length: int) -> tuple[int, str, bytes]:
+                """Read, decode and review the body: the status and body of the answer.
+
+                Returns bytes only, so the decoded review is freed before the budget is.
+                """
+                raw = self.read_body(length)
+                try:
+                    try:
+                        body = parse_json(raw)
+                    except JsonLimitError as exc:
+                        raise ReviewError(str(exc)) from None
+                    del raw
                     answer, kind, result = review(body, webhook.hooks, webhook.context)
                 except ReviewError as exc:
                     ADMISSIONS.labels(kind="", result="error").inc()
                     logger.warning("webhook: bad request from {}: {}", self.client_address[0], exc)
-                    self.send_text(400, str(exc))
-                    return
+                    return 400, TEXT, f"{exc}\n".encode()
                 except Exception as exc:  # noqa: BLE001 - a bug here must not take the server down
                     ADMISSIONS.labels(kind="", result="error").inc()
                     logger.opt(exception=exc).error("webhook: review failed")
-                    self.send_text(500, f"internal error: {exc}")
-                    return
+                    return 500, TEXT, f"internal error: {exc}\n".encode()
                 ADMISSIONS.labels(kind=kind, result=result).inc()
                 message = answer["response"].get("status", {}).get("message")
                 if message:
                     logger.info("webhook: denied: {}", message)
-                self.send_body(200, "application/json", json.dumps(answer).encode())
+                return 200, "application/json", json.dumps(answer).encode()
 
-            def _read_json(self) -> object:
-                length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    msg = "a Content-Length header is required"
-                    raise ReviewError(msg)
-                if int(length) > MAX_REVIEW_BYTES:
-                    msg = f"the request is {length} bytes, over {MAX_REVIEW_BYTES}"
-                    raise ReviewError(msg)
-                raw = self.rfile.read(int(length))
-                try:
-                    return json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    msg = f"the body is not JSON: {exc}"
-                    raise ReviewError(msg) from None
-
-        server = _Server((host, port), WebhookHandler)
+        server = _Server((host, port), WebhookHandler, limits, name="webhook")
         server.tls = tls
+        if tls is not None:
+            server.refusal = None  # a TLS client cannot read a plain-text 503
         super().__init__(server, "dra-webhook")
 
     def start(self) -> None:
         super().start()
         scheme = "https" if self.tls is not None else "http (insecure)"
         logger.info(
-            "admission webhook for driver {} on port {} ({})",
+            "admission webhook for driver {} on {} port {} ({})",
             self.context.driver_name,
+            self.host,
             self.port,
             scheme,
         )

@@ -112,3 +112,97 @@ def test_run_refuses_a_corrupt_checkpoint(tmp_path):
     assert "dra-core checkpoint repair" in result.stderr
     assert checkpoint.read_bytes() == before, "a corrupt checkpoint is never reset"
     assert not (tmp_path / "reg").exists() or not list((tmp_path / "reg").iterdir())
+
+
+def test_run_makes_relative_directories_absolute(tmp_path):
+    import signal
+    import time
+    import uuid
+
+    from dra_core import ClaimRef
+    from dra_core.testing.kubelet import FakeKubelet
+
+    (tmp_path / "control.yaml").write_text("unhealthy: {}\n")
+    # Short names: unix socket paths stay under 108 bytes once made absolute.
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "dra_core", "run", "--backend", "fake", "--no-publish",
+         "--http-port", "0", "--registration-dir", "reg", "--plugins-dir", "./p/../plugins",
+         "--cdi-dir", "cdi", "--control-file", "control.yaml"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "reg").glob("*-reg.sock")):
+            assert agent.poll() is None, agent.stdout.read() if agent.stdout else ""
+            assert time.monotonic() < deadline, "no registration socket within 30 s"
+            time.sleep(0.1)
+        (socket,) = (tmp_path / "reg").glob("*-reg.sock")
+        # The kubelet runs elsewhere: the endpoint it is given must not depend on our cwd.
+        with FakeKubelet(socket) as kubelet:
+            info = kubelet.register()
+            assert info.endpoint == str(tmp_path / "plugins" / "fake.dra-core.dev" / "dra.sock")
+            claim = ClaimRef("default", "gone", str(uuid.uuid4()))
+            assert kubelet.unprepare([claim]) == {claim.uid: ""}
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        output, _ = agent.communicate(timeout=30)
+    assert agent.returncode == 0, output
+    assert (tmp_path / "plugins" / "fake.dra-core.dev" / "checkpoint.json").exists()
+    assert not (tmp_path / "p").exists()
+    assert f"control file {tmp_path / 'control.yaml'}\n" in output  # a backend path option
+
+
+def test_relative_backend_paths_are_made_absolute(tmp_path):
+    from dra_backend_i915.testing import build_demo
+
+    build_demo(tmp_path / "node")
+    result = subprocess.run(
+        [sys.executable, "-m", "dra_core", "discover", "--backend", "i915",
+         "--sysfs-root", "node/sys", "--devfs-root", "node/dev"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "gpu-0000-03-00-0-vf7" in result.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "dra_core", "discover", "--backend", "i915",
+         "--sysfs-root", "nothing"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 2
+    assert f"{tmp_path}/nothing/bus/pci/devices does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("flag", ["--plugins-dir", "--cdi-dir", "--registration-dir"])
+def test_run_refuses_an_empty_directory(tmp_path, flag):
+    args = {"--plugins-dir": "plugins", "--cdi-dir": "cdi", "--registration-dir": "reg"}
+    args[flag] = ""
+    result = subprocess.run(
+        [sys.executable, "-m", "dra_core", "run", "--backend", "fake", "--no-publish",
+         "--http-port", "0", *(x for pair in args.items() for x in pair)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"dra-core: error: {flag} is empty" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["socket path too long", "not a directory"])
+def test_run_says_why_it_cannot_start(tmp_path, problem):
+    if problem == "not a directory":
+        plugins = "plugins"
+        (tmp_path / plugins).write_text("a file where the plugins directory should be\n")
+    else:
+        plugins = "p" * 120  # a unix socket path holds at most 107 bytes
+    result = subprocess.run(
+        [sys.executable, "-m", "dra_core", "run", "--backend", "fake", "--no-publish",
+         "--http-port", "0", "--registration-dir", "reg", "--plugins-dir", plugins,
+         "--cdi-dir", "cdi"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "dra-core: error: the node agent cannot start" in result.stderr
+    assert str(tmp_path / plugins) in result.stderr

@@ -360,5 +360,31 @@ def test_command_help_is_useful():
         check=True,
     )
     assert result.stdout.startswith("usage: dra-core webhook")
-    for option in ("--backend", "--port", "--tls-cert-file", "--tls-key-file", "--insecure"):
+    for option in ("--backend", "--port", "--host", "--tls-cert-file", "--tls-key-file"):
         assert option in result.stdout
+    assert "--insecure" in result.stdout
+    assert "DRA_WEBHOOK_HOST" in result.stdout
+
+
+def test_command_reports_an_address_it_cannot_listen_on():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dra_core",
+            "webhook",
+            "--backend",
+            "fake",
+            "--insecure",
+            "--host",
+            "192.0.2.1",  # TEST-NET-1: never an address of this machine
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot listen on 192.0.2.1 port 0" in result.stderr

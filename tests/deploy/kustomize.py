@@ -1,9 +1,10 @@
 """A small subset of kustomize, enough to load ``deploy/`` without the kustomize binary.
 
 Supported: ``resources`` (files and directories with a kustomization), ``patches`` given as
-JSON 6902 operation lists with a ``target`` (kind/name), ``images`` (newName/newTag) and
-``namespace`` (set on namespaced objects that have none). Anything else in a kustomization
-raises :class:`Unsupported`, so a test notices when the manifests outgrow this loader.
+JSON 6902 operation lists (add, replace, remove, test) with a ``target`` (kind/name),
+``images`` (newName/newTag) and ``namespace`` (set on namespaced objects that have none).
+Anything else in a kustomization raises :class:`Unsupported`, so a test notices when the
+manifests outgrow this loader.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ CLUSTER_SCOPED_KINDS = {
 
 class Unsupported(Exception):
     """The kustomization uses a feature this loader does not implement."""
+
+
+class PatchTestFailed(Exception):
+    """A JSON 6902 ``test`` operation did not hold (kustomize fails the build the same way)."""
 
 
 def kustomization_file(directory: Path) -> Path:
@@ -112,7 +117,8 @@ def _pointer(path: str) -> list[str]:
 
 
 def json_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> dict[str, Any]:
-    """Apply RFC 6902 ``add``, ``replace`` and ``remove`` operations to a copy of ``document``."""
+    """Apply RFC 6902 ``add``, ``replace``, ``remove`` and ``test`` operations to a copy of
+    ``document``; a failed ``test`` raises :class:`PatchTestFailed`, as kustomize fails."""
     doc = copy.deepcopy(document)
     for op in operations:
         *parents, last = _pointer(op["path"])
@@ -120,6 +126,14 @@ def json_patch(document: dict[str, Any], operations: list[dict[str, Any]]) -> di
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
         kind = op["op"]
+        if kind == "test":
+            try:
+                actual = node[int(last)] if isinstance(node, list) else node[last]
+            except (IndexError, KeyError, ValueError):
+                raise PatchTestFailed(f"test of missing {op['path']}") from None
+            if actual != op["value"]:
+                raise PatchTestFailed(f"test of {op['path']}: {actual!r} != {op['value']!r}")
+            continue
         if isinstance(node, list):
             if kind == "add":
                 index = len(node) if last == "-" else int(last)

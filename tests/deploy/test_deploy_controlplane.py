@@ -1,5 +1,6 @@
 """deploy/ against the real API server: RBAC and the own-node ValidatingAdmissionPolicy are
-enforced for a pod-bound service-account token, and every object passes a server-side dry run.
+enforced for a pod-bound service-account token (the node, the driver and the pool name of every
+slice the agent writes or removes), and every object passes a server-side dry run.
 
 The base's objects are applied as they are (namespace ``dra-core``, cluster-wide RBAC and
 policy) and removed at the end of the module.
@@ -17,13 +18,16 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.controlplane import helpers as h
 from tests.deploy import kustomize
+from tests.deploy.test_policy_driver import policy_driver
 
 pytestmark = pytest.mark.controlplane
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 SLICES = f"{h.RESOURCE_API}/resourceslices"
-DRIVER = "vap.dra-core.example.com"
+#: The driver the base's agent ServiceAccount is for (the fake backend's).
+DRIVER = policy_driver(kustomize.build(DEPLOY / "base"))
+OTHER_DRIVER = "vap.dra-core.example.com"
 
 _PLURALS = {
     "Namespace": "namespaces",
@@ -34,6 +38,11 @@ _PLURALS = {
     "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings",
     "DaemonSet": "daemonsets",
     "DeviceClass": "deviceclasses",
+    "ConfigMap": "configmaps",
+    "Deployment": "deployments",
+    "Service": "services",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "ValidatingWebhookConfiguration": "validatingwebhookconfigurations",
 }
 
 
@@ -78,8 +87,14 @@ def denied(fn, *args, **kw) -> ApiException:
     return info.value
 
 
-def slice_body(name: str, node: str | None) -> dict[str, Any]:
-    body = h.resource_slice_body(name, node or "unused", [h.device("dev-0")], driver=DRIVER)
+def slice_body(
+    name: str, node: str | None, *, driver: str = DRIVER, pool: str | None = None
+) -> dict[str, Any]:
+    """A slice of ``driver`` on ``node`` in pool ``pool`` (default: the node's name), or a
+    cluster-wide one when ``node`` is None."""
+    body = h.resource_slice_body(
+        name, node or "unused", [h.device("dev-0")], driver=driver, pool=pool
+    )
     if node is None:  # a cluster-wide slice
         del body["spec"]["nodeName"]
         body["spec"]["allNodes"] = True
@@ -111,7 +126,8 @@ def installed(kube_api, base_objects):
 def nodes(kube_api, installed):
     names = [h.unique_name("node-a"), h.unique_name("node-b")]
     for name in names:
-        h.create_node(kube_api, name)
+        # Tainted not-ready: the scheduler never puts another test's pod on them.
+        h.create_node(kube_api, name, untaint=False)
     yield names
     for name in names:
         h.delete_node(kube_api, name)
@@ -256,6 +272,63 @@ def test_agent_may_not_move_its_slice_to_another_node(agent, nodes, policy_activ
     assert h.get(agent, f"{SLICES}/{name}")["spec"]["nodeName"] == nodes[0]
 
 
+def test_agent_may_not_write_another_drivers_slices(
+    kube_api, agent, nodes, policy_active, slice_cleanup
+):
+    name = h.unique_name("driver")
+    slice_cleanup.append(name)
+    err = denied(h.create, agent, SLICES, slice_body(name, nodes[0], driver=OTHER_DRIVER))
+    assert "dra-core-resourceslices-own-node" in err.body
+    assert (
+        f"the dra-core agent for driver '{DRIVER}' may only write ResourceSlices of that "
+        f"driver, not '{OTHER_DRIVER}'"
+    ) in err.body
+
+    # Another driver's slice on the agent's own node (written by that driver's agent, here an
+    # admin): the agent may read it, but neither change nor delete it.
+    h.create(kube_api, SLICES, slice_body(name, nodes[0], driver=OTHER_DRIVER))
+    path = f"{SLICES}/{name}"
+    assert h.get(agent, path)["spec"]["driver"] == OTHER_DRIVER
+    err = denied(h.merge_patch, agent, path, {"metadata": {"labels": {"x": "y"}}})
+    assert f"may only write ResourceSlices of that driver, not '{OTHER_DRIVER}'" in err.body
+    err = denied(h.delete, agent, path, ignore_missing=False)
+    assert (
+        f"may only change or delete ResourceSlices of that driver in pool '{nodes[0]}', "
+        f"not driver '{OTHER_DRIVER}' pool '{nodes[0]}'"
+    ) in err.body
+    assert h.get(kube_api, path)["spec"]["driver"] == OTHER_DRIVER  # still there
+
+
+def test_agent_may_not_publish_under_another_nodes_pool_name(
+    kube_api, agent, nodes, policy_active, slice_cleanup
+):
+    name = h.unique_name("pool")
+    slice_cleanup.append(name)
+    err = denied(h.create, agent, SLICES, slice_body(name, nodes[0], pool=nodes[1]))
+    assert (
+        f"the dra-core agent on node '{nodes[0]}' may only write ResourceSlices in its own "
+        f"pool '{nodes[0]}', not pool '{nodes[1]}'"
+    ) in err.body
+    err = denied(h.create, agent, SLICES, slice_body(name, nodes[0], pool=f"{nodes[0]}/x"))
+    assert f"not pool '{nodes[0]}/x'" in err.body
+
+    # A slice on the agent's node that claims node B's pool (an admin wrote it): the agent
+    # may not take it over, nor delete it.
+    h.create(kube_api, SLICES, slice_body(name, nodes[0], pool=nodes[1]))
+    path = f"{SLICES}/{name}"
+    err = denied(h.merge_patch, agent, path, {"metadata": {"labels": {"x": "y"}}})
+    assert f"not pool '{nodes[1]}'" in err.body
+    err = denied(h.delete, agent, path, ignore_missing=False)
+    assert f"not driver '{DRIVER}' pool '{nodes[1]}'" in err.body
+    assert h.get(kube_api, path)["spec"]["pool"]["name"] == nodes[1]
+
+    # Its own pool, its own driver, its own node: allowed (and the pool is the node's name,
+    # which is what the agent publishes).
+    own = h.unique_name("pool-own")
+    slice_cleanup.append(own)
+    assert h.create(agent, SLICES, slice_body(own, nodes[0]))["spec"]["pool"]["name"] == nodes[0]
+
+
 def test_token_without_node_may_not_write_slices(
     control_plane, kube_api, installed, nodes, policy_active, slice_cleanup
 ):
@@ -323,7 +396,7 @@ def test_rbac_grants_what_the_agent_needs_and_nothing_else(agent, installed, nod
 
 
 def check_pod_template(kube_api, daemonset: dict[str, Any]) -> None:
-    """Dry-run a Pod made from the DaemonSet's template, as the DaemonSet controller would
+    """Dry-run a Pod made from a DaemonSet's or Deployment's template, as its controller would
     create it: pod admission (priority class, service account, pod security) runs too."""
     template = daemonset["spec"]["template"]
     ns = daemonset["metadata"]["namespace"]
@@ -339,27 +412,89 @@ def check_pod_template(kube_api, daemonset: dict[str, Any]) -> None:
     try:
         result = h.create(kube_api, f"/api/v1/namespaces/{ns}/pods", pod, query={"dryRun": "All"})
     except ApiException as e:
-        pytest.fail(f"a pod of DaemonSet {daemonset['metadata']['name']} is rejected: {e.body}")
-    assert result["spec"]["priority"] == 2000001000  # system-node-critical was resolved
+        pytest.fail(
+            f"a pod of {daemonset['kind']} {daemonset['metadata']['name']} is rejected: {e.body}"
+        )
+    if template["spec"].get("priorityClassName") == "system-node-critical":
+        assert result["spec"]["priority"] == 2000001000  # the class was resolved
     assert result["spec"]["serviceAccountName"] == template["spec"]["serviceAccountName"]
 
 
-@pytest.mark.parametrize("directory", ["base", "overlays/i915"])
+@pytest.mark.parametrize("directory", ["base", "overlays/i915", "overlays/fake", "webhook"])
 def test_every_object_passes_a_server_side_dry_run(kube_api, installed, directory):
     """The API server validates each object (DaemonSet, DeviceClasses, ...) without storing it;
     the namespace exists because ``installed`` applied it."""
     objects = kustomize.build(DEPLOY / directory)
     assert objects
-    for obj in objects:
-        try:
-            result = apply(kube_api, obj, dry_run=True)
-        except ApiException as e:
-            pytest.fail(f"{obj['kind']} {obj['metadata']['name']} rejected: {e.body}")
-        assert result["kind"] == obj["kind"]
-        if obj["kind"] == "DaemonSet":
-            check_pod_template(kube_api, result)
-    daemonsets = [o for o in objects if o["kind"] == "DaemonSet"]
-    assert len(daemonsets) == 1
+    # A pod needs its ServiceAccount to exist: create the ones ``installed`` did not.
+    accounts = [
+        o
+        for o in objects
+        if o["kind"] == "ServiceAccount"
+        and o["metadata"]["name"] != installed["ServiceAccount"]["metadata"]["name"]
+    ]
+    for account in accounts:
+        apply(kube_api, account)
+    try:
+        for obj in objects:
+            try:
+                result = apply(kube_api, obj, dry_run=True)
+            except ApiException as e:
+                pytest.fail(f"{obj['kind']} {obj['metadata']['name']} rejected: {e.body}")
+            assert result["kind"] == obj["kind"]
+            if obj["kind"] in ("DaemonSet", "Deployment"):
+                check_pod_template(kube_api, result)
+    finally:
+        for account in accounts:
+            h.delete(kube_api, object_path(account))
+    (workload,) = [o for o in objects if o["kind"] in ("DaemonSet", "Deployment")]
     with pytest.raises(ApiException) as gone:  # the dry run stored nothing
-        h.get(kube_api, object_path(daemonsets[0]))
+        h.get(kube_api, object_path(workload))
     assert gone.value.status == 404
+
+
+def test_the_i915_overlays_policy_binds_the_i915_driver(kube_api, installed, agent, nodes):
+    """The i915 overlay's policy, applied over the base's: the same agent token may now write
+    gpu.intel.com slices of its node and no longer fake ones. Dry runs (admission runs, nothing
+    is stored); the base's policy is restored at the end."""
+    (i915,) = [
+        o
+        for o in kustomize.build(DEPLOY / "overlays/i915")
+        if o["kind"] == "ValidatingAdmissionPolicy"
+    ]
+    i915_driver = policy_driver([i915])
+    assert i915_driver == "gpu.intel.com" != DRIVER
+
+    def admitted(driver: str) -> bool:
+        body = slice_body(h.unique_name("dry"), nodes[0], driver=driver)
+        try:
+            h.create(agent, SLICES, body, query={"dryRun": "All"})
+        except ApiException as e:
+            if e.status == 403 and "may only write ResourceSlices of that driver" in e.body:
+                return False
+            raise
+        return True
+
+    apply(kube_api, i915)
+    try:
+        h.wait_for(
+            lambda: admitted(i915_driver) and not admitted(DRIVER),
+            timeout=30,
+            description="the i915 overlay's policy to be enforced",
+        )
+        # The node and pool checks are the base's.
+        with pytest.raises(ApiException) as other_node:
+            h.create(
+                agent,
+                SLICES,
+                slice_body(h.unique_name("dry"), nodes[1], driver=i915_driver),
+                query={"dryRun": "All"},
+            )
+        assert other_node.value.status == 403
+    finally:
+        apply(kube_api, installed["ValidatingAdmissionPolicy"])
+        h.wait_for(
+            lambda: admitted(DRIVER) and not admitted(i915_driver),
+            timeout=30,
+            description="the base's policy to be enforced again",
+        )

@@ -204,6 +204,8 @@ def test_daemonset_env(base):
     assert env["DRA_PLUGINS_DIR"]["value"] == "/var/lib/kubelet/plugins"
     assert env["DRA_CDI_DIR"]["value"] == "/var/run/cdi"
     assert env["DRA_HTTP_PORT"]["value"] == "8080"
+    # The status endpoint listens on the pod IP, which is what the kubelet probes.
+    assert env["DRA_HTTP_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["DRA_LOG_FORMAT"]["value"] == "json"
 
 
@@ -211,7 +213,7 @@ def test_env_names_are_read_by_the_cli():
     cli = (ROOT / "dra_core" / "cli.py").read_text()
     for name in ("NODE_NAME", "DRA_INSTANCE_ID", "DRA_REGISTRATION_DIR", "DRA_PLUGINS_DIR"):
         assert f'"{name}"' in cli, name
-    for name in ("DRA_CDI_DIR", "DRA_HTTP_PORT", "DRA_LOG_FORMAT"):
+    for name in ("DRA_CDI_DIR", "DRA_HTTP_PORT", "DRA_HTTP_HOST", "DRA_LOG_FORMAT"):
         assert f'"{name}"' in cli, name
 
 
@@ -269,7 +271,12 @@ def test_i915_overlay_has_device_classes_with_render_note(i915):
     for c in classes:
         assert c["apiVersion"] == "resource.k8s.io/v1"
     names = {c["metadata"]["name"] for c in classes}
-    assert names == {"gpu.intel.com", "vf.gpu.intel.com", "shared.gpu.intel.com"}
+    assert names == {
+        "gpu.intel.com",
+        "vf.gpu.intel.com",
+        "shared.gpu.intel.com",
+        "monitoring.gpu.intel.com",
+    }
     # That the file is what `dra-core render` prints is checked in test_rendered_classes.py.
 
 
