@@ -363,14 +363,14 @@ class LimitedHTTPServer(ThreadingHTTPServer):
                 expired = [c for c, d in self._deadlines.items() if self._closing or d <= now]
                 for conn in expired:
                     del self._deadlines[conn]
+                    if not self._closing:  # counted first: the client sees the cut at once
+                        self.timed_out += 1
                     # The socket's own shutdown, not SSLSocket.shutdown (which would drop the
                     # TLS layer under the handler). Done under the lock that disarm() and
                     # finish_request() take, so conn cannot be closed and its descriptor reused
                     # meanwhile.
                     with contextlib.suppress(OSError):
                         socket.socket.shutdown(conn, socket.SHUT_RDWR)
-                    if not self._closing:
-                        self.timed_out += 1
                 if self._closing:
                     return
                 soonest = min(self._deadlines.values(), default=None)
