@@ -43,7 +43,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from loguru import logger
-from run import RESOURCE_API, Cluster, allocate_claims, percentile, wait_for_api
+from run import (
+    FAKE_AGENT,
+    RESOURCE_API,
+    Cluster,
+    agent_dirs,
+    allocate_claims,
+    cluster_kubeconfig,
+    git_commit,
+    percentile,
+    rss_mib,
+    stop_process,
+    wait_for_api,
+)
 
 from dra_core import ClaimRef
 from dra_core.kube.client import load_client
@@ -122,11 +134,7 @@ class KubeletBench:
     def close(self) -> None:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc, None, what="kubeletbench")
         self._log.close()
 
 
@@ -142,14 +150,6 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    msg = f"no VmRSS in /proc/{pid}/status"
-    raise BenchError(msg)
 
 
 def settle(pid: int, window: float = 0.25, idle: float = 0.011, timeout: float = 10.0) -> None:
@@ -190,32 +190,9 @@ class Agent:
         return self.root / "plugins" / self.driver / "checkpoint.json"
 
     def argv(self, kubeconfig: str) -> list[str]:
-        common = [
-            "--node-name",
-            self.node,
-            "--kubeconfig",
-            kubeconfig,
-            "--registration-dir",
-            str(self.root / "registry"),
-            "--plugins-dir",
-            str(self.root / "plugins"),
-            "--cdi-dir",
-            str(self.root / "cdi"),
-        ]
+        common = ["--kubeconfig", kubeconfig, *agent_dirs(self.root, self.node)]
         if self.binary is None:
-            return [
-                sys.executable,
-                "-m",
-                "dra_core",
-                "run",
-                "--backend",
-                "fake",
-                "--devices",
-                str(self.devices),
-                "--http-port",
-                "0",
-                *common,
-            ]
+            return [*FAKE_AGENT, "--devices", str(self.devices), *common]
         return [
             str(self.binary),
             "--devices",
@@ -257,13 +234,7 @@ class Agent:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            logger.warning("{} ignored SIGTERM for 20 s; killing it", self.name)
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc, signal.SIGTERM, 20, self.name)
         self.proc = None
 
     def log_tail(self) -> str:
@@ -309,12 +280,7 @@ def count_fsyncs(pid: int, out: Path) -> Iterator[dict[str, int]]:
             time.sleep(0.02)
         yield counts
     finally:
-        tracer.send_signal(signal.SIGINT)
-        try:
-            tracer.wait(20)
-        except subprocess.TimeoutExpired:
-            tracer.kill()
-            tracer.wait(10)
+        stop_process(tracer, signal.SIGINT, 20, "strace")
     counts.update(parse_strace_summary(out.read_text() if out.exists() else ""))
 
 
@@ -613,11 +579,7 @@ def make_setup(
     suffix = uuid.uuid4().hex[:6]
     namespace = f"compare-{suffix}"
     devices = args.claims + args.parallel
-    cluster.create(
-        "/api/v1/namespaces",
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-    )
-    stack.callback(cluster.delete, f"/api/v1/namespaces/{namespace}")
+    cluster.create_namespace(stack, namespace)
     agents = []
     for name in (DRA_CORE, GOREF):
         agent = Agent(
@@ -632,30 +594,9 @@ def make_setup(
         agent.root.mkdir(parents=True)
         agents.append(agent)
         cluster.create_node(agent.node, pods=devices + 10)
-        stack.callback(cluster.delete, f"/api/v1/nodes/{agent.node}")
-        stack.callback(
-            cluster.delete,
-            f"{RESOURCE_API}/resourceslices",
-            {"fieldSelector": f"spec.nodeName={agent.node}"},
-        )
+        stack.callback(cluster.delete_node, agent.node)
         stack.callback(agent.stop)
-        cluster.create(
-            f"{RESOURCE_API}/deviceclasses",
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "DeviceClass",
-                "metadata": {"name": f"{agent.node}"},
-                "spec": {
-                    "selectors": [{"cel": {"expression": f'device.driver == "{agent.driver}"'}}]
-                },
-            },
-        )
-        stack.callback(cluster.delete, f"{RESOURCE_API}/deviceclasses/{agent.node}")
-    cluster.wait(
-        f"ServiceAccount {namespace}/default",
-        lambda: bool(client.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default")),
-        60,
-    )
+        cluster.create_device_class(stack, agent.node, agent.driver)
     seq: dict[str, list[ClaimRef]] = {}
     par: dict[str, list[ClaimRef]] = {}
     started = time.perf_counter()
@@ -683,13 +624,7 @@ def run(args: argparse.Namespace, results: Results, progress: Callable[[str], No
     root = Path(tempfile.mkdtemp(prefix="dra-compare-", dir="/tmp"))  # short socket paths
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
-        kubeconfig = args.kubeconfig
-        if kubeconfig is None:
-            from dra_core.testing.controlplane import ControlPlane, find_binaries
-
-            progress("starting the test control plane ...")
-            cp = stack.enter_context(ControlPlane(binaries=find_binaries()))
-            kubeconfig = str(cp.kubeconfig_path)
+        kubeconfig = cluster_kubeconfig(stack, args.kubeconfig, progress)
         progress(f"allocating 2 x {args.claims + args.parallel} claims ...")
         setup = make_setup(stack, args, kubeconfig, root, go)
         for n in range(args.rounds):
@@ -761,20 +696,6 @@ def _measured_code() -> dict[str, Any]:
     return info
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=HERE,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logger.remove()
@@ -782,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Results()
     results.info.update(
         date=time.strftime("%Y-%m-%d"),
-        commit=_git_commit(),
+        commit=git_commit(),
         cpus=os.cpu_count(),
         machine=platform.machine(),
         python=sys.version.split()[0],

@@ -149,12 +149,31 @@ def ms(seconds: float) -> float:
 # ---------------------------------------------------------------------------- 1. start
 
 
-def _rss_mib(pid: int) -> float:
+def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024.0
     msg = f"no VmRSS in /proc/{pid}/status"
     raise RuntimeError(msg)
+
+
+def stop_process(
+    proc: subprocess.Popen[Any],
+    sig: int | None = signal.SIGTERM,
+    timeout: float = 10.0,
+    what: str = "",
+) -> None:
+    """Send ``sig`` (None: none, the process ends by itself) and wait; kill it after ``timeout``."""
+    if sig is not None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning(
+            "{} did not exit within {} s; killing it", what or f"pid {proc.pid}", timeout
+        )
+        proc.kill()
+        proc.wait(10)
 
 
 def _registered(registration_dir: Path) -> bool:
@@ -168,30 +187,30 @@ def _registered(registration_dir: Path) -> bool:
     return False
 
 
+#: ``dra-core run`` with the fake backend, before the options of one agent.
+FAKE_AGENT = (sys.executable, "-m", "dra_core", "run", "--backend", "fake", "--http-port", "0")
+
+
+def agent_dirs(root: Path, node: str) -> list[str]:
+    """The node and directory options of an agent rooted at ``root`` (dra-core's or goref's)."""
+    return [
+        "--node-name",
+        node,
+        "--registration-dir",
+        str(root / "registry"),
+        "--plugins-dir",
+        str(root / "plugins"),
+        "--cdi-dir",
+        str(root / "cdi"),
+    ]
+
+
 def start_once(root: Path, timeout: float = 30.0) -> tuple[float, float]:
     """Spawn ``dra-core run``; return (seconds until GetInfo answers, VmRSS in MiB)."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     registration_dir = root / "registry"
-    argv = [
-        sys.executable,
-        "-m",
-        "dra_core",
-        "run",
-        "--backend",
-        "fake",
-        "--no-publish",
-        "--node-name",
-        "bench-start",
-        "--registration-dir",
-        str(registration_dir),
-        "--plugins-dir",
-        str(root / "plugins"),
-        "--cdi-dir",
-        str(root / "cdi"),
-        "--http-port",
-        "0",
-    ]
+    argv = [*FAKE_AGENT, "--no-publish", *agent_dirs(root, "bench-start")]
     with (root / "agent.log").open("wb") as log:
         started = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -205,14 +224,9 @@ def start_once(root: Path, timeout: float = 30.0) -> tuple[float, float]:
                     raise RuntimeError(msg)
                 time.sleep(0.005)
             elapsed = time.perf_counter() - started
-            rss = _rss_mib(proc.pid)
+            rss = rss_mib(proc.pid)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc)
     return elapsed, rss
 
 
@@ -360,6 +374,37 @@ class Cluster:
             content_type="application/merge-patch+json",
         )
 
+    def create_namespace(self, stack: ExitStack, name: str) -> None:
+        """A namespace, deleted when ``stack`` closes; returns once its ServiceAccount exists."""
+        self.create(
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+        )
+        stack.callback(self.delete, f"/api/v1/namespaces/{name}")
+        self.wait(
+            f"ServiceAccount {name}/default",
+            lambda: bool(self.client.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")),
+            60,
+        )
+
+    def create_device_class(self, stack: ExitStack, name: str, driver: str) -> None:
+        """A DeviceClass of every device of ``driver``, deleted when ``stack`` closes."""
+        self.create(
+            f"{RESOURCE_API}/deviceclasses",
+            {
+                "apiVersion": "resource.k8s.io/v1",
+                "kind": "DeviceClass",
+                "metadata": {"name": name},
+                "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{driver}"'}}]},
+            },
+        )
+        stack.callback(self.delete, f"{RESOURCE_API}/deviceclasses/{name}")
+
+    def delete_node(self, name: str) -> None:
+        """The node and the ResourceSlices published for it."""
+        self.delete(f"{RESOURCE_API}/resourceslices", {"fieldSelector": f"spec.nodeName={name}"})
+        self.delete(f"/api/v1/nodes/{name}")
+
     def wait(self, what: str, condition: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -376,6 +421,19 @@ class Cluster:
 
 def wait_for_api(client: KubeClient, timeout: float = 60.0) -> None:
     Cluster(client).wait("the API server", lambda: bool(client.get("/api/v1/namespaces")), timeout)
+
+
+def cluster_kubeconfig(
+    stack: ExitStack, kubeconfig: str | None, progress: Callable[[str], None]
+) -> str:
+    """``kubeconfig``, else the test control plane's, started now and stopped with ``stack``."""
+    if kubeconfig is not None:
+        return kubeconfig
+    from dra_core.testing.controlplane import ControlPlane, find_binaries
+
+    progress("starting the test control plane ...")
+    cp = stack.enter_context(ControlPlane(binaries=find_binaries()))
+    return str(cp.kubeconfig_path)
 
 
 # ---------------------------------------------------------------------------- 3. publishing
@@ -714,38 +772,13 @@ def bench_claims(report: Report, kubeconfig: str, root: Path, claims: int, held:
     suffix = uuid.uuid4().hex[:6]
     node, namespace = f"bench-claims-{suffix}", f"bench-{suffix}"
     with ExitStack() as cleanup:
-        cluster.create(
-            "/api/v1/namespaces",
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-        )
-        cleanup.callback(cluster.delete, f"/api/v1/namespaces/{namespace}")
-        cleanup.callback(cluster.delete, f"/api/v1/nodes/{node}")
-        cleanup.callback(
-            cluster.delete,
-            f"{RESOURCE_API}/resourceslices",
-            {"fieldSelector": f"spec.nodeName={node}"},
-        )
+        cluster.create_namespace(cleanup, namespace)
+        cleanup.callback(cluster.delete_node, node)
         agent = cleanup.enter_context(
             claims_agent(cluster, kubeconfig, root / "agent", node, 2 * claims + held, report)
         )
         device_class = f"bench-{suffix}"
-        cluster.create(
-            f"{RESOURCE_API}/deviceclasses",
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "DeviceClass",
-                "metadata": {"name": device_class},
-                "spec": {
-                    "selectors": [{"cel": {"expression": f'device.driver == "{agent.driver}"'}}]
-                },
-            },
-        )
-        cleanup.callback(cluster.delete, f"{RESOURCE_API}/deviceclasses/{device_class}")
-        cluster.wait(
-            f"ServiceAccount {namespace}/default",
-            lambda: bool(client.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/default")),
-            60,
-        )
+        cluster.create_device_class(cleanup, device_class, agent.driver)
         started = time.perf_counter()
         names = [f"seq-{i}" for i in range(claims)] + [f"par-{i}" for i in range(claims)]
         names += [f"held-{i}" for i in range(held)]
@@ -819,13 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             hooks.stop(context)
         with ExitStack() as stack:
-            kubeconfig = args.kubeconfig
-            if kubeconfig is None:
-                from dra_core.testing.controlplane import ControlPlane, find_binaries
-
-                print("    starting the test control plane ...", file=sys.stderr)
-                cp = stack.enter_context(ControlPlane(binaries=find_binaries()))
-                kubeconfig = str(cp.kubeconfig_path)
+            kubeconfig = cluster_kubeconfig(
+                stack, args.kubeconfig, lambda text: print(f"    {text}", file=sys.stderr)
+            )
             client = load_client(kubeconfig, timeout=30)
             wait_for_api(client)
             print("3/6 publishing ...", file=sys.stderr)
@@ -834,10 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 bench_publish(report, cluster, inventory, node, args.quiet)
             finally:
-                cluster.delete(
-                    f"{RESOURCE_API}/resourceslices", {"fieldSelector": f"spec.nodeName={node}"}
-                )
-                cluster.delete(f"/api/v1/nodes/{node}")
+                cluster.delete_node(node)
             print("4/6, 5/6, 6/6 claims ...", file=sys.stderr)
             bench_claims(report, kubeconfig, root, args.claims, args.held)
     finally:

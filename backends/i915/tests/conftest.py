@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from dra_backend_i915 import plugin
 from dra_backend_i915.memory import DrmMemoryQuery
-from dra_backend_i915.testing import FakeDrmIoctl, FakeKernel, FakeSysfs, node_context
+from dra_backend_i915.testing import GIB, FakeDrmIoctl, FakeKernel, FakeSysfs, node_context
 
 from dra_core import NodeContext
 from dra_core.plugins import Hooks, from_objects
@@ -17,6 +17,19 @@ from dra_core.plugins import Hooks, from_objects
 @pytest.fixture
 def fs(tmp_path: Path) -> FakeSysfs:
     return FakeSysfs(tmp_path / "node")
+
+
+@pytest.fixture
+def max1550(fs: FakeSysfs) -> Path:
+    """A two-tile Data Center GPU Max 1550 at 0000:3a:00.0, the PF's directory."""
+    return fs.add_gpu(
+        "0000:3a:00.0",
+        "0x0bd5",
+        lmem_total_bytes=128 * GIB,
+        sriov_totalvfs=62,
+        gts=2,
+        vf_gt_dirs=("gt0", "gt1"),
+    )
 
 
 @pytest.fixture

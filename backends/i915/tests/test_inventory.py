@@ -86,15 +86,7 @@ def test_ecc_detected_from_memory(fs):
     assert built.inventory.device("gpu-0000-03-00-0-vf0").capacity["memory"].value == "3384Mi"  # type: ignore[union-attr]
 
 
-def test_max1550_two_tiles_vf_memory(fs):
-    fs.add_gpu(
-        "0000:3a:00.0",
-        "0x0bd5",
-        lmem_total_bytes=128 * GIB,
-        sriov_totalvfs=62,
-        gts=2,
-        vf_gt_dirs=("gt0", "gt1"),
-    )
+def test_max1550_two_tiles_vf_memory(fs, max1550):
     built = inventory(fs)
     vfs = [d for d in built.inventory.devices if d.attributes["type"] == "vf"]
     assert len(vfs) == 16  # default max_128g_c16

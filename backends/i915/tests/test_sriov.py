@@ -279,22 +279,14 @@ def test_vf_refused_while_pf_held_whole(hooks, ctx):
     assert "held whole" in str(cause(refused))
 
 
-def test_max1550_quotas_on_both_tiles(fs, kernel, tmp_path):
-    pf = fs.add_gpu(
-        "0000:3a:00.0",
-        "0x0bd5",
-        lmem_total_bytes=128 * GIB,
-        sriov_totalvfs=62,
-        gts=2,
-        vf_gt_dirs=("gt0", "gt1"),
-    )
+def test_max1550_quotas_on_both_tiles(fs, kernel, max1550, tmp_path):
     backend = plugin.I915Backend(writer=kernel, poll=0.01)
     ctx = node_context(fs, tmp_path / "state", vf_profile="max_128g=max_128g_c2")
     backend.prepare(allocated_claim("gpu-0000-3a-00-0-vf1"), ctx)
     for gt in ("gt0", "gt1"):
-        lmem = pf / f"drm/card0/prelim_iov/vf2/{gt}/lmem_quota"
+        lmem = max1550 / f"drm/card0/prelim_iov/vf2/{gt}/lmem_quota"
         assert int(lmem.read_text()) == 30720 << 20
-    assert int((pf / "sriov_numvfs").read_text()) == 2
+    assert int((max1550 / "sriov_numvfs").read_text()) == 2
 
 
 def test_xe_sriov_admin_profile(fs, kernel, tmp_path):

@@ -175,17 +175,9 @@ def test_admin_vf_memory_from_its_i915_quota(hooks, fs, flex, tmp_path):
     assert vf_memory(hooks, ctx, f"{PF_NAME}-vf1") == ("8000Mi", True)
 
 
-def test_admin_vf_memory_on_two_tiles_is_the_sum(hooks, fs, tmp_path):
-    pf = fs.add_gpu(
-        "0000:3a:00.0",
-        "0x0bd5",
-        lmem_total_bytes=128 * GIB,
-        sriov_totalvfs=62,
-        gts=2,
-        vf_gt_dirs=("gt0", "gt1"),
-    )
+def test_admin_vf_memory_on_two_tiles_is_the_sum(hooks, fs, max1550, tmp_path):
     tiles = {f"drm/card0/prelim_iov/vf{{vf}}/gt{t}/lmem_quota": 30720 * MIB for t in (0, 1)}
-    admin_vfs(fs, pf, 2, tiles)
+    admin_vfs(fs, max1550, 2, tiles)
     ctx = node_context(fs, tmp_path / "state")
     assert vf_memory(hooks, ctx, "gpu-0000-3a-00-0-vf0") == ("60Gi", True)
 

@@ -31,46 +31,30 @@ from typing import Any
 
 import grpc
 import pytest
-from dra_backend_i915 import plugin
 from dra_backend_i915.discovery import vf_address
-from dra_backend_i915.memory import DrmMemoryQuery
-from dra_backend_i915.testing import GIB, FakeDrmIoctl, FakeKernel, FakeSysfs
+from dra_backend_i915.testing import GIB, FakeKernel, FakeSysfs
 
+from backends.i915.tests import controlplane_helpers as cp
 from dra_core import ClaimRef
 from dra_core.checkpoint import Checkpoint
-from dra_core.kube.client import load_client
-from dra_core.manifests import device_class_manifests
-from dra_core.plugins import Hooks, from_objects
-from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.kubelet import FakeKubelet
 from tests.controlplane import helpers
 
 pytestmark = pytest.mark.controlplane
 pytest_plugins = ["tests.controlplane.fixtures"]
 
-DRIVER = "gpu.intel.com"
 NODE = "i915-vf-node"
 CRASH_NODE = "i915-vf-crash-node"
-FLEX = "0000:03:00.0"
-FLEX_DEVICE = "gpu-0000-03-00-0"
-FLEX_VFS = [f"{FLEX_DEVICE}-vf{k}" for k in range(8)]  # flex170_m8
-STATE = Path("plugins") / DRIVER / "backend" / "i915-state.json"
+STATE = Path("plugins") / cp.DRIVER / "backend" / "i915-state.json"
 CRASH_AGENT = Path(__file__).with_name("vf_crash_agent.py")
-WHOLE_FLEX = f'device.attributes["{DRIVER}"].pciAddress == "{FLEX}"'
 
 
 def flex_node(base: Path) -> FakeSysfs:
     fake = FakeSysfs(base, char_devices=os.geteuid() == 0)
-    fake.add_gpu(FLEX, "0x56c0", lmem_total_bytes=16 * GIB, sriov_totalvfs=31, error_counters=True)
+    fake.add_gpu(
+        cp.FLEX, "0x56c0", lmem_total_bytes=16 * GIB, sriov_totalvfs=31, error_counters=True
+    )
     return fake
-
-
-@pytest.fixture(scope="module")
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="dra-i915-vf-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,132 +62,21 @@ def fs(short_dir: Path) -> FakeSysfs:
     return flex_node(short_dir / "node")
 
 
-@pytest.fixture(scope="module")
-def kernel(fs: FakeSysfs) -> Iterator[FakeKernel]:
-    fake = fs.kernel(delay=0.05)
-    yield fake
-    fake.join()
-
-
-@pytest.fixture(scope="module")
-def backend(kernel: FakeKernel) -> Iterator[plugin.I915Backend]:
-    instance = plugin.I915Backend(
-        writer=kernel, memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})), poll=0.01
-    )
-    previous = plugin.use(instance)
-    yield instance
-    plugin.use(previous)
-
-
-@pytest.fixture(scope="module")
-def hooks(backend: plugin.I915Backend) -> Hooks:
-    return from_objects("i915", plugin)
-
-
-@pytest.fixture(scope="module")
-def classes(kube_api, hooks: Hooks) -> Iterator[None]:
-    bodies = device_class_manifests(hooks.device_classes(hooks.backend_identity()))
-    for body in bodies:
-        helpers.delete_device_class(kube_api, body["metadata"]["name"])
-        helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)
-    yield
-    for body in bodies:
-        helpers.delete_device_class(kube_api, body["metadata"]["name"])
-
-
-@pytest.fixture(scope="module")
-def agent(control_plane, kube_api, classes, short_dir, fs, hooks) -> Iterator[Agent]:
-    helpers.create_node(kube_api, NODE)
-    settings = AgentSettings(
-        node_name=NODE,
-        registration_dir=short_dir / "registry",
-        plugins_dir=short_dir / "plugins",
-        cdi_dir=short_dir / "cdi",
-        http_port=0,
-        poll_interval=0.5,
-        backend_options={"sysfs_root": str(fs.sys), "devfs_root": str(fs.dev)},
-    )
-    running = Agent(settings, hooks, client=load_client(str(control_plane.kubeconfig_path)))
-    running.start()
-    helpers.wait_for(lambda: published(kube_api, NODE), 30, "the agent's ResourceSlices")
-    yield running
-    running.stop()
-    helpers.delete_node(kube_api, NODE)
-
-
-@pytest.fixture
-def kubelet(agent: Agent) -> Iterator[FakeKubelet]:
-    assert agent.plugin is not None
-    with FakeKubelet(agent.plugin.registration_socket) as peer:
-        peer.register()
-        yield peer
-
-
-def published(api, node: str) -> dict[str, dict[str, Any]]:
-    slices = helpers.get(
-        api,
-        f"{helpers.RESOURCE_API}/resourceslices",
-        query={"fieldSelector": f"spec.nodeName={node}"},
-    )["items"]
-    return {d["name"]: d for s in slices for d in s["spec"].get("devices") or []}
+short_dir, kernel, backend, hooks, classes, agent, kubelet = cp.agent_fixtures("dra-i915-vf-", NODE)
 
 
 def partitioned_flex_published(api, node: str) -> bool:
     """The Flex as this driver's partitionable GPU: the PF and its 8 VFs with their profile."""
-    devices = published(api, node)
-    return set(devices) == {FLEX_DEVICE, *FLEX_VFS} and all(
-        devices[name]["attributes"]["profile"] == {"string": "flex170_m8"} for name in FLEX_VFS
+    devices = cp.published(api, node)
+    return set(devices) == {cp.FLEX_DEVICE, *cp.FLEX_VFS} and all(
+        devices[name]["attributes"]["profile"] == {"string": "flex170_m8"} for name in cp.FLEX_VFS
     )
-
-
-def claim_with_pod(api, namespace: str, body: dict[str, Any], node: str) -> ClaimRef:
-    """Create the claim and a pod using it pinned to ``node``; no waiting."""
-    name = body["metadata"]["name"]
-    claim = helpers.create_resource_claim(api, namespace, body)
-    pod = helpers.pod_body(f"pod-{name}", [{"name": "gpu", "resourceClaimName": name}])
-    pod["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
-    helpers.create_pod(api, namespace, pod)
-    return ClaimRef(namespace, name, claim["metadata"]["uid"])
 
 
 def vf_claim(api, namespace: str, name: str, node: str = NODE, count: int = 1) -> ClaimRef:
-    return claim_with_pod(
-        api, namespace, helpers.resource_claim_body(name, f"vf.{DRIVER}", count=count), node
+    return cp.claim_with_pod(
+        api, namespace, cp.claim_body(name, f"vf.{cp.DRIVER}", count=count), node
     )
-
-
-def allocation(api, ref: ClaimRef) -> list[str]:
-    """The devices the scheduler allocated to the claim."""
-    try:
-        claim = helpers.wait_for_claim_allocated(api, ref.namespace, ref.name)
-    except TimeoutError as exc:
-        pod = helpers.get_pod(api, ref.namespace, f"pod-{ref.name}")
-        conditions = json.dumps(pod.get("status", {}).get("conditions", []))
-        raise TimeoutError(f"{exc}; pod conditions: {conditions}") from None
-    assert claim["metadata"]["uid"] == ref.uid
-    return sorted(r["device"] for r in claim["status"]["allocation"]["devices"]["results"])
-
-
-def release(api, ref: ClaimRef) -> None:
-    """Delete the claim's pod and the claim, and wait until the claim is gone."""
-    from kubernetes.client.exceptions import ApiException
-
-    helpers.delete_pod(api, ref.namespace, f"pod-{ref.name}")
-    path = f"{helpers.RESOURCE_API}/namespaces/{ref.namespace}/resourceclaims/{ref.name}"
-    helpers.delete(api, path)
-
-    def gone() -> bool:
-        try:
-            helpers.get(api, path)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    helpers.wait_for(gone, 60, f"claim {ref.name} to be deleted (reservation and finalizer)")
-
-
-def numvfs(fs: FakeSysfs) -> int:
-    return int((fs.gpus[FLEX].path / "sriov_numvfs").read_text())
 
 
 def numvfs_writes(kernel: FakeKernel, since: int) -> list[str]:
@@ -216,31 +89,30 @@ def saved_state(root: Path) -> dict[str, Any]:
 
 def render_env(fs: FakeSysfs, root: Path, ref: ClaimRef, device: str, cdi_id: str) -> None:
     """The claim's CDI spec gives ``device`` the render node of its own VF."""
-    spec = json.loads((root / "cdi" / f"intel.com-gpu_{ref.uid}.json").read_text())
-    (entry,) = [d for d in spec["devices"] if d["name"] == cdi_id.split("=", 1)[1]]
-    vf = fs.gpus[vf_address(FLEX, 1, 1, FLEX_VFS.index(device))]
-    assert f"DRI_RENDER_NODE=/dev/dri/{vf.render}" in entry["containerEdits"]["env"]
+    edits = cp.edits_of(cp.cdi_spec(root, ref), cdi_id)
+    vf = fs.gpus[vf_address(cp.FLEX, 1, 1, cp.FLEX_VFS.index(device))]
+    assert f"DRI_RENDER_NODE=/dev/dri/{vf.render}" in edits["env"]
 
 
 def whole_flex_is_allocatable(api, namespace: str, kubelet: FakeKubelet, node: str) -> None:
     """A claim for the whole Flex gets it and prepares: no VF is left over."""
-    ref = claim_with_pod(
+    ref = cp.claim_with_pod(
         api,
         namespace,
-        helpers.resource_claim_body("whole", DRIVER, selectors=[WHOLE_FLEX]),
+        cp.claim_body("whole", cp.DRIVER, selectors=[cp.on(cp.FLEX)]),
         node,
     )
-    assert allocation(api, ref) == [FLEX_DEVICE]
+    assert cp.allocated_devices(api, ref) == [cp.FLEX_DEVICE]
     assert kubelet.prepare([ref])[ref.uid].error == ""
     assert kubelet.unprepare([ref]) == {ref.uid: ""}
-    release(api, ref)
+    cp.release(api, ref)
 
 
 def test_one_claim_with_two_vfs(agent, kubelet, kube_api, namespace, fs, kernel, short_dir):
     ref = vf_claim(kube_api, namespace, "two", count=2)
-    devices = allocation(kube_api, ref)
-    assert len(devices) == 2 and set(devices) <= set(FLEX_VFS)
-    assert numvfs(fs) == 0, "no VF exists before the prepare"
+    devices = cp.allocated_devices(kube_api, ref)
+    assert len(devices) == 2 and set(devices) <= set(cp.FLEX_VFS)
+    assert cp.numvfs(fs) == 0, "no VF exists before the prepare"
 
     since = len(kernel.writes)
     answer = kubelet.prepare([ref])[ref.uid]
@@ -248,16 +120,16 @@ def test_one_claim_with_two_vfs(agent, kubelet, kube_api, namespace, fs, kernel,
     assert sorted(d.device_name for d in answer.devices) == devices
     assert numvfs_writes(kernel, since) == ["8"], "the VFs are made once, for both devices"
     assert saved_state(short_dir)["created"] == {
-        FLEX: {"profile": "flex170_m8", "numVfs": 8, "complete": True}
+        cp.FLEX: {"profile": "flex170_m8", "numVfs": 8, "complete": True}
     }
     for device in answer.devices:
         render_env(fs, short_dir, ref, device.device_name, device.cdi_device_ids[0])
 
     assert kubelet.unprepare([ref]) == {ref.uid: ""}
     assert numvfs_writes(kernel, since) == ["8", "0"]
-    assert numvfs(fs) == 0
+    assert cp.numvfs(fs) == 0
     assert saved_state(short_dir) == {"version": 1, "created": {}, "holders": {}}
-    release(kube_api, ref)
+    cp.release(kube_api, ref)
     helpers.wait_for(
         lambda: partitioned_flex_published(kube_api, NODE), 15, "the Flex published again"
     )
@@ -266,7 +138,7 @@ def test_one_claim_with_two_vfs(agent, kubelet, kube_api, namespace, fs, kernel,
 
 def test_two_claims_in_one_call(agent, kubelet, kube_api, namespace, fs, kernel, short_dir):
     refs = [vf_claim(kube_api, namespace, f"one-{i}") for i in range(2)]
-    devices = [allocation(kube_api, ref)[0] for ref in refs]
+    devices = [cp.allocated_devices(kube_api, ref)[0] for ref in refs]
     assert len(set(devices)) == 2
 
     since = len(kernel.writes)
@@ -280,12 +152,12 @@ def test_two_claims_in_one_call(agent, kubelet, kube_api, namespace, fs, kernel,
         render_env(fs, short_dir, ref, device, prepared.cdi_device_ids[0])
 
     assert kubelet.unprepare([refs[0]]) == {refs[0].uid: ""}
-    assert numvfs(fs) == 8, "the other claim still uses a VF of the Flex"
+    assert cp.numvfs(fs) == 8, "the other claim still uses a VF of the Flex"
     assert kubelet.unprepare([refs[1]]) == {refs[1].uid: ""}
     assert numvfs_writes(kernel, since) == ["8", "0"]
-    assert numvfs(fs) == 0
+    assert cp.numvfs(fs) == 0
     for ref in refs:
-        release(kube_api, ref)
+        cp.release(kube_api, ref)
     helpers.wait_for(
         lambda: partitioned_flex_published(kube_api, NODE), 15, "the Flex published again"
     )
@@ -311,7 +183,7 @@ def test_two_calls_at_once(
     agent, backend, kubelet, kube_api, namespace, fs, kernel, short_dir, monkeypatch
 ):
     refs = [vf_claim(kube_api, namespace, f"at-once-{i}") for i in range(2)]
-    devices = [allocation(kube_api, ref)[0] for ref in refs]
+    devices = [cp.allocated_devices(kube_api, ref)[0] for ref in refs]
 
     # The second call arrives while the first is making the VFs: the first holds the
     # writer at sriov_numvfs until the agent has taken in the second call.
@@ -339,12 +211,12 @@ def test_two_calls_at_once(
     assert numvfs_writes(kernel, since) == ["8"]
 
     assert kubelet.unprepare([refs[1]]) == {refs[1].uid: ""}
-    assert numvfs(fs) == 8
+    assert cp.numvfs(fs) == 8
     assert kubelet.unprepare([refs[0]]) == {refs[0].uid: ""}
-    assert numvfs(fs) == 0
+    assert cp.numvfs(fs) == 0
     assert saved_state(short_dir) == {"version": 1, "created": {}, "holders": {}}
     for ref in refs:
-        release(kube_api, ref)
+        cp.release(kube_api, ref)
 
 
 # -- the agent dies between the VF write and the record ----------------------------------------
@@ -401,7 +273,7 @@ class AgentProcess:
         """True once the registration socket answers (a dead agent leaves a stale one)."""
         assert self.proc is not None
         assert self.proc.poll() is None, self.log()
-        with FakeKubelet(self.root / "registry" / f"{DRIVER}-reg.sock") as peer:
+        with FakeKubelet(self.root / "registry" / f"{cp.DRIVER}-reg.sock") as peer:
             peer.get_info()
         return True
 
@@ -409,7 +281,7 @@ class AgentProcess:
         return (self.root / "agent.log").read_text()[-4000:]
 
     def kubelet(self) -> FakeKubelet:
-        peer = FakeKubelet(self.root / "registry" / f"{DRIVER}-reg.sock")
+        peer = FakeKubelet(self.root / "registry" / f"{cp.DRIVER}-reg.sock")
         peer.register()
         return peer
 
@@ -423,7 +295,7 @@ class AgentProcess:
             self.proc.wait(30)
 
     def phases(self) -> dict[str, str]:
-        checkpoint = Checkpoint.open(self.root / "plugins" / DRIVER / "checkpoint.json")
+        checkpoint = Checkpoint.open(self.root / "plugins" / cp.DRIVER / "checkpoint.json")
         return {uid: record.phase for uid, record in checkpoint.records().items()}
 
 
@@ -448,14 +320,14 @@ def test_agent_dies_between_the_vf_write_and_the_record(
                 lambda: partitioned_flex_published(kube_api, crash_node), 30, "the slices"
             )
             ref = vf_claim(kube_api, namespace, "crash", node=crash_node)
-            (device,) = allocation(kube_api, ref)
+            (device,) = cp.allocated_devices(kube_api, ref)
             with process.kubelet() as kubelet, pytest.raises(grpc.RpcError):  # the agent died
                 kubelet.prepare([ref])
             assert process.wait_exit() == 137, process.log()
             kernel.join()  # the kernel finishes the VFs the dead agent asked for
-            assert int((node.gpus[FLEX].path / "sriov_numvfs").read_text()) == 8
+            assert cp.numvfs(node) == 8
             assert saved_state(root)["created"] == {
-                FLEX: {"profile": "flex170_m8", "numVfs": 8, "complete": False}
+                cp.FLEX: {"profile": "flex170_m8", "numVfs": 8, "complete": False}
             }, "the intent to make the VFs was on disk before sriov_numvfs was written"
             assert process.phases() == {ref.uid: "started"}
 
@@ -463,10 +335,7 @@ def test_agent_dies_between_the_vf_write_and_the_record(
             # which the agent knows as its own (an administrator's would stay).
             process.start()
             helpers.wait_for(
-                lambda: (
-                    process.phases() == {}
-                    and int((node.gpus[FLEX].path / "sriov_numvfs").read_text()) == 0
-                ),
+                lambda: process.phases() == {} and cp.numvfs(node) == 0,
                 30,
                 "the interrupted claim rolled back and its VFs removed",
             )
@@ -478,17 +347,17 @@ def test_agent_dies_between_the_vf_write_and_the_record(
                 answer = kubelet.prepare([ref])[ref.uid]
                 assert answer.error == "", process.log()
                 assert [d.device_name for d in answer.devices] == [device]
-                assert int((node.gpus[FLEX].path / "sriov_numvfs").read_text()) == 8
-                assert saved_state(root)["created"][FLEX]["complete"] is True
+                assert cp.numvfs(node) == 8
+                assert saved_state(root)["created"][cp.FLEX]["complete"] is True
                 assert kubelet.unprepare([ref]) == {ref.uid: ""}
-            assert int((node.gpus[FLEX].path / "sriov_numvfs").read_text()) == 0
+            assert cp.numvfs(node) == 0
             assert [v for p, v in kernel.writes if p.endswith("/sriov_numvfs")] == [
                 "8",
                 "0",
                 "8",
                 "0",
             ]
-            release(kube_api, ref)
+            cp.release(kube_api, ref)
             process.stop()
     finally:
         process.stop()
