@@ -215,8 +215,17 @@ class Agent:
         argv = self.argv(kubeconfig)
         with (self.root / "agent.log").open("ab") as log:
             spawned = time.time_ns()
+            # Both agents get the same client-side rate limit (dra-core reads it from the env).
+            env = dict(
+                os.environ, DRA_KUBE_API_QPS=str(self.qps), DRA_KUBE_API_BURST=str(self.burst)
+            )
             self.proc = subprocess.Popen(  # cwd: `-m dra_core` imports from there first
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.root
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                env=env,
             )
         try:
             answer = bench.call("wait_getinfo", socket=str(self.registration_socket), timeout_s=60)

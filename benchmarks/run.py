@@ -534,7 +534,8 @@ def claims_agent(
         poll_interval=5.0,
         backend_options=options,
     )
-    agent = Agent(settings, hooks, client=load_client(kubeconfig))
+    # No client-side rate limit: the figures measure the agent, not the limiter.
+    agent = Agent(settings, hooks, client=load_client(kubeconfig, qps=0))
     agent.start()
     try:
         assert agent.publisher is not None

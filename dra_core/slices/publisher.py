@@ -16,11 +16,15 @@ leftovers deleted after, so no consumer ever takes a mix of old and new slices f
 pool. The generation starts from the highest one found in the API, so it stays monotonic
 across restarts.
 
-The background thread (`start`/`stop`) debounces `update` bursts, resyncs periodically and
-when the watch reports a change it did not make (a slice edited or deleted behind its back,
-the kubelet wiping a node's slices on restart), and retries API failures with backoff for as
-long as the outage lasts. `stop` leaves the slices in place: a restarted or upgraded agent
-takes them over, and the kubelet removes them when no plugin of the driver is left.
+The background thread (`start`/`stop`) debounces `update` bursts, compares again periodically
+and when the watch reports a change it did not make (a slice edited or deleted behind its
+back, the kubelet wiping a node's slices on restart), and retries API failures with backoff
+for as long as the outage lasts. With the watch on (the default), the watch is the source of
+truth: syncs compare against the slices it has seen, so a start costs one LIST (the watch's),
+one GET of the Node and the watch itself, and nothing is read at rest; the slices are listed
+again only when the watch fails or expires (410 Gone). Without the watch, every sync lists.
+`stop` leaves the slices in place: a restarted or upgraded agent takes them over, and the
+kubelet removes them when no plugin of the driver is left.
 """
 
 from __future__ import annotations
@@ -70,11 +74,13 @@ class PublisherSettings:
     """Timing of the publisher.
 
     ``resync_period``: seconds between full comparisons when nothing happens (the watch
-    reports drift sooner). ``debounce``: seconds to wait after an update or a watch event so a
-    burst is written once, with its latest state. ``backoff``: delays between failed API calls
-    and failed syncs. ``attempts``: tries per API call within one sync before the sync fails
-    (and is retried by the loop). ``watch``: whether to watch the slices at all (else only the
-    periodic resync repairs drift). ``watch_timeout``: seconds one watch request lasts.
+    reports drift sooner); with the watch on, they compare against the watch's copy and send
+    no request unless something differs. ``debounce``: seconds to wait after an update or a
+    watch event so a burst is written once, with its latest state. ``backoff``: delays between
+    failed API calls and failed syncs. ``attempts``: tries per API call within one sync before
+    the sync fails (and is retried by the loop). ``watch``: whether to watch the slices at all
+    (else every sync lists them, and only the periodic resync repairs drift).
+    ``watch_timeout``: seconds one watch request lasts.
     """
 
     resync_period: float = 60.0
@@ -271,6 +277,11 @@ class SlicePublisher:
     def _run(self) -> None:
         settings = self.settings
         failures = 0
+        watcher = self._watcher
+        if watcher is not None:
+            # The first comparison uses the watch's list: wait for it rather than list twice.
+            while not (watcher.synced.is_set() or self._stop.is_set()):
+                watcher.synced.wait(0.5)
         next_sync = time.monotonic()  # a first full comparison right away
         while not self._stop.is_set():
             with self._cond:
@@ -322,12 +333,15 @@ class SlicePublisher:
                 return
             if kind != RELIST:
                 # Usually drift; occasionally the echo of a write whose response is not
-                # back yet. The sync that follows compares and writes only real differences.
+                # back yet. The sync that follows compares (against the watch's copy, without
+                # a request) and writes only real differences.
                 logger.debug(
                     "watch: ResourceSlice {} {}; comparing again", metadata.get("name", "?"), kind
                 )
-                # The Node may have been replaced (new UID): look the owner up again.
-                self._owner_checked_at = None
+                if kind == "DELETED":
+                    # Deleted by someone else: perhaps the garbage collector after the Node
+                    # was replaced (new UID), so look the owner up again.
+                    self._owner_checked_at = None
             self._drift = True
             self._cond.notify_all()
 
@@ -335,7 +349,7 @@ class SlicePublisher:
 
     def _sync(self, inventory: Inventory) -> SyncResult:
         owner = self._owner_reference()
-        existing = self._list()
+        existing = self._existing()
         ours = [s for s in existing if pool_of(s).get("name") == self.pool_name]
         current_generation = max((generation_of(s) for s in ours), default=0)
         self._generation = max(self._generation, current_generation)
@@ -384,6 +398,12 @@ class SlicePublisher:
             stop=self._stop,
             backoff=self.settings.backoff,
         )
+
+    def _existing(self) -> list[dict[str, Any]]:
+        """The node's slices: the watch's copy when it has one, else a LIST."""
+        watcher = self._watcher
+        snapshot = watcher.snapshot() if watcher is not None else None
+        return snapshot if snapshot is not None else self._list()
 
     def _list(self) -> list[dict[str, Any]]:
         data = self._call(
@@ -443,6 +463,9 @@ class SlicePublisher:
                     return "none"
                 continue
             self._count_write(verb)
+            watcher = self._watcher
+            if watcher is not None and returned:
+                watcher.remember(returned)
             with self._cond:
                 version = (returned or {}).get("metadata", {}).get("resourceVersion")
                 if len(self._own_versions) > _MAX_OWN_VERSIONS:  # echoes never seen (no watch)
@@ -463,8 +486,12 @@ class SlicePublisher:
             )
         except ApiError as exc:
             if exc.not_found:
+                if (watcher := self._watcher) is not None:
+                    watcher.forget(name)
                 return None
             raise
+        if (watcher := self._watcher) is not None:
+            watcher.remember(result)
         return result
 
     def _delete(self, name: str) -> None:
@@ -480,6 +507,8 @@ class SlicePublisher:
                 with self._cond:
                     self._own_deletes.discard(name)
                 raise
+        if (watcher := self._watcher) is not None:
+            watcher.forget(name)
         self._count_write("delete")
 
     def _count_write(self, verb: str) -> None:

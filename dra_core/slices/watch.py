@@ -2,9 +2,15 @@
 
 The publisher needs to know quickly when a slice it owns is edited or deleted behind its back
 (by a user, or by the kubelet wiping a node's slices when it restarts). `SliceWatcher` lists
-the slices once for a resource version, then streams ``?watch=1`` events from it, and starts
-over (list, then watch) when the server says the version is too old. It does not keep a
-cache: it only tells its callback what happened, and the publisher re-reads and compares.
+the slices once for a resource version, then streams ``?watch=1`` events from it. When a watch
+request ends (its ``timeoutSeconds``), the next one resumes from the last resource version
+seen (bookmarks included), without listing. It lists again only when the watch fails or the
+server says the version is too old (410 Gone).
+
+The watcher keeps the slices it has seen (`snapshot`): the publisher compares against them
+instead of listing, so the watch is the source of truth and nothing is read at rest. The
+publisher records its own writes with `remember`/`forget`, so a comparison made before the
+echo of a write arrives sees the written object.
 
 Objects are read as plain JSON (never through the client's typed models, which drop fields
 they do not know).
@@ -81,8 +87,37 @@ class SliceWatcher:
         self._timeout_seconds = timeout_seconds
         self._lock = threading.Lock()
         self._response: Any = None
-        #: Watches opened so far (for tests and logs).
+        self._objects: dict[str, dict[str, Any]] = {}
+        #: Set once the first list has filled the cache.
+        self.synced = threading.Event()
+        #: Watches opened and lists made so far (for tests and logs).
         self.watches = 0
+        self.lists = 0
+
+    def snapshot(self) -> list[dict[str, Any]] | None:
+        """The slices as last seen (listed, watched or remembered); None before the first list."""
+        if not self.synced.is_set():
+            return None
+        with self._lock:
+            return list(self._objects.values())
+
+    def remember(self, obj: Mapping[str, Any]) -> None:
+        """Record an object the API server returned for a write (never older than one seen)."""
+        self._store(dict(obj))
+
+    def forget(self, name: str) -> None:
+        """Record that a slice was deleted."""
+        with self._lock:
+            self._objects.pop(name, None)
+
+    def _store(self, obj: dict[str, Any]) -> None:
+        name = obj.get("metadata", {}).get("name")
+        if not name:
+            return
+        with self._lock:
+            old = self._objects.get(name)
+            if old is None or not _older(obj, old):
+                self._objects[name] = obj
 
     def run(self) -> None:
         """List and watch until the stop event is set."""
@@ -102,7 +137,7 @@ class SliceWatcher:
                 if self._stop.is_set():
                     break
                 failures += 1
-                delay = self._backoff.delay(failures)
+                delay = self._backoff.delay(failures, getattr(exc, "retry_after", None))
                 logger.warning(
                     "ResourceSlice watch ({}) failed (attempt #{}); retrying in {:.1f} s: {}",
                     self._selector,
@@ -126,6 +161,15 @@ class SliceWatcher:
 
     def _list(self) -> str:
         data = self._client.get(SLICES_PATH, {"fieldSelector": self._selector})
+        self.lists += 1
+        objects = {
+            obj["metadata"]["name"]: obj
+            for obj in data.get("items") or []
+            if obj.get("metadata", {}).get("name")
+        }
+        with self._lock:
+            self._objects = objects
+        self.synced.set()
         return str(data.get("metadata", {}).get("resourceVersion", ""))
 
     def _watch(self, resource_version: str) -> str:
@@ -157,13 +201,25 @@ class SliceWatcher:
                 version = obj.get("metadata", {}).get("resourceVersion")
                 if version:
                     resource_version = str(version)
-                if kind != "BOOKMARK":
-                    self._callback(kind, obj)
+                if kind == "BOOKMARK":
+                    continue
+                if kind == "DELETED":
+                    self.forget(obj.get("metadata", {}).get("name", ""))
+                else:
+                    self._store(obj)
+                self._callback(kind, obj)
         finally:
             with self._lock:
                 self._response = None
             response.release_conn()
         return resource_version
+
+
+def _older(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether ``new`` has a lower resource version than ``old`` (when both are numbers)."""
+    a = str(new.get("metadata", {}).get("resourceVersion", ""))
+    b = str(old.get("metadata", {}).get("resourceVersion", ""))
+    return a.isdigit() and b.isdigit() and int(a) < int(b)
 
 
 class _Expired(Exception):

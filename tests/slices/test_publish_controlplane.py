@@ -326,3 +326,78 @@ def test_partitionable_device_counters_enforced(kube_api, namespace, node, drive
         assert _allocated(kube_api, namespace, "vf") == []
     finally:
         h.delete_device_class(kube_api, device_class)
+
+
+# ---------------------------------------------------------------------------- request counts
+
+
+def apiserver_requests(kube_api) -> dict[tuple[str, str], int]:
+    """``apiserver_request_total`` from the API server's own /metrics, by (verb, resource)."""
+    _, url, headers, _, _ = kube_api.param_serialize(
+        method="GET",
+        resource_path="/metrics",
+        header_params={"Accept": "text/plain"},
+        auth_settings=["BearerToken"],
+    )
+    response = kube_api.call_api("GET", url, header_params=headers, _request_timeout=30)
+    text = response.read().decode()
+    totals: dict[tuple[str, str], int] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, value = line[len("apiserver_request_total{") :].rsplit("} ", 1)
+        labels = dict(item.split("=", 1) for item in labels_text.split('",') if "=" in item)
+        labels = {k: v.strip('"') for k, v in labels.items()}
+        if labels.get("subresource"):
+            continue
+        key = (labels.get("verb", ""), labels.get("resource", ""))
+        totals[key] = totals.get(key, 0) + int(float(value))
+    return totals
+
+
+def delta(after: dict, before: dict, verb: str, resource: str) -> int:
+    return after.get((verb, resource), 0) - before.get((verb, resource), 0)
+
+
+def test_start_costs_one_list_and_one_node_read_then_nothing_at_rest(
+    kube_api, node, driver, publishers, capsys
+):
+    """Start: one LIST of the node's slices, one GET of the Node, the watch, the creates.
+    At rest (here five periods of the comparison timer): no request at all."""
+    settings = PublisherSettings(
+        resync_period=1.0, debounce=0.05, backoff=Backoff(delays=(0.1, 0.5))
+    )
+    pub = publishers(start=False, settings=settings)
+    client = pub.client
+    before = apiserver_requests(kube_api)
+    pub.update(sriov_inventory(pfs=2, vfs=7))
+    pub.start()
+    assert pub.wait_synced(30.0)
+    h.wait_for(lambda: pub.syncs >= 1 and client.request_count("watch") == 1, 10, "watch")
+    time.sleep(1.0)  # the echoes of our own writes arrive
+    started = client.requests_by_verb()
+    mid = apiserver_requests(kube_api)
+    slices = len(published(kube_api, node, driver))  # one LIST of the test's own
+    assert started == {"list": 1, "get": 1, "watch": 1, "create": slices}, started
+    assert client.request_count("get", "nodes") == 1
+    time.sleep(5.0)
+    assert client.requests_by_verb() == started, "requests at rest"
+    after = apiserver_requests(kube_api)
+    server_start = {
+        "LIST resourceslices": delta(mid, before, "LIST", "resourceslices"),
+        "GET nodes": delta(mid, before, "GET", "nodes"),
+        "POST resourceslices": delta(mid, before, "POST", "resourceslices"),
+    }
+    server_idle = {
+        "LIST resourceslices": delta(after, mid, "LIST", "resourceslices") - 1,
+        "GET nodes": delta(after, mid, "GET", "nodes"),
+        "PUT resourceslices": delta(after, mid, "PUT", "resourceslices"),
+    }
+    with capsys.disabled():
+        print(f"\n[slices] start, API server's count: {server_start}; idle 5 s: {server_idle}")
+    # The API server counts every client; nobody else lists this node's slices or reads it.
+    assert server_start["LIST resourceslices"] == 1
+    assert server_start["GET nodes"] == 1
+    assert server_start["POST resourceslices"] == slices
+    assert server_idle == {"LIST resourceslices": 0, "GET nodes": 0, "PUT resourceslices": 0}
+    assert pub.writes == slices

@@ -88,3 +88,48 @@ def test_events_relist_on_expiry_and_errors(monkeypatch):
     # Resumes from the last version seen (the bookmark's), lists again after 410 and errors.
     assert watched_from == ["100", "102", "200", "300", "301"]
     assert client.lists == 3
+
+
+def test_cache_follows_events_and_ended_watches_resume_without_listing(monkeypatch):
+    stop = threading.Event()
+    snapshots: list[list[tuple[str, str]]] = []
+    watched_from: list[str] = []
+    streams = [
+        [event("ADDED", "s1", "101"), event("ADDED", "s2", "102")],  # ends: timeoutSeconds
+        [event("MODIFIED", "s1", "103"), event("BOOKMARK", "", "104")],  # ends again
+        [event("DELETED", "s2", "105")],
+    ]
+    client = FakeClient()
+
+    def fake_open(client_, path, query, *, read_timeout):
+        watched_from.append(query["resourceVersion"])
+        if not streams:
+            stop.set()
+            return FakeResponse([])
+        return FakeResponse(streams.pop(0))
+
+    def record(kind, obj):
+        snap = watcher.snapshot() or []
+        snapshots.append(
+            sorted((o["metadata"]["name"], o["metadata"]["resourceVersion"]) for o in snap)
+        )
+
+    monkeypatch.setattr(watch, "open_stream", fake_open)
+    watcher = SliceWatcher(
+        client,  # type: ignore[arg-type]
+        "spec.nodeName=n",
+        record,
+        stop=stop,
+        backoff=Backoff(delays=(0.001,)),
+    )
+    assert watcher.snapshot() is None  # before the first list
+    watcher.run()
+    assert client.lists == 1 and watcher.lists == 1
+    assert watched_from == ["100", "102", "104", "105"]
+    assert snapshots[-1] == [("s1", "103")]
+    # A write's result is kept, and an older event does not replace it.
+    watcher.remember({"metadata": {"name": "s1", "resourceVersion": "110"}})
+    watcher._store({"metadata": {"name": "s1", "resourceVersion": "107"}})
+    assert [o["metadata"]["resourceVersion"] for o in watcher.snapshot() or []] == ["110"]
+    watcher.forget("s1")
+    assert watcher.snapshot() == []
