@@ -160,6 +160,13 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         help="seconds between rediscoveries and health checks",
     )
     run.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=float(_env("DRA_RECONCILE_INTERVAL", "300") or 300),
+        help="seconds between reconciliations of prepared claims with the API server (env "
+        "DRA_RECONCILE_INTERVAL; retried sooner while the API server is unreachable)",
+    )
+    run.add_argument(
         "--no-publish",
         action="store_true",
         help="do not publish ResourceSlices (local experiments without a cluster)",
@@ -337,6 +344,7 @@ def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
         cdi_dir=_absolute(args.cdi_dir, "--cdi-dir"),
         instance_id=args.instance_id,
         poll_interval=args.poll_interval,
+        reconcile_interval=args.reconcile_interval,
         http_host=args.http_host,
         http_port=args.http_port,
         publish=not args.no_publish,

@@ -1,7 +1,9 @@
-"""The agent's HTTP endpoint: ``/healthz`` for the liveness probe and ``/metrics``.
+"""The agent's HTTP endpoint: ``/healthz`` (liveness), ``/readyz`` and ``/metrics``.
 
 ``/healthz`` answers 200 only when the registration and DRA sockets really answer a gRPC
-call, so a wedged server gets the pod restarted rather than silently failing prepares.
+call, so a wedged server gets the pod restarted rather than silently failing prepares; an
+API server that is slow or down does not fail it (a restart would not help). ``/readyz``
+answers 503 while the agent starts or its API server does not answer.
 
 It listens on ``host`` (``--http-host``, env ``DRA_HTTP_HOST``; default all addresses). The
 kubelet probes the pod's IP, so an address the kubelet can reach is needed: the DaemonSet of
@@ -27,7 +29,7 @@ STATUS_LIMITS = HttpLimits(timeout=10.0, max_connections=16, max_header_bytes=16
 
 
 class StatusServer(BackgroundServer):
-    """Serves ``/healthz`` and ``/metrics`` on a background thread."""
+    """Serves ``/healthz``, ``/readyz`` and ``/metrics`` on a background thread."""
 
     def __init__(
         self,
@@ -35,8 +37,10 @@ class StatusServer(BackgroundServer):
         port: int,
         probe: Callable[[], list[str]],
         limits: HttpLimits = STATUS_LIMITS,
+        ready: Callable[[], list[str]] | None = None,
     ) -> None:
         self.probe = probe
+        self.ready = ready or probe
         server = self
 
         class StatusHandler(Handler):
@@ -44,6 +48,9 @@ class StatusServer(BackgroundServer):
                 self.received()
                 if self.path == "/healthz":
                     problems = server.probe()
+                    self.send_text(503 if problems else 200, "\n".join(problems) or "ok")
+                elif self.path == "/readyz":
+                    problems = server.ready()
                     self.send_text(503 if problems else 200, "\n".join(problems) or "ok")
                 elif self.path == "/metrics":
                     self.send_body(200, metrics.CONTENT_TYPE, metrics.render())

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = (
+    "API_REACHABLE",
     "API_WRITES",
     "CONTENT_TYPE",
     "DEVICE_HEALTHY",
@@ -116,6 +117,12 @@ DEVICE_HEALTHY = Gauge(
     "dra_device_healthy",
     "1 when the backend reports the device healthy, 0 when not.",
     ["device"],
+    registry=REGISTRY,
+)
+API_REACHABLE = Gauge(
+    "dra_api_reachable",
+    "1 when the API server answered the agent's last claim read or check, 0 when it did not "
+    "(unreachable, timed out, throttled or a server error).",
     registry=REGISTRY,
 )
 DISCOVERY_ERRORS = Counter(

@@ -4,7 +4,8 @@ Start order matters: the checkpoint is opened first (a corrupt one stops the age
 anything is served), then the sockets are served so the kubelet can register at once (a
 prepare or unprepare that arrives this early waits until the agent is ready), then the backend
 is started and discovers its devices, the API client is made, and the claim service opens the
-gate; last, the slower work runs in the background: reconciliation with the API, publishing,
+gate; last, the slower work runs in the background: reconciliation with the API (retried
+until the API server has answered, then repeated every ``reconcile_interval``), publishing,
 and the discovery and health loop. Modules that only the later steps need are imported by
 them, so that registration does not wait for them.
 """
@@ -17,7 +18,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -56,6 +57,8 @@ _STOP_CHECK_SECONDS = 5.0
 #: How long a kubelet call that arrives while the agent starts waits for it (of the 45 s the
 #: kubelet gives a call).
 _READY_TIMEOUT_SECONDS = 30.0
+#: First and longest wait before reconciliation is tried again while the API is unreachable.
+_RECONCILE_RETRY_SECONDS = (2.0, 60.0)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,12 @@ class AgentSettings:
     http_port: int = 8080
     #: Where the kernel's boot ID is read; a changed ID means the node rebooted.
     boot_id_file: Path = BOOT_ID_PATH
+    #: Seconds between reconciliations once one succeeded (gone claims released, claims of an
+    #: earlier boot prepared again); while the API server is unreachable it is retried sooner.
+    reconcile_interval: float = 300.0
+    #: A kubelet call running longer than this (seconds) makes ``/healthz`` fail when the DRA
+    #: socket does not answer; younger calls mean the agent is busy (a slow API), not wedged.
+    stuck_call_seconds: float = 180.0
     #: Publish ResourceSlices (off only for local experiments without an API server).
     publish: bool = True
     #: Backend option values, keyed by option name.
@@ -101,6 +110,31 @@ class _Gate:
         self._timeout = timeout
         self._ready = threading.Event()
         self._service: NodeService | None = None
+        self._calls: dict[int, float] = {}
+        self._calls_lock = threading.Lock()
+        self._next_call = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._ready.is_set()
+
+    def oldest_call_age(self) -> float | None:
+        """Seconds since the oldest prepare or unprepare in flight began (None: none)."""
+        with self._calls_lock:
+            started = min(self._calls.values(), default=None)
+        return None if started is None else time.monotonic() - started
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        with self._calls_lock:
+            self._next_call += 1
+            key = self._next_call
+            self._calls[key] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                del self._calls[key]
 
     def open(self, service: NodeService) -> None:
         self._service = service
@@ -116,10 +150,12 @@ class _Gate:
         return self._service
 
     def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, ClaimResult]:
-        return self._wait().prepare(claims)
+        with self._tracked():
+            return self._wait().prepare(claims)
 
     def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
-        return self._wait().unprepare(claims)
+        with self._tracked():
+            return self._wait().unprepare(claims)
 
 
 class Agent:
@@ -199,7 +235,10 @@ class Agent:
             from dra_core.httpserver import StatusServer
 
             self.http = StatusServer(
-                self.settings.http_host, self.settings.http_port, probe=self.plugin.probe
+                self.settings.http_host,
+                self.settings.http_port,
+                probe=self.liveness,
+                ready=self.readiness,
             )
             self.http.start()
         if self.settings.publish and self.client is not None:
@@ -248,14 +287,68 @@ class Agent:
         thread.start()
         self._threads.append(thread)
 
+    def liveness(self) -> list[str]:
+        """Problems that need a restart (``/healthz``); an unreachable API server is none.
+
+        The sockets must answer. When every DRA worker is taken by kubelet calls that are
+        younger than ``stuck_call_seconds`` (waiting for a slow API server, say), a DRA probe
+        that times out in the queue is busyness, not a fault.
+        """
+        assert self.plugin is not None
+        age = self._gate.oldest_call_age()
+        busy = age is not None and age < self.settings.stuck_call_seconds
+        problems = self.plugin.probe(busy=busy)
+        if age is not None and age >= self.settings.stuck_call_seconds:
+            problems.append(
+                f"a kubelet call has been running for {age:.0f} s "
+                f"(limit {self.settings.stuck_call_seconds:g} s): the agent is stuck"
+            )
+        return problems
+
+    def readiness(self) -> list[str]:
+        """Why the agent cannot do its whole job now (``/readyz``): starting, or no API."""
+        problems = []
+        if not self._gate.is_open or self.service is None:
+            problems.append("the agent is still starting")
+        elif self.client is not None and not self.service.api_reachable:
+            state = "not checked yet" if self.service.api_reachable is None else "not reachable"
+            problems.append(f"API server {state}: new claims cannot be prepared")
+        return problems
+
     def _reconcile(self) -> None:
+        """Reconcile at start, again and again while the API is unreachable, then periodically."""
         assert self.service is not None
-        report = self.service.reconcile()
-        for error in report.errors:
-            logger.error("start-up reconciliation: {}", error)
-        changed = {k: v for k, v in vars(report).items() if v and k != "errors"}
-        if changed:
-            logger.info("start-up reconciliation: {}", changed)
+        first_retry, longest_retry = _RECONCILE_RETRY_SECONDS
+        interval = self.settings.reconcile_interval
+        retry = min(first_retry, interval)
+        startup = True
+        while not self.stop_event.is_set():
+            try:
+                report = self.service.reconcile(startup=startup)
+            except Exception as exc:  # noqa: BLE001 - the loop must survive to try again
+                logger.opt(exception=exc).error("reconciliation failed")
+                report = None
+            what = "start-up reconciliation" if startup else "reconciliation"
+            startup = False
+            if report is not None:
+                for error in report.errors:
+                    logger.error("{}: {}", what, error)
+                changed = {
+                    k: v
+                    for k, v in vars(report).items()
+                    if v and isinstance(v, list) and k != "errors"
+                }
+                if changed:
+                    logger.info("{}: {}", what, changed)
+            if report is None or report.api_unreachable:
+                wait = retry
+                retry = min(retry * 2, longest_retry, interval)
+                logger.info("API server not reachable; reconciling again in {:g} s", wait)
+            else:
+                wait = interval
+                retry = min(first_retry, interval)
+            if self.stop_event.wait(wait):
+                break
 
     def _discover(self) -> None:
         """Rediscover and check health; publish when the result changed."""

@@ -46,7 +46,7 @@ _API_ATTEMPTS: Final = 2
 
 @dataclass
 class ReconcileReport:
-    """What start-up reconciliation changed."""
+    """What one reconciliation changed; ``api_unreachable`` means it must be run again soon."""
 
     rolled_back: list[str] = field(default_factory=list)
     regenerated_specs: list[str] = field(default_factory=list)
@@ -54,6 +54,9 @@ class ReconcileReport:
     reprepared: list[str] = field(default_factory=list)
     released_gone_claims: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: The API server did not answer: gone claims were not released, rebooted claims not
+    #: prepared again; the caller retries.
+    api_unreachable: bool = False
 
 
 class ClaimService:
@@ -84,6 +87,32 @@ class ClaimService:
         self.boot_id = boot_id
         self.events = events
         self.driver = context.driver_name
+        #: Whether the API server answered the last request (None: nothing asked yet).
+        self.api_reachable: bool | None = None
+
+    def _api_answered(self, reachable: bool) -> None:
+        """Record whether the API server answered (an HTTP error other than 429/5xx counts)."""
+        if reachable != self.api_reachable:
+            if reachable and self.api_reachable is False:
+                logger.info("API server reachable again")
+            elif not reachable:
+                logger.warning("API server not reachable")
+        self.api_reachable = reachable
+        metrics.API_REACHABLE.set(reachable)
+
+    def check_api(self) -> bool:
+        """Ask the API server for its version; True when it answered (or no client is set)."""
+        if self.client is None:
+            return True
+        try:
+            self.client.get("/version")
+        except ApiError as exc:
+            self._api_answered(not exc.retriable)
+            if exc.retriable:
+                logger.info("API server not reachable: {}", exc)
+        else:
+            self._api_answered(True)
+        return bool(self.api_reachable)
 
     # -- prepare -------------------------------------------------------------------------------
 
@@ -133,8 +162,13 @@ class ClaimService:
         for attempt in range(1, _API_ATTEMPTS + 1):
             try:
                 claim = fetch_claim(self.client, ref)
+                self._api_answered(True)
                 break
+            except ClaimError:
+                self._api_answered(True)
+                raise
             except ApiError as exc:
+                self._api_answered(not exc.retriable)
                 if attempt == _API_ATTEMPTS or not exc.retriable:
                     msg = f"cannot read ResourceClaim {ref.namespace}/{ref.name}: {exc}"
                     raise ClaimError(msg) from None
@@ -309,14 +343,20 @@ class ClaimService:
         self.cdi.remove(record.claim.ref.uid)
         self.checkpoint.remove(record.claim.ref.uid)
 
-    # -- start-up reconciliation ---------------------------------------------------------------
+    # -- reconciliation ------------------------------------------------------------------------
 
-    def reconcile(self) -> ReconcileReport:
-        """Bring checkpoint, CDI specs, API claims and hardware into agreement."""
+    def reconcile(self, *, startup: bool = True) -> ReconcileReport:
+        """Bring checkpoint, CDI specs, API claims and hardware into agreement.
+
+        Safe to run at any time (the agent runs it at start and then periodically): local
+        repairs hold the driver lock, API reads do not. When the API server does not answer,
+        ``api_unreachable`` is set and the API steps are left for the next run.
+        """
         report = ReconcileReport()
         reboot: list[ClaimRef] = []
         with self.lock.held():
-            self.cdi.remove_stale_temp_files()
+            if startup:
+                self.cdi.remove_stale_temp_files()
             for uid, record in self.checkpoint.records().items():
                 if record.phase == "started":
                     self._reconcile_step(
@@ -336,14 +376,20 @@ class ClaimService:
                 self._reconcile_step(
                     report, report.removed_orphan_specs, uid, partial(self.cdi.remove, uid)
                 )
+        if self.client is not None and not self.check_api():
+            report.api_unreachable = True
+        else:
             self._release_gone_claims(report)
-        if reboot:
+        reboot = [ref for ref in reboot if self.checkpoint.get(ref.uid) is not None]
+        if reboot and not report.api_unreachable:
             # The node rebooted: device state is gone, but the kubelet will not ask again.
             for uid, result in self.prepare(reboot).items():
                 if result.error:
                     report.errors.append(result.error)
                 else:
                     report.reprepared.append(uid)
+            if self.api_reachable is False:
+                report.api_unreachable = True
         metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
         return report
 
@@ -357,21 +403,39 @@ class ClaimService:
             report.errors.append(f"claim {uid}: {exc}")
 
     def _release_gone_claims(self, report: ReconcileReport) -> None:
-        """Unprepare claims deleted (or replaced) while the agent was not running."""
+        """Unprepare claims deleted (or replaced) while the agent was not looking.
+
+        The claims are read without the driver lock (a slow API server must not hold up the
+        kubelet's calls); a record is released only if it is still the one that was checked.
+        """
         if self.client is None:
             return
-        for uid, record in self.checkpoint.records().items():
+        gone: list[ClaimRecord] = []
+        for record in self.checkpoint.records().values():
             ref = record.claim.ref
             try:
                 claim: Mapping[str, object] = fetch_claim(self.client, ref)
             except ClaimError:
                 claim = {}
             except ApiError as exc:
-                logger.info("API server not reachable, claims are checked later: {}", exc)
-                return
-            metadata = claim.get("metadata")
-            if isinstance(metadata, Mapping) and metadata.get("uid") == uid:
+                self._api_answered(not exc.retriable)
+                if exc.retriable:
+                    logger.info("API server not reachable, claims are checked later: {}", exc)
+                    report.api_unreachable = True
+                    return
+                report.errors.append(f"claim {ref.uid}: {exc}")
                 continue
-            self._reconcile_step(
-                report, report.released_gone_claims, uid, partial(self._roll_back, record)
-            )
+            self._api_answered(True)
+            metadata = claim.get("metadata")
+            if isinstance(metadata, Mapping) and metadata.get("uid") == ref.uid:
+                continue
+            gone.append(record)
+        if not gone:
+            return
+        with self.lock.held():
+            for record in gone:
+                uid = record.claim.ref.uid
+                if self.checkpoint.get(uid) == record:
+                    self._reconcile_step(
+                        report, report.released_gone_claims, uid, partial(self._roll_back, record)
+                    )
