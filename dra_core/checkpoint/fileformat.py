@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dra_core import strictjson
 from dra_core.checkpoint.codec import _Bad, _decode, _type_name
 from dra_core.checkpoint.records import KIND, VERSION, ClaimRecord
 
@@ -164,21 +164,8 @@ class State:
             self.dropped.append(uid)
 
 
-def _reject_constant(name: str) -> float:
-    msg = f"{name} is not valid JSON"
-    raise ValueError(msg)
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        msg = f"{text} is out of range for a number"
-        raise ValueError(msg)
-    return value
-
-
 def _loads(raw: bytes) -> Any:
-    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite)
+    return strictjson.loads(raw.decode("utf-8"))
 
 
 def _snapshot(state: State, doc: object) -> None:
