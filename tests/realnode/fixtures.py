@@ -31,6 +31,7 @@ from dra_core.manifests import device_class_manifests
 from dra_core.testing.controlplane import BinariesUnavailable
 from dra_core.testing.node import Node, find_node_binaries
 from tests.controlplane import helpers
+from tests.realnode.agent_image import AgentImage, ImageUnavailable, build_agent_image
 
 MARKER = "realnode"
 FAKE_DRIVER = "fake.dra-core.dev"
@@ -85,6 +86,19 @@ def real_node_binaries() -> Path:
         _skip_or_fail(_STATE.get("error", "node binaries were not provided"))
     binaries: Path = _STATE["binaries"]
     return binaries
+
+
+@pytest.fixture(scope="session")
+def agent_image(request) -> AgentImage:
+    """The agent's image from deploy/Dockerfile (built once per source tree, then cached)."""
+    if os.geteuid() != 0:
+        _skip_or_fail("building the agent image needs root (buildah)")
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    try:
+        return build_agent_image(say=tr.write_line if tr is not None else print)
+    except ImageUnavailable as e:
+        _skip_or_fail(f"the agent image cannot be built here: {e}")
+        raise
 
 
 @pytest.fixture(scope="session")
