@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.controlplane.fixtures", "tests.realnode.fixtures", "tests.cdicheck"]
+pytest_plugins = [
+    "tests.controlplane.fixtures",
+    "tests.realnode.fixtures",
+    "tests.deploy.fixtures",
+    "tests.cdicheck",
+]

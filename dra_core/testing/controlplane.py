@@ -69,6 +69,9 @@ DEFAULT_CONTROLLERS = (
     "namespace-controller",
     "garbage-collector-controller",
     "device-taint-eviction-controller",
+    # The chart's agent DaemonSet on a real test node, with its service-account token volume.
+    "daemonset-controller",
+    "root-ca-certificate-publisher-controller",
 )
 
 

@@ -39,6 +39,7 @@ _PLURALS = {
     "DaemonSet": "daemonsets",
     "DeviceClass": "deviceclasses",
     "ConfigMap": "configmaps",
+    "Secret": "secrets",
     "Deployment": "deployments",
     "Service": "services",
     "PodDisruptionBudget": "poddisruptionbudgets",
