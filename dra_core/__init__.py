@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dra_core._version import __version__
 from dra_core.errors import AllocationError, PrepareError
-from dra_core.hookspecs import BackendOption, NodeContext, hookimpl
+from dra_core.fileio import (
+    BoundedReadError,
+    FileTooLargeError,
+    NotARegularFileError,
+    read_regular_file,
+    read_regular_text,
+)
+from dra_core.hookspecs import BackendOption, CheckStatus, DoctorCheck, NodeContext, hookimpl
 from dra_core.model import (
     LIMITS,
     AllocatedClaim,
@@ -34,6 +41,7 @@ from dra_core.model import (
     Taint,
     ValidRange,
     Version,
+    validate_inventory,
 )
 from dra_core.quantity import QuantityError, format_bytes, parse_quantity
 
@@ -45,7 +53,9 @@ __all__ = (
     "AttributeValue",
     "BackendIdentity",
     "BackendOption",
+    "BoundedReadError",
     "Capacity",
+    "CheckStatus",
     "ClaimRef",
     "ContainerEdits",
     "CounterConsumption",
@@ -54,10 +64,13 @@ __all__ = (
     "DeviceClassSpec",
     "DeviceHealth",
     "DeviceNode",
+    "DoctorCheck",
+    "FileTooLargeError",
     "Inventory",
     "ModelError",
     "Mount",
     "NodeContext",
+    "NotARegularFileError",
     "PrepareError",
     "PreparedClaim",
     "PreparedDevice",
@@ -70,4 +83,7 @@ __all__ = (
     "format_bytes",
     "hookimpl",
     "parse_quantity",
+    "read_regular_file",
+    "read_regular_text",
+    "validate_inventory",
 )

@@ -31,7 +31,7 @@ from typing import Any
 
 from loguru import logger
 
-from dra_core.fileio import atomic_write, remove_stale_temps
+from dra_core.fileio import atomic_write, make_directories, remove_stale_temps
 from dra_core.model import BackendIdentity, DeviceNode, Mount, PreparedClaim, PreparedDevice
 
 __all__ = (
@@ -332,7 +332,7 @@ class CdiSpecs:
             with contextlib.suppress(FileNotFoundError):
                 if path.read_bytes() == data and stat.S_IMODE(path.stat().st_mode) == SPEC_MODE:
                     return ids
-            self._directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            make_directories(self._directory, _DIR_MODE)
             atomic_write(path, data, SPEC_MODE, durable=False)
         except OSError as exc:
             msg = (

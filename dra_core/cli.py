@@ -1,9 +1,9 @@
-"""The ``dra-core`` command: run the node agent, list backends, discover, inspect checkpoints,
-render manifests, serve the admission webhook.
+"""The ``dra-core`` command: run the node agent, list backends, discover, check a node
+(doctor), inspect checkpoints, render manifests, serve the admission webhook.
 
-Backends add their own options (``--sysfs-root`` and the like) to ``run`` and ``discover``; the
-backend is therefore chosen first (``--backend`` or ``DRA_BACKEND``), then the full command
-line is parsed with its options.
+Backends add their own options (``--sysfs-root`` and the like) to ``run``, ``discover`` and
+``doctor``; the backend is therefore chosen first (``--backend`` or ``DRA_BACKEND``), then the
+full command line is parsed with its options.
 
 Modules that only some commands need are imported by those commands, so that ``run`` starts
 serving the kubelet without waiting for them.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import sys
@@ -26,6 +27,9 @@ from dra_core.logs import configure_logging
 __all__ = ("main",)
 
 BACKEND_ENV = "DRA_BACKEND"
+#: The most read of the configuration file (``--config``): a mistaken path (a FIFO, a device,
+#: a huge file) fails at once rather than hanging or filling memory.
+_CONFIG_FILE_LIMIT = 1 << 20
 
 _DESCRIPTION = """\
 dra-core runs a Kubernetes Dynamic Resource Allocation (DRA) driver on a node: it registers
@@ -58,6 +62,18 @@ def _absolute(value: str | Path, flag: str) -> Path:
     return Path(os.path.normpath(Path(value).absolute()))  # symlinks kept, as given
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        msg = f"{text!r} is not a positive number of seconds"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
@@ -83,6 +99,38 @@ def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=_env("DRA_CONFIG"),
         help="YAML file whose 'backend' section is passed to the backend (env DRA_CONFIG)",
+    )
+
+
+def _add_rate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kube-api-qps`` and ``--kube-api-burst``: the client-side bound on API requests."""
+    from dra_core.kube.client import BURST_ENV, QPS_ENV
+    from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS, parse_burst, parse_qps
+
+    def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
+        def convert(text: str) -> object:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        return convert
+
+    parser.add_argument(
+        "--kube-api-qps",
+        metavar="QPS",
+        type=checked(parse_qps),
+        default=_env(QPS_ENV, f"{DEFAULT_QPS:g}"),
+        help="API requests a second the agent sends at most, after a burst of --kube-api-burst; "
+        f"0 disables the limit (env {QPS_ENV}; default {DEFAULT_QPS:g}, as the kubelet's)",
+    )
+    parser.add_argument(
+        "--kube-api-burst",
+        metavar="N",
+        type=checked(parse_burst),
+        default=_env(BURST_ENV, str(DEFAULT_BURST)),
+        help="API requests the agent may send at once after a quiet period (env "
+        f"{BURST_ENV}; default {DEFAULT_BURST}, as the kubelet's)",
     )
 
 
@@ -120,6 +168,7 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         default=_env("KUBECONFIG"),
         help="kubeconfig file (env KUBECONFIG; default: in-cluster service account)",
     )
+    _add_rate_arguments(run)
     run.add_argument(
         "--registration-dir",
         default=_env_path("DRA_REGISTRATION_DIR", "/var/lib/kubelet/plugins_registry"),
@@ -167,6 +216,28 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         "DRA_RECONCILE_INTERVAL; retried sooner while the API server is unreachable)",
     )
     run.add_argument(
+        "--prepare-timeout",
+        type=_seconds,
+        default=_env("DRA_PREPARE_TIMEOUT", "60"),
+        help="seconds a backend may take to prepare or unprepare a claim, check its allocation "
+        "or decode its config before that claim fails (env DRA_PREPARE_TIMEOUT; default 60)",
+    )
+    run.add_argument(
+        "--discovery-timeout",
+        type=_seconds,
+        default=_env("DRA_DISCOVERY_TIMEOUT", "30"),
+        help="seconds a backend may take to discover devices or check their health before that "
+        "round is skipped, keeping what was published (env DRA_DISCOVERY_TIMEOUT; default 30)",
+    )
+    run.add_argument(
+        "--backend-stuck-seconds",
+        type=_seconds,
+        default=_env("DRA_BACKEND_STUCK_SECONDS", "180"),
+        help="a backend call that timed out and still runs this many seconds after it began "
+        "makes /healthz fail, so that the agent is restarted (env DRA_BACKEND_STUCK_SECONDS; "
+        "default 180)",
+    )
+    run.add_argument(
         "--no-publish",
         action="store_true",
         help="do not publish ResourceSlices (local experiments without a cluster)",
@@ -181,7 +252,60 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     _add_backend_argument(discover)
     _add_node_arguments(discover)
 
-    for sub in (run, discover):
+    doctor = commands.add_parser(
+        "doctor",
+        help="check this node and its cluster for what the agent needs, and say what to fix",
+        description="Check what the agent needs on this node and in its cluster: the API "
+        "server serves resource.k8s.io/v1 and keeps the fields of partitionable devices, "
+        "consumable capacity and device taints (asked with a dry-run create, nothing is "
+        "stored); the kubelet's DRA API version; containerd or CRI-O with CDI enabled and "
+        "reading the agent's CDI directory; the kubelet's plugin directories and the CDI "
+        "directory writable; and the backend's own checks. Takes the same flags and "
+        "environment variables as run. Prints a mark per check (ok, warn, FAIL, skip), what "
+        "was found and the fix; exits 1 when a check failed (warnings do not fail), 0 "
+        "otherwise. Without a kubeconfig or an in-cluster service account the API checks are "
+        "skipped.",
+    )
+    _add_backend_argument(doctor)
+    _add_node_arguments(doctor)
+    doctor.add_argument(
+        "--kubeconfig",
+        default=_env("KUBECONFIG"),
+        help="kubeconfig file (env KUBECONFIG; default: in-cluster service account)",
+    )
+    for flag, env, what in (
+        ("--registration-dir", "DRA_REGISTRATION_DIR", "the kubelet's plugin registration"),
+        ("--plugins-dir", "DRA_PLUGINS_DIR", "the parent of the driver's plugin"),
+        ("--cdi-dir", "DRA_CDI_DIR", "the dynamic CDI spec"),
+    ):
+        doctor.add_argument(
+            flag, default=_env(env), help=f"{what} directory (env {env}; default as for run)"
+        )
+    doctor.add_argument(
+        "--containerd-config",
+        default=None,
+        help="containerd's configuration file (default /etc/containerd/config.toml)",
+    )
+    doctor.add_argument(
+        "--crio-config",
+        default=None,
+        help="CRI-O's configuration file; its .d directory of drop-ins is read too "
+        "(default /etc/crio/crio.conf)",
+    )
+    doctor.add_argument(
+        "--runtime-socket",
+        default=None,
+        help="the container runtime's CRI socket, asked for its version and configuration "
+        "(default: /run/containerd/containerd.sock, then /var/run/crio/crio.sock, if present)",
+    )
+    doctor.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text for people (default), or JSON",
+    )
+
+    for sub in (run, discover, doctor):
         group = sub.add_argument_group("backend options")
         for option in backend_options:
             default = _env(option.env, option.default) if option.env else option.default
@@ -319,9 +443,11 @@ def _backend_config(path: Path | None) -> dict[str, Any]:
         return {}
     import yaml
 
+    from dra_core.fileio import read_regular_text
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(read_regular_text(path, _CONFIG_FILE_LIMIT)) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         msg = f"cannot read the configuration file {path}: {exc}"
         raise CliError(msg) from None
     section = data.get("backend", {}) if isinstance(data, dict) else None
@@ -331,10 +457,27 @@ def _backend_config(path: Path | None) -> dict[str, Any]:
     return section
 
 
+def _use_rate_limit(args: argparse.Namespace) -> None:
+    """Hand ``--kube-api-qps`` and ``--kube-api-burst`` to the agent's API client, which reads
+    them from the environment (:func:`dra_core.kube.client.load_client`): the flags default to
+    the environment, and are written back to it so that they win."""
+    from dra_core.kube.client import BURST_ENV, QPS_ENV
+
+    if args.kube_api_qps > 0 and args.kube_api_burst < 1:
+        msg = (
+            "--kube-api-burst must be at least 1 when --kube-api-qps is set "
+            "(or set --kube-api-qps 0 to disable the limit)"
+        )
+        raise CliError(msg)
+    os.environ[QPS_ENV] = repr(args.kube_api_qps)
+    os.environ[BURST_ENV] = str(args.kube_api_burst)
+
+
 def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.kubelet.server import KubeletPluginError
     from dra_core.runtime import Agent, AgentSettings
 
+    _use_rate_limit(args)
     settings = AgentSettings(
         node_name=args.node_name,
         driver_name=args.driver_name,
@@ -345,6 +488,9 @@ def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
         instance_id=args.instance_id,
         poll_interval=args.poll_interval,
         reconcile_interval=args.reconcile_interval,
+        prepare_timeout=args.prepare_timeout,
+        discovery_timeout=args.discovery_timeout,
+        backend_stuck_seconds=args.backend_stuck_seconds,
         http_host=args.http_host,
         http_port=args.http_port,
         publish=not args.no_publish,
@@ -396,6 +542,35 @@ def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.doctor import DoctorSettings, run_doctor
+
+    def given(flag: str) -> Path | None:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        return None if value is None else _absolute(value, flag)
+
+    default = DoctorSettings(node_name=args.node_name)  # the agent's defaults
+    settings = DoctorSettings(
+        node_name=args.node_name,
+        driver_name=args.driver_name,
+        kubeconfig=args.kubeconfig,
+        registration_dir=given("--registration-dir") or default.registration_dir,
+        plugins_dir=given("--plugins-dir") or default.plugins_dir,
+        cdi_dir=given("--cdi-dir") or default.cdi_dir,
+        containerd_config=given("--containerd-config") or default.containerd_config,
+        crio_config=given("--crio-config") or default.crio_config,
+        runtime_socket=given("--runtime-socket"),
+        backend_options=_options(args, hooks),
+        backend_config=_backend_config(args.config),
+    )
+    report = run_doctor(settings, hooks)
+    if args.output == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.render_text())
+    return report.exit_code
+
+
 def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.demo import DemoError, run_demo
     from dra_core.testing.controlplane import ControlPlaneError
@@ -439,15 +614,21 @@ def _cmd_webhook(args: argparse.Namespace, hooks: Any) -> int:
 
 
 def _cmd_render(args: argparse.Namespace, hooks: Any) -> int:
+    import dataclasses
+
     import yaml
 
     from dra_core.manifests import device_class_manifests
 
     identity = hooks.backend_identity()
+    command = f"dra-core render --backend {hooks.backend}"
+    if args.driver_name:
+        identity = dataclasses.replace(identity, driver_name=args.driver_name)
+        command += f" --driver-name {args.driver_name}"
     classes = hooks.device_classes(identity)
     print(
         f"# The DeviceClasses of the {hooks.backend} backend (driver {identity.driver_name}).\n"
-        f"# Generated by `dra-core render --backend {hooks.backend}`; do not edit."
+        f"# Generated by `{command}`; do not edit."
     )
     yaml.safe_dump_all(device_class_manifests(classes), sys.stdout, sort_keys=False)
     return 0
@@ -507,6 +688,7 @@ def _cmd_checkpoint(args: argparse.Namespace) -> int:
 _WITH_BACKEND: dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "run": _cmd_run,
     "discover": _cmd_discover,
+    "doctor": _cmd_doctor,
     "render": _cmd_render,
     "demo": _cmd_demo,
     "webhook": _cmd_webhook,

@@ -11,24 +11,39 @@ the first holder of the new file is its writer. `remove_durably` is the matching
 Temp files are named ``.<name>.<random>.tmp`` so that a crash between write and rename leaves
 something recognisable (hidden, and without the ``.json`` suffix that CDI runtimes load);
 `temp_target` and `is_temp_for` let owners collect their own leftovers.
+
+`read_regular_file` (and `read_regular_text`) read a file the reader does not own (a
+configuration file, a sysfs attribute) with two bounds: anything but a regular file (a FIFO, a
+device, a socket, a directory) is refused before it is opened, so a read can neither block
+forever nor run without end, and at most ``limit`` bytes are read. Sysfs attributes and procfs
+files are regular files whose reported size (4096, 0) says nothing of their content, so the
+size is found by reading, never from ``stat``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 __all__ = (
     "TEMP_SUFFIX",
+    "BoundedReadError",
+    "FileTooLargeError",
+    "NotARegularFileError",
     "atomic_write",
     "atomic_write_locked",
     "fsync_directory",
     "is_temp_for",
+    "make_directories",
+    "read_regular_file",
+    "read_regular_text",
     "remove_durably",
     "remove_stale_temps",
     "temp_target",
@@ -130,6 +145,38 @@ def atomic_write_locked(path: Path, data: bytes, mode: int, *, create: bool = Fa
     return fd
 
 
+def make_directories(path: Path, mode: int) -> list[Path]:
+    """Create directory ``path`` and its missing parents, each with exactly ``mode``.
+
+    ``mkdir``'s mode is masked by the process umask (under umask 000 a plain ``mkdir -p``
+    leaves 0777 directories), so each level created here is given ``mode`` with ``fchmod``
+    right after; until then it is at most as open as ``mode``. Directories that exist already
+    are left as they are: they may be the kubelet's. Returns the directories created,
+    outermost first; FileExistsError when something that is not a directory is in the way.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    level = path
+    while not level.is_dir() and level.parent != level:
+        missing.append(level)
+        level = level.parent
+    created: list[Path] = []
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=mode)
+        except FileExistsError:
+            if directory.is_dir():
+                continue  # another process created it meanwhile: its mode is its own
+            raise
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+        created.append(directory)
+    return created
+
+
 def remove_stale_temps(
     directory: Path, owns: Callable[[str], bool], older_than: float = 60.0
 ) -> list[Path]:
@@ -170,3 +217,93 @@ def remove_durably(path: Path) -> bool:
         return False
     fsync_directory(path.parent)
     return True
+
+
+class BoundedReadError(OSError):
+    """`read_regular_file` refused a file; ``str()`` is ``<path>: <problem>``.
+
+    An ``OSError`` (``strerror`` is the problem, ``filename`` the path), so callers that
+    report unreadable files already report these too.
+    """
+
+    def __init__(self, path: Path | str, problem: str, code: int) -> None:
+        super().__init__(code, problem, str(path))
+        self.path = Path(path)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+class NotARegularFileError(BoundedReadError):
+    """The path is a FIFO, a device, a socket or a directory, not a regular file."""
+
+
+class FileTooLargeError(BoundedReadError):
+    """The file holds more than the most the caller reads from it."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)", "reading it could block forever"),
+    (stat.S_ISCHR, "a character device", "reading it could block forever or never end"),
+    (stat.S_ISBLK, "a block device", "it could be a whole disk"),
+    (stat.S_ISSOCK, "a socket", "it cannot be read as a file"),
+    (stat.S_ISDIR, "a directory", "it cannot be read as a file"),
+)
+
+#: The most read at once: larger files are read in pieces of this size, up to the limit.
+_CHUNK = 1 << 20
+
+
+def _refuse_unless_regular(path: Path | str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind, why = "not a regular file", "only regular files are read"
+    for test, name, reason in _KINDS:
+        if test(mode):
+            kind, why = name, reason
+            break
+    code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+    msg = f"is {kind}, not a regular file: refused, as {why}"
+    raise NotARegularFileError(path, msg, code)
+
+
+def read_regular_file(path: Path | str, limit: int) -> bytes:
+    """The content of the regular file ``path``, at most ``limit`` bytes.
+
+    Symlinks are followed. Anything but a regular file is refused before it is opened (opening
+    a device can have effects, and reading a FIFO can block forever), and the file is opened
+    without blocking and checked again, so a file swapped in between is refused too.
+
+    :raises NotARegularFileError: ``path`` is a FIFO, device, socket or directory.
+    :raises FileTooLargeError: it holds more than ``limit`` bytes.
+    :raises OSError: it cannot be opened or read (``FileNotFoundError`` when missing).
+    """
+    if limit < 0:
+        msg = f"limit must be 0 or more bytes, not {limit}"
+        raise ValueError(msg)
+    _refuse_unless_regular(path, Path(path).stat().st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _refuse_unless_regular(path, os.fstat(fd).st_mode)
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            piece = os.read(fd, min(limit + 1 - size, _CHUNK))
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit:
+                msg = f"holds more than {limit} bytes, the most read from it: refused"
+                raise FileTooLargeError(path, msg, errno.EFBIG)
+    finally:
+        os.close(fd)
+
+
+def read_regular_text(path: Path | str, limit: int, *, errors: str = "strict") -> str:
+    """`read_regular_file` decoded as UTF-8; ``errors`` as for `bytes.decode`.
+
+    :raises UnicodeDecodeError: with ``errors="strict"``, the content is not UTF-8.
+    """
+    return read_regular_file(path, limit).decode("utf-8", errors=errors)

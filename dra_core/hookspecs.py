@@ -5,7 +5,8 @@ exactly one is active, chosen with ``--backend``. *Extension plugins* (group
 ``dra_core.plugins``) may add attributes, container edits or health sources to any backend.
 
 Hooks come in the groups the product promises, in the order a node agent calls them:
-lifecycle, discovery, allocation, prepare, health. Implement them with :data:`dra_core.hookimpl`
+lifecycle, discovery, allocation, prepare, health; and diagnostics, which ``dra-core doctor``
+calls. Implement them with :data:`dra_core.hookimpl`
 and call only with keyword arguments (pluggy's rule). An implementation may accept a subset of
 a spec's arguments, so new arguments never break an existing backend.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pluggy
 
@@ -35,7 +36,15 @@ from dra_core.model import (
     PreparedDevice,
 )
 
-__all__ = ("PROJECT", "BackendOption", "NodeContext", "hookimpl", "hookspec")
+__all__ = (
+    "PROJECT",
+    "BackendOption",
+    "CheckStatus",
+    "DoctorCheck",
+    "NodeContext",
+    "hookimpl",
+    "hookspec",
+)
 
 #: The pluggy project name; hook functions are ``dra_*``.
 PROJECT = "dra"
@@ -61,6 +70,49 @@ class BackendOption:
     default: str | None = None
     env: str | None = None
     path: bool = False
+
+
+#: How a ``dra-core doctor`` check came out: ``ok``; ``warn``, the agent works but something
+#: is missing or will bite later; ``fail``, the agent or some claims will not work; ``skip``, the
+#: check could not run (its ``found`` says why).
+CheckStatus = Literal["ok", "warn", "fail", "skip"]
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    """One check of ``dra-core doctor``: what was checked, how it came out, what to do.
+
+    ``name`` says what was checked (``render node of 0000:03:00.0``), ``found`` what was
+    found, and ``fix`` what the operator should do about a ``warn`` or ``fail`` (empty for
+    ``ok``). The class methods build each status.
+    """
+
+    name: str
+    status: CheckStatus
+    found: str
+    fix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in get_args(CheckStatus):
+            known = ", ".join(get_args(CheckStatus))
+            msg = f"check {self.name!r}: status {self.status!r} is not one of {known}"
+            raise ValueError(msg)
+
+    @classmethod
+    def ok(cls, name: str, found: str) -> DoctorCheck:
+        return cls(name, "ok", found)
+
+    @classmethod
+    def warn(cls, name: str, found: str, fix: str) -> DoctorCheck:
+        return cls(name, "warn", found, fix)
+
+    @classmethod
+    def fail(cls, name: str, found: str, fix: str) -> DoctorCheck:
+        return cls(name, "fail", found, fix)
+
+    @classmethod
+    def skip(cls, name: str, why: str) -> DoctorCheck:
+        return cls(name, "skip", why)
 
 
 def _no_rediscovery() -> None:
@@ -317,4 +369,28 @@ def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[De
     :returns: the health of the devices this plugin watches, or None.
 
     Raising is logged and counted; the previous health state stays.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def dra_doctor_checks(context: NodeContext) -> Sequence[DoctorCheck]:
+    """Check that this node has what the plugin needs, for ``dra-core doctor``.
+
+    Called once per ``dra-core doctor`` run, in every plugin, before the backend is started, so
+    a check can explain why starting would fail. Check what the agent cannot check for itself
+    before it runs: hardware present and bound to the right driver, device nodes and their
+    permissions, files the options name. Read only: change nothing on the node.
+
+    :param context: where the agent would run, with the backend's options as given to
+        ``doctor`` (the same flags and environment variables as ``run``).
+    :returns: the checks, each with what was found and, unless ok, the fix; the core prints
+        them under the plugin's name. None for none.
+
+    Raising is reported as a failed check naming the plugin and the error; the other plugins'
+    checks and the core's still run.
     """

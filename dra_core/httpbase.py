@@ -18,10 +18,10 @@ the server's threads and memory:
 
 Bodies are the endpoint's business: :meth:`Handler.read_body` reads exactly Content-Length
 bytes up to a limit (``413`` beyond, ``411`` without a length), and :class:`ByteBudget` bounds
-the bytes being decoded at once. :func:`parse_json` refuses JSON nested deeper than
-:data:`MAX_JSON_DEPTH` or with a number longer than :data:`MAX_JSON_NUMBER_DIGITS` digits,
-before :func:`json.loads` sees it, so neither turns into a ``RecursionError`` or an integer
-conversion error.
+the bytes being decoded at once. :func:`parse_json` refuses JSON that is not UTF-8, nested
+deeper than :data:`MAX_JSON_DEPTH` or with a number longer than :data:`MAX_JSON_NUMBER_DIGITS`
+digits, before :func:`json.loads` sees it, so none of them turns into a ``RecursionError`` or
+an integer conversion error.
 """
 
 from __future__ import annotations
@@ -88,12 +88,16 @@ class HttpLimits:
 
 
 class HttpError(Exception):
-    """A request the handler answers with ``status`` and ``message`` (a client error)."""
+    """A request the handler answers with ``status`` and ``message`` (a client error).
 
-    def __init__(self, status: int, message: str) -> None:
+    ``declared`` is the body length the client announced, for a 413 (at most 2**62).
+    """
+
+    def __init__(self, status: int, message: str, *, declared: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.declared = declared
 
 
 class ClientGone(Exception):
@@ -108,17 +112,37 @@ def parse_json(
 ) -> Any:
     """``raw`` decoded as strict JSON (RFC 8259), within the depth and number limits.
 
-    :raises JsonLimitError: not JSON, too deep, a number too long or out of range (NaN and
-        Infinity are refused too); the message says which.
+    The text must be UTF-8, as JSON exchanged between systems is (a leading byte order mark is
+    ignored): the limits are checked on the bytes, which :func:`json.loads` would otherwise
+    read as UTF-16 or UTF-32 when they look like it, past the checks.
+
+    :raises JsonLimitError: not UTF-8, not JSON, too deep, a number too long or out of range
+        (NaN and Infinity are refused too); the message says which.
     """
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    # JSON text never holds a NUL byte, and ASCII written as UTF-16 or UTF-32 is full of them.
+    bad = raw.find(b"\x00")
+    text = ""
+    if bad < 0:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = exc.start
+    if bad >= 0:
+        msg = (
+            f"the body is not JSON text in UTF-8 (byte {bad} is not valid there: UTF-16 or "
+            "UTF-32?); send JSON encoded as UTF-8"
+        )
+        raise JsonLimitError(msg)
     try:
-        return strictjson.loads(raw, max_depth=max_depth, max_number_digits=max_number_digits)
+        strictjson.check_shape(raw, max_depth, max_number_digits)
+        return strictjson.loads(text)
     except JsonLimitError:
         raise
     except RecursionError:
         msg = "the JSON is nested too deeply"
         raise JsonLimitError(msg) from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int conversion
+    except ValueError as exc:  # JSONDecodeError
         msg = f"the body is not JSON: {exc}"
         raise JsonLimitError(msg) from None
 
@@ -430,6 +454,12 @@ class Handler(BaseHTTPRequestHandler):
 
     server: LimitedHTTPServer
     rfile: Any
+    # Errors http.server finds itself (a request line it cannot parse, headers over the
+    # limit) are answered with a status line, whatever the client sent (not as HTTP/0.9, a
+    # bare body), and in plain text like every other answer (not an HTML page).
+    default_request_version = "HTTP/1.0"
+    error_content_type = TEXT
+    error_message_format = "%(message)s: %(explain)s\n"
 
     def setup(self) -> None:
         super().setup()  # the socket's timeout was set by the server
@@ -454,14 +484,17 @@ class Handler(BaseHTTPRequestHandler):
         value = self.headers.get("Content-Length")
         if value is None:
             raise HttpError(411, "a Content-Length header is required")
-        value = value.strip()
-        if not value.isdigit() or len(value) > 18:
-            raise HttpError(400, f"bad Content-Length {value[:40]!r}")
-        length = int(value)
-        if length > max_bytes:
+        value = value.strip(" \t")
+        if not (value.isascii() and value.isdigit()):  # not "²" nor other Unicode digits
             raise HttpError(
-                413, f"the request body is {length} bytes, over the limit of {max_bytes}"
+                400, f"bad Content-Length {value[:40]!r}: give the body's size in bytes"
             )
+        digits = value.lstrip("0") or "0"
+        length = int(digits) if len(digits) <= 18 else 2**62
+        if length > max_bytes:
+            size = f"{length} bytes" if len(digits) <= 18 else f"a number of {len(digits)} digits"
+            msg = f"the request body is {size}, over the limit of {max_bytes} bytes"
+            raise HttpError(413, msg, declared=length)
         return length
 
     def read_body(self, length: int) -> bytes:

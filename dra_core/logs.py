@@ -27,11 +27,25 @@ def _context(record: Any) -> None:
     extra["context"] = f"[{' '.join(parts)}] " if parts else ""
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write, not as it was at set-up: a test runner or an
+    embedding program may replace it, and a handler must not keep writing to a closed one."""
+
+    def write(self, message: str) -> None:
+        sys.stderr.write(message)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     """Send logs to stderr at ``level`` in the chosen format; replaces earlier set-up."""
     logger.remove()
     if fmt == "json":
-        logger.add(sys.stderr, level=level.upper(), serialize=True)
+        logger.add(_CurrentStderr(), level=level.upper(), serialize=True)
     else:
         logger.configure(patcher=_context)
-        logger.add(sys.stderr, level=level.upper(), format=_PLAIN, colorize=None)
+        logger.add(_CurrentStderr(), level=level.upper(), format=_PLAIN, colorize=None)

@@ -135,3 +135,18 @@ DISCOVERY_ERRORS = Counter(
 def render() -> bytes:
     """All metrics in the Prometheus text format (serve with `CONTENT_TYPE`)."""
     return generate_latest(REGISTRY)
+
+
+BACKEND_CALLS_STUCK = Gauge(
+    "dra_backend_calls_stuck",
+    "Backend hook calls that did not return within their time limit and still run, by hook; "
+    "the agent fails /healthz when one runs longer than --backend-stuck-seconds.",
+    ["hook"],
+    registry=REGISTRY,
+)
+BACKEND_CALL_TIMEOUTS = Counter(
+    "dra_backend_call_timeouts",
+    "Backend hook calls that did not return within their time limit, by hook.",
+    ["hook"],
+    registry=REGISTRY,
+)

@@ -18,7 +18,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from dra_core.checkpoint import BOOT_ID_PATH, Checkpoint, current_boot_id
+from dra_core.fileio import make_directories
 from dra_core.hookspecs import NodeContext
 from dra_core.kubelet.health import HealthBoard
 from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
@@ -34,12 +35,13 @@ from dra_core.model import (
     BackendIdentity,
     ClaimRef,
     ClaimResult,
+    DeviceHealth,
     Inventory,
     ModelError,
     validate_driver_name,
     validate_inventory,
 )
-from dra_core.plugins import HookError, Hooks
+from dra_core.plugins import WATCHED_HOOKS, HookError, HookLimits, Hooks, StuckCall
 
 if TYPE_CHECKING:
     from dra_core.health import HealthTracker
@@ -92,6 +94,15 @@ class AgentSettings:
     #: A kubelet call running longer than this (seconds) makes ``/healthz`` fail when the DRA
     #: socket does not answer; younger calls mean the agent is busy (a slow API), not wedged.
     stuck_call_seconds: float = 180.0
+    #: Seconds a prepare, unprepare, allocation check or config decoding of the backend may
+    #: take before that claim fails (the call goes on, tracked as stuck).
+    prepare_timeout: float = HookLimits.prepare
+    #: Seconds a discovery or health check of the backend may take before that round is
+    #: skipped (the devices and health last found stay published).
+    discovery_timeout: float = HookLimits.discovery
+    #: A backend call still running this long after it began (long past its time limit) makes
+    #: ``/healthz`` fail: the backend is wedged and the agent must be restarted.
+    backend_stuck_seconds: float = HookLimits.stuck
     #: Publish ResourceSlices (off only for local experiments without an API server).
     publish: bool = True
     #: Backend option values, keyed by option name.
@@ -140,18 +151,23 @@ class _Gate:
         self._service = service
         self._ready.set()
 
-    def _wait(self) -> NodeService:
-        if not self._ready.wait(self._timeout) or self._service is None:
+    def _wait(self, deadline: float | None = None) -> NodeService:
+        timeout = self._timeout
+        if deadline is not None:  # a prepare is answered by its deadline, even during start
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        if not self._ready.wait(timeout) or self._service is None:
             msg = (
                 f"the agent is still starting (backend and devices not ready after "
-                f"{self._timeout:g} s); the kubelet retries"
+                f"{timeout:.3g} s); the kubelet retries"
             )
             raise RuntimeError(msg)
         return self._service
 
-    def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, ClaimResult]:
+    def prepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> Mapping[str, ClaimResult]:
         with self._tracked():
-            return self._wait().prepare(claims)
+            return self._wait(deadline).prepare(claims, deadline=deadline)
 
     def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
         with self._tracked():
@@ -171,6 +187,14 @@ class Agent:
         validate_driver_name(self.driver)
         self.stop_event = threading.Event()
         self._wake = threading.Event()
+        self._reconcile_now = threading.Event()
+        hooks.watchdog.limits = HookLimits(
+            prepare=settings.prepare_timeout,
+            discovery=settings.discovery_timeout,
+            stuck=settings.backend_stuck_seconds,
+        )
+        self._unsubscribe: Callable[[], None] = lambda: None
+        self._health_reports: list[DeviceHealth] = []
         self.plugin_dir = settings.plugin_dir(self.driver)
         self.context = NodeContext(
             node_name=settings.node_name,
@@ -200,7 +224,9 @@ class Agent:
     def start(self) -> None:
         """Start everything; raise with a clear message when the agent cannot serve."""
         started_at = time.monotonic()
-        self.plugin_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._unsubscribe = self.hooks.watchdog.subscribe(self._call_timed_out, self._call_returned)
+        self._count_stuck_calls()
+        make_directories(self.plugin_dir, 0o750)  # 0750 whatever the umask
         checkpoint = Checkpoint.open(self.plugin_dir / "checkpoint.json")
         health = self.board if self.hooks.implemented("dra_device_health") else None
         self.plugin = KubeletPlugin(
@@ -292,7 +318,9 @@ class Agent:
 
         The sockets must answer. When every DRA worker is taken by kubelet calls that are
         younger than ``stuck_call_seconds`` (waiting for a slow API server, say), a DRA probe
-        that times out in the queue is busyness, not a fault.
+        that times out in the queue is busyness, not a fault. A backend call still running
+        ``backend_stuck_seconds`` after it began (long past its time limit) is a fault: Python
+        cannot stop it, and a restart clears it.
         """
         assert self.plugin is not None
         age = self._gate.oldest_call_age()
@@ -303,7 +331,40 @@ class Agent:
                 f"a kubelet call has been running for {age:.0f} s "
                 f"(limit {self.settings.stuck_call_seconds:g} s): the agent is stuck"
             )
+        limit = self.hooks.watchdog.limits.stuck
+        for call in self.hooks.watchdog.stuck_calls():
+            if call.age() >= limit:
+                problems.append(
+                    f"backend {call.describe()} has been running for {call.age():.0f} s "
+                    f"(time limit {call.limit:g} s, restart after {limit:g} s; in {call.where}): "
+                    f"the backend is stuck"
+                )
         return problems
+
+    def _call_timed_out(self, call: StuckCall) -> None:
+        from dra_core import metrics
+
+        metrics.BACKEND_CALL_TIMEOUTS.labels(hook=call.hook).inc()
+        self._count_stuck_calls()
+
+    def _call_returned(self, call: StuckCall) -> None:
+        """A stuck call returned: clean up after it now rather than at the next round."""
+        self._count_stuck_calls()
+        if call.claim is not None:
+            # A prepare that timed out left its claim recorded as started, and the undo was
+            # refused while the call ran; reconciliation rolls such claims back.
+            self._reconcile_now.set()
+        else:
+            self._wake.set()
+
+    def _count_stuck_calls(self) -> None:
+        from dra_core import metrics
+
+        counts = dict.fromkeys(WATCHED_HOOKS, 0)
+        for call in self.hooks.watchdog.stuck_calls():
+            counts[call.hook] += 1
+        for hook, count in counts.items():
+            metrics.BACKEND_CALLS_STUCK.labels(hook=hook).set(count)
 
     def readiness(self) -> list[str]:
         """Why the agent cannot do its whole job now (``/readyz``): starting, or no API."""
@@ -347,7 +408,9 @@ class Agent:
             else:
                 wait = interval
                 retry = min(first_retry, interval)
-            if self.stop_event.wait(wait):
+            self._reconcile_now.wait(wait)
+            self._reconcile_now.clear()
+            if self.stop_event.is_set():
                 break
 
     def _discover(self) -> None:
@@ -363,8 +426,11 @@ class Agent:
             logger.error("discovery failed, keeping the last inventory: {}", exc)
             inventory = self._inventory
         self._inventory = inventory
-        reports = self.hooks.device_health(inventory, self.context)
-        published = self.health.update(inventory, reports)
+        try:
+            self._health_reports = self.hooks.device_health(inventory, self.context)
+        except HookError as exc:  # a timeout: the others are logged and skipped inside
+            logger.error("health check failed, keeping the health last reported: {}", exc)
+        published = self.health.update(inventory, self._health_reports)
         if published != self._published:
             self._published = published
             if self.publisher is not None:
@@ -384,6 +450,7 @@ class Agent:
         """Stop serving; prepared claims stay prepared and slices stay published."""
         self.stop_event.set()
         self._wake.set()
+        self._reconcile_now.set()
         if self.plugin is not None:
             self.plugin.stop()
         if self.publisher is not None:
@@ -394,6 +461,7 @@ class Agent:
             thread.join(timeout=10)
         if self.events is not None:
             self.events.stop()
+        self._unsubscribe()
         self.hooks.stop(self.context)
 
     def run(self) -> None:

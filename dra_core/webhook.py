@@ -15,7 +15,8 @@ Endpoints (HTTPS; plain HTTP only when asked for explicitly, for local tests):
   the decoder's message. Other drivers' entries are ignored. An UPDATE that leaves the config
   list as it was is allowed (metadata changes, finalizer removal), so an object written before
   the webhook existed can still be cleaned up. A malformed review is answered with HTTP 400,
-  and so is JSON nested more than 100 levels deep or with a number of more than 100 digits.
+  and so is JSON that is not UTF-8, nested more than 100 levels deep or with a number of more
+  than 100 digits.
 * ``GET /healthz``: 200 ``ok``.
 * ``GET /metrics``: the Prometheus metrics, including ``dra_webhook_admissions_total``.
 
@@ -182,9 +183,9 @@ def review(body: object, hooks: Hooks, context: NodeContext) -> tuple[dict[str, 
         raise ReviewError(msg)
     kind = _get(request, ("kind", "kind"))
     obj = request.get("object")
-    if kind not in _CONFIG_PATHS:
+    if not isinstance(kind, str) or kind not in _CONFIG_PATHS:
         kind = obj.get("kind") if isinstance(obj, Mapping) else None
-    if kind not in _CONFIG_PATHS:
+    if not isinstance(kind, str) or kind not in _CONFIG_PATHS:
         msg = (
             f"cannot validate kind {kind!r}: this webhook validates "
             f"{', '.join(_CONFIG_PATHS)} of resource.k8s.io"
@@ -309,8 +310,7 @@ class Webhook(BackgroundServer):
                 except HttpError as exc:
                     self._refused(exc.status, exc.message)
                     if exc.status == 413:
-                        declared = int(self.headers.get("Content-Length", "0").strip() or 0)
-                        self.refuse_body(exc.status, exc.message, declared)
+                        self.refuse_body(exc.status, exc.message, exc.declared)
                     else:
                         self.send_text(exc.status, exc.message)
                     return

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,7 +31,8 @@ def test_version():
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "discover", "backends", "render", "demo", "webhook", "checkpoint"]
+    "command",
+    ["run", "discover", "doctor", "backends", "render", "demo", "webhook", "checkpoint"],
 )
 def test_every_command_has_useful_help(command):
     text = dra_core(command, "--help").stdout
@@ -84,6 +87,65 @@ def test_checkpoint_inspect_and_repair(tmp_path):
     assert "corrupt-" in repaired.stdout
     assert dra_core("checkpoint", "inspect", "--path", str(path)).returncode == 0
     assert list(tmp_path.glob("checkpoint.json.corrupt-*")), "the damaged file is kept"
+
+
+def _hostile_checkpoint(path: Path, kind: str) -> None:
+    """Put a damaged or hostile file of ``kind`` at ``path``."""
+    if kind == "deep":
+        path.write_bytes(b"[" * 100_000)
+    elif kind == "huge-number":
+        path.write_bytes(b'{"data": ' + b"9" * 100_000 + b"}")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("kind", "repair_status"),
+    [("deep", 0), ("huge-number", 0), ("binary", 0), ("fifo", 2), ("directory", 2)],
+)
+def test_checkpoint_commands_answer_any_file_without_a_traceback(
+    tmp_path: Path, kind: str, repair_status: int
+) -> None:
+    path = tmp_path / "checkpoint.json"
+    _hostile_checkpoint(path, kind)
+    inspected = dra_core("checkpoint", "inspect", "--path", str(path), check=False)
+    assert inspected.returncode == 1, inspected.stderr
+    assert "DAMAGED" in inspected.stdout or "problem:" in inspected.stdout
+    repaired = dra_core("checkpoint", "repair", "--path", str(path), check=False)
+    assert repaired.returncode == repair_status, repaired.stderr
+    for result in (inspected, repaired):
+        assert "Traceback" not in result.stdout + result.stderr
+    if repair_status == 0:
+        assert "repaired" in repaired.stdout
+        assert dra_core("checkpoint", "inspect", "--path", str(path)).returncode == 0
+    else:
+        assert f"dra-core: error: checkpoint {path}: is a" in repaired.stderr
+
+
+def test_checkpoint_repair_salvages_a_truncated_file(tmp_path: Path) -> None:
+    from dra_core.checkpoint import Checkpoint, ClaimRecord
+    from dra_core.model import AllocatedDevice, ClaimRef
+
+    path = tmp_path / "checkpoint.json"
+    checkpoint = Checkpoint.open(path, boot_id="boot")
+    uids = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(3)]
+    for i, uid in enumerate(uids):
+        ref = ClaimRef("default", f"claim-{i}", uid)
+        device = AllocatedDevice(request="gpu", pool="node-1", device=f"gpu-{i}")
+        checkpoint.put(ClaimRecord.started(ref, [device], boot_id="boot", driver="d.example.com"))
+    checkpoint.compact()
+    checkpoint.close()
+    raw = path.read_bytes()
+    path.write_bytes(raw[: raw.index(b"claim-2") + 3])
+    repaired = dra_core("checkpoint", "repair", "--path", str(path))
+    assert "kept 2 record(s)" in repaired.stdout
+    assert f"{uids[2]}: its record is cut off" in repaired.stdout
+    assert uids[0] in repaired.stdout and uids[1] in repaired.stdout
+    assert dra_core("checkpoint", "inspect", "--path", str(path)).returncode == 0
 
 
 def test_run_refuses_a_corrupt_checkpoint(tmp_path):

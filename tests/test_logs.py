@@ -26,3 +26,22 @@ def test_json_logs_are_one_object_per_line(capsys):
     assert record["message"] == "prepared"
     assert record["extra"]["claim"] == "0b7f0c7e"
     assert record["level"]["name"] == "INFO"
+
+
+def test_logs_follow_stderr_when_it_is_replaced(monkeypatch):
+    """A handler writes to the stderr of the moment, never to one replaced and closed since."""
+    import io
+    import sys
+
+    from loguru import logger
+
+    from dra_core.logs import configure_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("INFO")
+    logger.info("to the first")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logger.info("to the second")
+    assert "to the second" in second.getvalue()

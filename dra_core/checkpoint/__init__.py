@@ -7,12 +7,17 @@ survive crashes and never be lost quietly:
   appends one checksummed line and flushes it with one ``fdatasync`` before it is
   acknowledged, so its cost does not grow with the number of claims recorded; the log is
   folded into a new snapshot (temp file, fsync, rename, fsync of the directory) once it
-  outgrows the snapshot. Mode 0600 in a 0700 directory;
+  outgrows the snapshot. Mode 0600 in a 0700 directory (created so whatever the umask);
+  temp files a crash left beside it are removed when it is opened;
 - the snapshot and every entry carry a SHA-256 checksum, the file a kind and a schema version,
-  and every field is decoded strictly; anything unexpected raises `CheckpointError`, which
-  names the file and the problem and points at ``dra-core checkpoint inspect`` / ``repair``.
-  The checkpoint is never reset silently. The one thing read past is an incomplete last line:
-  an append a crash cut short, which was never acknowledged;
+  and every field is decoded strictly, names (namespace, claim, driver, pool, request, device,
+  share ID) by the API's rules; reading is bounded in size, depth and number length, and only
+  a regular file is read. Anything unexpected raises `CheckpointError`, which names the file,
+  the claim and the field and points at ``dra-core checkpoint inspect`` / ``repair``; one bad
+  record makes the whole file invalid, as a checksum mismatch does. The checkpoint is never
+  reset silently. The one thing read past is an incomplete last line: an append a crash cut
+  short, which was never acknowledged. Repair keeps every record that can still be read whole,
+  from a truncated or partly overwritten file too, and the damaged file beside the new one;
 - each claim is recorded in two phases: ``started`` before the backend touches anything (the
   allocations only), ``completed`` once the CDI spec is written (the full prepared devices),
   so a crash mid-prepare is visible and can be rolled back or completed;
@@ -28,12 +33,11 @@ from __future__ import annotations
 
 from dra_core.checkpoint import fileformat
 from dra_core.checkpoint.codec import decode_record, encode_record
+from dra_core.checkpoint.fileformat import KIND, VERSION
 from dra_core.checkpoint.records import (
     BOOT_ID_PATH,
     DIR_MODE,
     FILE_MODE,
-    KIND,
-    VERSION,
     CheckpointError,
     ClaimRecord,
     Phase,

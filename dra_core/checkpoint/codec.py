@@ -1,4 +1,10 @@
-"""Strict JSON encoding and decoding of claim records."""
+"""Strict JSON encoding and decoding of claim records.
+
+Decoding checks every field's type and, for the names that reach paths and API calls, the
+rules the API server enforces on them (`dra_core.model`): a record whose namespace is
+``../../etc`` or whose device name is ``../../tmp/x`` could not have been written by the agent
+for a real claim, so it is refused as damage, naming the claim and the field.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,19 @@ from typing import Any, Literal, cast
 
 from dra_core.checkpoint.records import _NODE_TYPES, _PHASES, ClaimRecord
 from dra_core.model import (
+    LIMITS,
     AllocatedDevice,
     ClaimRef,
     ContainerEdits,
     DeviceNode,
+    ModelError,
     Mount,
     PreparedClaim,
     PreparedDevice,
+    is_dns_label,
+    is_dns_subdomain,
+    validate_claim_ref,
+    validate_driver_name,
 )
 
 __all__ = (
@@ -164,6 +176,74 @@ def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
     return value
 
 
+_DNS_LABEL_RULE = "lower-case letters, digits and '-', at most 63 characters"
+
+
+def _is_request_name(name: str) -> bool:
+    """A request name, or ``<request>/<subrequest>`` (each a DNS label)."""
+    parts = name.split("/")
+    return len(parts) <= 2 and all(is_dns_label(part) for part in parts)
+
+
+def _is_pool_name(name: str) -> bool:
+    """DNS subdomains joined by '/', at most 253 characters (as the API server requires)."""
+    return 0 < len(name) <= LIMITS.pool_name_length and all(
+        is_dns_subdomain(part) for part in name.split("/")
+    )
+
+
+def _require(valid: bool, where: str, value: str, rule: str) -> None:
+    if not valid:
+        raise _Bad(where, f"{value!r} is not {rule}")
+
+
+def _check_allocation(allocation: AllocatedDevice, where: str) -> None:
+    _require(
+        _is_request_name(allocation.request),
+        f"{where}.request",
+        allocation.request,
+        f"a request name (a DNS label, or two joined by '/': {_DNS_LABEL_RULE})",
+    )
+    _require(
+        _is_pool_name(allocation.pool),
+        f"{where}.pool",
+        allocation.pool,
+        f"a pool name (DNS subdomains joined by '/', at most {LIMITS.pool_name_length} characters)",
+    )
+    _require(
+        is_dns_label(allocation.device),
+        f"{where}.device",
+        allocation.device,
+        f"a device name (a DNS label: {_DNS_LABEL_RULE})",
+    )
+    if allocation.share_id is not None:
+        _require(
+            is_dns_label(allocation.share_id),
+            f"{where}.shareId",
+            allocation.share_id,
+            f"a share ID (a DNS label such as the UUID the scheduler assigns: {_DNS_LABEL_RULE})",
+        )
+
+
+def _check_claim(ref: ClaimRef) -> None:
+    _require(
+        is_dns_label(ref.namespace),
+        "claim.namespace",
+        ref.namespace,
+        f"a namespace name (a DNS label: {_DNS_LABEL_RULE})",
+    )
+    _require(
+        is_dns_subdomain(ref.name),
+        "claim.name",
+        ref.name,
+        "a ResourceClaim name (a DNS subdomain: dot-separated DNS labels, at most 253 characters)",
+    )
+    try:
+        validate_claim_ref(ref)  # namespace and name are fine: only the UID is left
+    except ModelError as exc:
+        raise _Bad("claim.uid", str(exc)) from None
+
+
 def _decode_device(raw: object, where: str) -> PreparedDevice:
     obj = _object(raw, where, ("allocation", "edits", "state"))
     here = _join(where, "allocation")
@@ -180,6 +260,7 @@ def _decode_device(raw: object, where: str) -> PreparedDevice:
         consumed_capacity=_str_map(a, "consumedCapacity", here),
         admin_access=_bool(a, "adminAccess", here),
     )
+    _check_allocation(allocation, here)
     here = _join(where, "edits")
     e = _object(obj["edits"], here, ("env", "deviceNodes", "mounts"))
     nodes: list[DeviceNode] = []
@@ -237,8 +318,14 @@ def _decode(uid: str, raw: object) -> ClaimRecord:
         name=_str(c, "name", "claim"),
         uid=_str(c, "uid", "claim"),
     )
+    _check_claim(ref)
     if ref.uid != uid:
         raise _Bad("claim.uid", f"{ref.uid!r} differs from the record's key {uid!r}")
+    driver = _str(obj, "driver", "")
+    try:
+        validate_driver_name(driver)
+    except ModelError as exc:
+        raise _Bad("driver", str(exc)) from None
     devices = tuple(
         _decode_device(d, f"devices[{i}]") for i, d in enumerate(_list(obj, "devices", ""))
     )
@@ -246,7 +333,7 @@ def _decode(uid: str, raw: object) -> ClaimRecord:
         claim=PreparedClaim(ref=ref, devices=devices),
         phase=phase,
         boot_id=_str(obj, "bootId", ""),
-        driver=_str(obj, "driver", ""),
+        driver=driver,
     )
 
 

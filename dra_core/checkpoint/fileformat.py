@@ -21,9 +21,19 @@ sorted, no spaces, ``ensure_ascii=False``) ending with a newline::
 - Reading applies the entries to the snapshot in order. A last line without its newline is an
   append that a crash cut short: it was never acknowledged, so it is ignored (and cut off
   before the next append). Anything else that does not verify (a complete line that is not
-  JSON, a checksum or number that does not match, an unknown field) is damage, reported with
-  its line number; the agent refuses to start on it and ``dra-core checkpoint repair`` keeps
-  what can be read.
+  JSON, a checksum or number that does not match, an unknown field, a record whose names
+  break the API's rules) is damage, reported with its line number, claim and field; the agent
+  refuses to start on it (one bad record makes the whole file invalid, as a checksum mismatch
+  does: the agent never runs on a partial view of what is prepared) and ``dra-core
+  checkpoint repair`` keeps what can be read.
+- Reading is bounded: a file larger than `MAX_FILE_BYTES`, a line nested deeper than
+  `MAX_DEPTH` or a number of more than `MAX_NUMBER_DIGITS` digits is damage, refused before
+  the JSON decoder sees it. Writing keeps to the same bounds, so what is written can be read.
+- A snapshot that is not valid JSON (a file cut short, or overwritten in the middle) is
+  *salvaged*: every record that can still be read whole from its text (found by its claim
+  UID key), and that decodes, is kept, and the log entries after the snapshot are applied as
+  usual; the records cut off or damaged are listed with the reason. The agent still refuses
+  such a file; `parse` gives ``repair`` what it keeps.
 
 Version 1, written by earlier releases, is the snapshot alone, indented over several lines. It
 is read as it is and rewritten as version 2 when the agent opens it.
@@ -35,22 +45,30 @@ A record is ``{"phase", "bootId", "driver", "claim": {"namespace", "name", "uid"
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dra_core import strictjson
-from dra_core.checkpoint.codec import _Bad, _decode, _type_name
-from dra_core.checkpoint.records import KIND, VERSION, ClaimRecord
+from dra_core.checkpoint.codec import _Bad, _decode, _type_name, encode_record
+from dra_core.checkpoint.records import ClaimRecord
 
 __all__ = (
+    "KIND",
+    "MAX_DEPTH",
+    "MAX_FILE_BYTES",
+    "MAX_NUMBER_DIGITS",
     "READS",
+    "RECORD_MAX_DEPTH",
     "VERSION",
     "State",
     "canonical",
     "checksum",
+    "encode",
     "parse",
     "parse_entries",
     "put_line",
@@ -58,14 +76,39 @@ __all__ = (
     "snapshot_line",
 )
 
+#: The ``kind`` of every checkpoint file.
+KIND = "dra-core-checkpoint"
+#: The version this release writes.
+VERSION = 2
 #: The versions this release reads (it writes `VERSION`).
 READS = (1, 2)
+
+#: The most bytes a checkpoint file may hold. The log is folded into the snapshot once it is
+#: as long as the snapshot, so this allows about 8 MiB of records (thousands of claims) while
+#: keeping what one read costs well inside the agent's memory limit.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+#: How deeply one line of the file may nest (JSON objects and arrays).
+MAX_DEPTH = 100
+#: How many digits a number in the file may have.
+MAX_NUMBER_DIGITS = 100
+#: How deeply a record may nest: a snapshot holds its records three levels down.
+RECORD_MAX_DEPTH = MAX_DEPTH - 3
 
 _TOP_LEVEL = frozenset({"kind", "version", "checksum", "data"})
 _PUT_FIELDS = frozenset({"op", "record", "seq", "uid"})
 _REMOVE_FIELDS = frozenset({"op", "seq", "uid"})
 _FIELDS = {"put": _PUT_FIELDS, "remove": _REMOVE_FIELDS}
 _TORN = "the file ends with an incomplete line of"
+_UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+# Where salvage looks for records: the claims object, then each "<claim UID>": key in it.
+_CLAIMS_KEY = re.compile(r'"claims"\s*:\s*\{')
+_UID_KEY = re.compile(rf'"({_UUID})"\s*:\s*')
+_UID = re.compile(_UUID)
+# Salvage finds where a record ends with it; `strictjson` then reads the record strictly.
+_DECODER = json.JSONDecoder()
+# Salvage scans at most this many times the damaged text (plus the slack, in characters).
+_SALVAGE_PASSES = 8
+_SALVAGE_SLACK = 1 << 20
 
 
 def canonical(value: object) -> str:
@@ -77,7 +120,43 @@ def canonical(value: object) -> str:
 
 def checksum(value: object) -> str:
     """``sha256:<hex>`` of the canonical JSON of ``value``."""
-    return "sha256:" + hashlib.sha256(canonical(value).encode("utf-8")).hexdigest()
+    # A lone surrogate (a "\ud800" escape) cannot be UTF-8: hashed as it stands, it makes
+    # the checksum differ instead of raising; the record holding it is refused on its own.
+    text = canonical(value).encode("utf-8", "surrogatepass")
+    return "sha256:" + hashlib.sha256(text).hexdigest()
+
+
+def _shown(uid: str) -> str:
+    """A claim UID for a message: as it is when it is a UUID, quoted when it is anything else."""
+    return uid if _UID.fullmatch(uid) else repr(uid)
+
+
+def _record_text(value: object) -> str:
+    """The canonical JSON of a decoded record; _Bad when it cannot be written back as UTF-8."""
+    text = canonical(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        msg = "holds a string that is not valid Unicode (a lone surrogate)"
+        raise _Bad("", msg) from None
+    return text
+
+
+def encode(record: ClaimRecord) -> tuple[str, ClaimRecord]:
+    """The canonical JSON of ``record`` and the record a reload of that text gives.
+
+    Readers see the same value before and after a restart. Raises ValueError (or TypeError)
+    when the record is not plain JSON, is nested deeper than `RECORD_MAX_DEPTH` or has a
+    longer number than the file allows, and _Bad when a field breaks the model's rules.
+    """
+    try:
+        text = canonical(encode_record(record))
+    except RecursionError:
+        msg = "it is nested too deeply to encode (a cycle?)"
+        raise ValueError(msg) from None
+    raw = text.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    strictjson.check_shape(raw, RECORD_MAX_DEPTH, MAX_NUMBER_DIGITS)
+    return text, _decode(record.uid, strictjson.loads(raw))
 
 
 def _string(text: str) -> str:
@@ -121,10 +200,11 @@ class State:
 
     ``records`` are the records that decode and ``canon`` the canonical JSON of each (what a
     compaction writes); ``problems`` lists every damage found (empty: the agent loads it);
-    ``dropped`` the UIDs whose record does not decode; ``notes`` what is worth telling but is
-    not damage (an append cut short by a crash). ``end`` is the offset just after the last
-    complete line, ``torn`` the bytes after it that are not a complete line yet, ``entries``
-    the entries read, ``snapshot_bytes`` the length of the snapshot.
+    ``reasons`` says why each record that does not decode was dropped (``dropped``); ``notes``
+    what is worth telling but is not damage (an append cut short by a crash). ``end`` is the
+    offset just after the last complete line, ``torn`` the bytes after it that are not a
+    complete line yet, ``entries`` the entries read, ``snapshot_bytes`` the length of the
+    snapshot.
     """
 
     version: int | None = None
@@ -132,7 +212,8 @@ class State:
     notes: list[str] = field(default_factory=list)
     records: dict[str, ClaimRecord] = field(default_factory=dict)
     canon: dict[str, str] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
+    #: Why each record that does not decode was dropped, by claim UID, in file order.
+    reasons: dict[str, str] = field(default_factory=dict)
     #: False when the content cannot be read as a checkpoint at all (no records to salvage).
     structured: bool = False
     entries: int = 0
@@ -148,24 +229,45 @@ class State:
     def put(self, uid: str, record: ClaimRecord, canon: str) -> None:
         self.records[uid] = record
         self.canon[uid] = canon
-        if uid in self.dropped:
-            self.dropped.remove(uid)
+        self._forget_drop(uid)
 
     def remove(self, uid: str) -> None:
         self.records.pop(uid, None)
         self.canon.pop(uid, None)
-        if uid in self.dropped:
-            self.dropped.remove(uid)
+        self._forget_drop(uid)
 
-    def _drop(self, uid: str) -> None:
+    @property
+    def dropped(self) -> list[str]:
+        """The UIDs whose record does not decode, in file order."""
+        return list(self.reasons)
+
+    def _forget_drop(self, uid: str) -> None:
+        self.reasons.pop(uid, None)
+
+    def _drop(self, uid: str, reason: str) -> None:
         self.records.pop(uid, None)
         self.canon.pop(uid, None)
-        if uid not in self.dropped:
-            self.dropped.append(uid)
+        self.reasons[uid] = reason
+
+    def _bad_record(self, uid: str, problem: str, where: str = "") -> None:
+        """Drop ``uid``: "<where>: claim <uid>: <problem>" is the problem, the reason too."""
+        prefix = f"{where}: " if where else ""
+        self.problems.append(f"{prefix}claim {_shown(uid)}: {problem}")
+        self._drop(uid, prefix + problem)
 
 
 def _loads(raw: bytes) -> Any:
+    """One line (or a version 1 document) decoded strictly, within the file's bounds."""
+    strictjson.check_shape(raw, MAX_DEPTH, MAX_NUMBER_DIGITS)
     return strictjson.loads(raw.decode("utf-8"))
+
+
+def _decode_record(uid: str, raw_record: object) -> tuple[ClaimRecord, str]:
+    return _decode(uid, raw_record), _record_text(raw_record)
+
+
+def _field_problem(exc: _Bad) -> str:
+    return f"field {exc.where or '(record)'}: {exc.problem}"
 
 
 def _snapshot(state: State, doc: object) -> None:
@@ -206,14 +308,17 @@ def _snapshot(state: State, doc: object) -> None:
     state.structured = True
     for uid, raw_record in data["claims"].items():
         try:
-            state.put(uid, _decode(uid, raw_record), canonical(raw_record))
+            state.put(uid, *_decode_record(uid, raw_record))
         except _Bad as exc:
-            state.problems.append(f"claim {uid}: field {exc.where or '(record)'}: {exc.problem}")
-            state._drop(uid)
+            state._bad_record(uid, _field_problem(exc))
 
 
-def parse(raw: bytes) -> State:
-    """Read a whole checkpoint file leniently: every problem listed, every decodable record kept."""
+def parse(raw: bytes, *, salvage: bool = True) -> State:
+    """Read a whole checkpoint file leniently: every problem listed, every decodable record kept.
+
+    Without ``salvage``, a snapshot that is not valid JSON is reported as such and nothing is
+    searched for in its text (the agent refuses the file either way).
+    """
     state = State()
     newline = raw.find(b"\n")
     first = raw if newline < 0 else raw[:newline]
@@ -240,6 +345,8 @@ def parse(raw: bytes) -> State:
     except (UnicodeDecodeError, ValueError) as exc:
         if not raw.strip():
             state.problems.append("the file is empty (truncated?)")
+        elif salvage:
+            _salvage(state, raw, exc)
         else:
             state.problems.append(f"not valid JSON (truncated or overwritten?): {exc}")
         return state
@@ -247,6 +354,128 @@ def parse(raw: bytes) -> State:
     state.newline = raw.endswith(b"\n")
     _snapshot(state, doc)
     return state
+
+
+def _salvage(state: State, raw: bytes, error: Exception) -> None:
+    """Keep what can be read of a file whose snapshot is not valid JSON."""
+    newline = raw.find(b"\n")
+    # A version 1 document opens with "{" on a line of its own; anything else is read as a
+    # (damaged) version 2 snapshot line followed by log entries.
+    whole = newline < 0 or raw[:newline].strip() == b"{"
+    where = "the file" if whole else "the snapshot (line 1)"
+    state.problems.append(f"{where} is not valid JSON (truncated or overwritten?): {error}")
+    found = _salvage_records(state, raw if whole else raw[:newline])
+    state.structured = found is not None
+    if found:
+        state.problems.append(
+            f"{found} record(s) were read back from the damaged snapshot, whose checksum "
+            f"cannot be verified; check them against the claims prepared on the node"
+        )
+    if not whole:
+        state.snapshot_bytes = state.end = newline + 1
+        parse_entries(state, raw[newline + 1 :], newline + 1)
+        state.structured = state.structured or bool(state.records)
+
+
+class _Budget:
+    """The bytes salvage may still scan: a few times the text, so that no text, however
+    irregular, makes it slower than reading the file a few times."""
+
+    def __init__(self, text: str) -> None:
+        self.left = _SALVAGE_PASSES * len(text) + _SALVAGE_SLACK
+
+    def spend(self, size: int) -> bool:
+        self.left -= size
+        return self.left >= 0
+
+
+def _salvage_records(state: State, raw: bytes) -> int | None:
+    """Read every whole record of the snapshot text ``raw``; None when it has no claims."""
+    # Bytes that are not UTF-8 stay visible (as surrogates) in what is read, so a record
+    # holding them is refused rather than changed.
+    text = raw.decode("utf-8", "surrogateescape")
+    claims = _CLAIMS_KEY.search(text)
+    if claims is None:
+        return None
+    keys = list(_UID_KEY.finditer(text, claims.end()))
+    starts = [key.start() for key in keys]
+    budget = _Budget(text)
+    kept = 0
+    read_to = claims.end()
+    for index, key in enumerate(keys):
+        if key.start() < read_to:
+            continue  # inside a record already read (a UUID key in a device's state)
+        uid = key.group(1)
+        try:
+            value, end = _salvage_value(text, starts, index, key.end(), budget)
+        except _Unreadable as exc:
+            if exc.budget_spent:
+                state.problems.append(
+                    f"salvage stopped at character {key.start()} of the snapshot: its text is "
+                    f"too irregular to search further; records after it were not read"
+                )
+                break
+            state._bad_record(uid, str(exc))
+            continue
+        read_to = end
+        try:
+            state.put(uid, *_decode_record(uid, value))
+        except _Bad as exc:
+            state._bad_record(uid, _field_problem(exc))
+            continue
+        kept += 1
+    return kept
+
+
+class _Unreadable(Exception):
+    """A record salvage cannot read; ``budget_spent`` when it gave up searching instead."""
+
+    def __init__(self, problem: str, *, budget_spent: bool = False) -> None:
+        super().__init__(problem)
+        self.budget_spent = budget_spent
+
+
+def _salvage_value(
+    text: str, starts: list[int], index: int, start: int, budget: _Budget
+) -> tuple[object, int]:
+    """The record at ``start`` (just after key ``index``) and where it ends.
+
+    The record is read up to the next claim key; when the text stops there mid-record (a UUID
+    key inside the record), it is read on, each time at least twice as far, so that a record
+    costs a few times its length to find.
+    """
+    cut_off = "its record is cut off (the snapshot's text ends inside it)"
+    following = index + 1
+    while True:
+        stop = starts[following] if following < len(starts) else len(text)
+        chunk = text[start:stop]
+        if not budget.spend(2 * len(chunk)):
+            raise _Unreadable("salvage budget spent", budget_spent=True)
+        try:
+            strictjson.check_shape(
+                chunk.encode("utf-8", "surrogateescape"), RECORD_MAX_DEPTH, MAX_NUMBER_DIGITS
+            )
+        except strictjson.JsonLimitError as exc:
+            msg = f"its record cannot be read: {exc}"
+            raise _Unreadable(msg) from None
+        try:
+            _, used = _DECODER.raw_decode(chunk)
+        except json.JSONDecodeError as exc:
+            at_end = exc.pos >= len(chunk.rstrip())
+            if stop == len(text) and (at_end or exc.msg.startswith("Unterminated")):
+                raise _Unreadable(cut_off) from None
+            if not at_end:
+                msg = f"its record is not valid JSON ({exc.msg})"
+                raise _Unreadable(msg) from None
+            # Stopped at a UUID key inside the record: read on, at least twice as far.
+            following = bisect.bisect_left(starts, start + 2 * len(chunk), following + 1)
+            continue
+        try:
+            value = strictjson.loads(chunk[:used])
+        except ValueError as exc:
+            msg = f"its record is not valid JSON ({exc})"
+            raise _Unreadable(msg) from None
+        return value, start + used
 
 
 def parse_entries(state: State, raw: bytes, offset: int) -> None:
@@ -290,9 +519,10 @@ def _entry(state: State, raw: bytes, seq: int) -> None:
             f"it was written; the claim it changed is unknown"
         )
         return
-    if entry.get("seq") != seq:
+    number = entry.get("seq")
+    if type(number) is not int or number != seq:
         state.problems.append(
-            f"{where}: numbered {entry.get('seq')!r} instead of {seq}: an entry is missing, "
+            f"{where}: numbered {number!r} instead of {seq}: an entry is missing, "
             f"repeated or out of order"
         )
         return
@@ -302,23 +532,16 @@ def _entry(state: State, raw: bytes, seq: int) -> None:
         return
     expected = _FIELDS.get(op) if isinstance(op, str) else None
     if expected is None:
-        state.problems.append(f"{where}: claim {uid}: op is {op!r}, not 'put' or 'remove'")
-        state._drop(uid)
+        state._bad_record(uid, f"op is {op!r}, not 'put' or 'remove'", where)
         return
     if entry.keys() != expected:
         fields = ", ".join(sorted(str(k) for k in entry.keys() ^ expected))
-        state.problems.append(f"{where}: claim {uid}: missing or unknown field(s) {fields}")
-        state._drop(uid)
+        state._bad_record(uid, f"missing or unknown field(s) {fields}", where)
         return
     if op == "remove":
         state.remove(uid)
         return
     try:
-        record = _decode(uid, entry["record"])
+        state.put(uid, *_decode_record(uid, entry["record"]))
     except _Bad as exc:
-        state.problems.append(
-            f"{where}: claim {uid}: field {exc.where or '(record)'}: {exc.problem}"
-        )
-        state._drop(uid)
-        return
-    state.put(uid, record, canonical(entry["record"]))
+        state._bad_record(uid, _field_problem(exc), where)

@@ -1,4 +1,4 @@
-"""Claim records, their phases, the boot ID, and the checkpoint's error."""
+"""Claim records, their phases, the boot ID, the checkpoint's modes and its error."""
 
 from __future__ import annotations
 
@@ -20,16 +20,12 @@ __all__ = (
     "BOOT_ID_PATH",
     "DIR_MODE",
     "FILE_MODE",
-    "KIND",
-    "VERSION",
     "CheckpointError",
     "ClaimRecord",
     "Phase",
     "current_boot_id",
 )
 
-KIND = "dra-core-checkpoint"
-VERSION = 2
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")

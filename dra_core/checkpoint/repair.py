@@ -1,7 +1,15 @@
-"""Inspecting and repairing a damaged checkpoint (the ``dra-core checkpoint`` command)."""
+"""Inspecting and repairing a damaged checkpoint (the ``dra-core checkpoint`` command).
+
+Both read at most `fileformat.MAX_FILE_BYTES` of a regular file and decode it within the
+format's depth and number bounds, so any file gives a report or a `CheckpointError`, never
+another exception. Repair keeps every record `fileformat.parse` can read (from a snapshot cut
+short too), keeps the damaged file beside the new one, and lists each record it dropped with
+the reason.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -10,9 +18,10 @@ from pathlib import Path
 from loguru import logger
 
 from dra_core.checkpoint import fileformat
-from dra_core.checkpoint.records import FILE_MODE, VERSION, CheckpointError, ClaimRecord
-from dra_core.checkpoint.store import exclusive
-from dra_core.fileio import atomic_write
+from dra_core.checkpoint.fileformat import VERSION
+from dra_core.checkpoint.records import FILE_MODE, CheckpointError, ClaimRecord
+from dra_core.checkpoint.store import exclusive, read_bounded
+from dra_core.fileio import atomic_write, fsync_directory
 
 __all__ = (
     "InspectReport",
@@ -44,9 +53,9 @@ class InspectReport:
     """What `inspect` found: ``ok`` when the agent would load the file as it is.
 
     ``records`` are the records that decode (all of them when ok); ``dropped`` the UIDs of
-    those that do not; ``problems`` every problem found, in file order; ``notes`` what is
-    not damage but worth knowing (an append a crash cut short); ``entries`` the changes
-    logged after the snapshot.
+    those that do not, and ``reasons`` why, by UID; ``problems`` every problem found, in
+    file order; ``notes`` what is not damage but worth knowing (an append a crash cut short);
+    ``entries`` the changes logged after the snapshot.
     """
 
     path: Path
@@ -58,6 +67,7 @@ class InspectReport:
     exists: bool = True
     notes: list[str] = field(default_factory=list)
     entries: int = 0
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def render(self) -> str:
         """A short human-readable summary for the CLI."""
@@ -75,6 +85,7 @@ class InspectReport:
         lines.append(f"  entries after the snapshot: {self.entries}")
         lines.append(f"  records: {len(self.records)} decodable, {len(self.dropped)} not")
         lines.extend(f"    {_describe(r)}" for r in self.records)
+        lines.extend(_dropped_lines(self.dropped, self.reasons, "not decodable: "))
         if not self.ok:
             lines.append(
                 f"  to salvage the decodable records: dra-core checkpoint repair --path {self.path}"
@@ -94,6 +105,8 @@ class RepairReport:
     problems: list[str]
     #: False when the damaged file could not be parsed at all, so no record could be kept.
     parsed: bool = True
+    #: Why each dropped record was dropped, by claim UID.
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def render(self) -> str:
         """A short human-readable summary for the CLI."""
@@ -105,7 +118,7 @@ class RepairReport:
         lines.append(f"  kept {len(self.kept)} record(s)")
         lines.extend(f"    {_describe(r)}" for r in self.kept)
         lines.append(f"  dropped {len(self.dropped)} record(s)")
-        lines.extend(f"    {uid}" for uid in self.dropped)
+        lines.extend(_dropped_lines(self.dropped, self.reasons))
         if not self.parsed:
             lines.append(
                 "  the damaged file could not be parsed, so none of its records were kept; "
@@ -119,16 +132,42 @@ class RepairReport:
         return "\n".join(lines)
 
 
+def _dropped_lines(dropped: list[str], reasons: dict[str, str], prefix: str = "") -> list[str]:
+    return [
+        f"    {prefix}{uid}" + (f": {reasons[uid]}" if uid in reasons else "") for uid in dropped
+    ]
+
+
+def _parse(raw: bytes, size: int) -> fileformat.State:
+    """`fileformat.parse` of what was read; a file over the size limit was read in part."""
+    parsed = fileformat.parse(raw)
+    if size > len(raw):
+        parsed.problems.insert(
+            0,
+            f"the file is {size} bytes, more than the {fileformat.MAX_FILE_BYTES} a checkpoint "
+            f"may hold; only its first {len(raw)} bytes were read",
+        )
+    return parsed
+
+
 def inspect(path: Path) -> InspectReport:
     """Read the checkpoint at ``path`` without changing it and list every problem."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         return InspectReport(path, False, None, ["the file does not exist"], [], exists=False)
     except OSError as exc:
         return InspectReport(path, False, None, [f"cannot be read: {exc}"], [])
-    parsed = fileformat.parse(raw)
+    try:
+        raw, size = read_bounded(fd, path)
+    except CheckpointError as exc:
+        return InspectReport(path, False, None, [str(exc)], [])
+    except OSError as exc:
+        return InspectReport(path, False, None, [f"cannot be read: {exc}"], [])
+    finally:
+        os.close(fd)
+    parsed = _parse(raw, size)
     return InspectReport(
         path=path,
         ok=not parsed.problems,
@@ -138,6 +177,7 @@ def inspect(path: Path) -> InspectReport:
         dropped=parsed.dropped,
         notes=parsed.notes,
         entries=parsed.entries,
+        reasons=parsed.reasons,
     )
 
 
@@ -164,10 +204,12 @@ def _backup_path(path: Path) -> Path:
 def repair(path: Path, *, force: bool = False) -> RepairReport:
     """Make the checkpoint at ``path`` loadable again, losing nothing silently.
 
-    The damaged file is first copied to ``<path>.corrupt-<UTC timestamp>`` (mode 0600); then
-    every record that decodes is written into a fresh, valid checkpoint (after a checksum
-    mismatch the decodable records are kept, and every logged change that verifies is
-    applied; unparsable JSON leaves none). A file written by a newer release (higher version)
+    The damaged file is first kept as ``<path>.corrupt-<UTC timestamp>`` (mode 0600); then
+    every record that decodes is written into a fresh, valid checkpoint, which replaces the
+    file atomically. After a checksum mismatch the decodable records are kept, and every
+    logged change that verifies is applied; from a snapshot that is not valid JSON (cut short
+    or overwritten) every record that can still be read whole is kept; the report lists each
+    dropped record with the reason. A file written by a newer release (higher version)
     is refused unless ``force``, since rewriting it as the current version could lose what that
     release recorded. A healthy file is left untouched. The file is locked while it is
     repaired, so an agent using it waits.
@@ -184,12 +226,35 @@ def repair(path: Path, *, force: bool = False) -> RepairReport:
         raise CheckpointError(msg) from exc
 
 
+def _keep_damaged(path: Path, fd: int, raw: bytes, size: int) -> Path:
+    """Keep the damaged file (open as ``fd``) beside ``path``, mode 0600; return its name.
+
+    It is linked under the backup name (the original bytes, however large, without a copy);
+    where links are not supported, what was read is copied.
+    """
+    backup = _backup_path(path)
+    try:
+        os.link(path, backup)
+    except FileExistsError:
+        raise
+    except OSError:
+        if size > len(raw):
+            raise
+        atomic_write(backup, raw, FILE_MODE)
+        return backup
+    try:
+        os.fchmod(fd, FILE_MODE)
+        fsync_directory(path.parent)
+    except OSError:
+        with contextlib.suppress(OSError):
+            backup.unlink()
+        raise
+    return backup
+
+
 def _repair_locked(path: Path, fd: int, *, force: bool) -> RepairReport:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    parsed = fileformat.parse(raw)
+    raw, size = read_bounded(fd, path)
+    parsed = _parse(raw, size)
     if not parsed.problems:
         return RepairReport(path, False, None, list(parsed.records.values()), [], [])
     if parsed.version is not None and parsed.version > VERSION and not force:
@@ -199,11 +264,19 @@ def _repair_locked(path: Path, fd: int, *, force: bool) -> RepairReport:
             f"to rewrite it as version {VERSION} and drop what this release cannot read"
         )
         raise CheckpointError(msg)
-    backup = _backup_path(path)
     try:
-        atomic_write(backup, raw, FILE_MODE)
+        backup = _keep_damaged(path, fd, raw, size)
+    except OSError as exc:
+        msg = (
+            f"checkpoint {path}: repair failed: cannot keep the damaged file beside it: {exc}; "
+            f"the file was not changed (check free space and permissions of {path.parent})"
+        )
+        raise CheckpointError(msg) from exc
+    try:
         atomic_write(path, fileformat.snapshot_line(parsed.canon), FILE_MODE)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            backup.unlink()
         msg = f"checkpoint {path}: repair failed: {exc}; the file was not changed"
         raise CheckpointError(msg) from exc
     logger.warning(
@@ -221,4 +294,5 @@ def _repair_locked(path: Path, fd: int, *, force: bool) -> RepairReport:
         dropped=parsed.dropped,
         problems=parsed.problems,
         parsed=parsed.structured,
+        reasons=parsed.reasons,
     )

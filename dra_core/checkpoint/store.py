@@ -11,13 +11,18 @@ and a compaction locks the new file before renaming it into place. Readers compa
 identity, size and modification time with what they last read; they read only the bytes
 appended since, and reload the whole file when it was replaced. The descriptor a `Checkpoint`
 keeps open pins the inode it read, so a replaced file is always seen as replaced.
+
+What is read is bounded: the checkpoint must be a regular file (a FIFO or a device is refused
+before it is read) of at most `fileformat.MAX_FILE_BYTES`, and a change that would make it
+larger is refused. The directory is created 0700 whatever the umask, and the temp files a
+crash left beside the checkpoint are removed when it is opened, under its lock (no other
+instance can be writing one then).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import stat
 import threading
@@ -28,7 +33,7 @@ from pathlib import Path
 from loguru import logger
 
 from dra_core.checkpoint import fileformat
-from dra_core.checkpoint.codec import _Bad, _decode, encode_record
+from dra_core.checkpoint.codec import _Bad
 from dra_core.checkpoint.records import (
     _PHASES,
     DIR_MODE,
@@ -38,26 +43,80 @@ from dra_core.checkpoint.records import (
     _damaged,
     current_boot_id,
 )
-from dra_core.fileio import atomic_write_locked, remove_stale_temps
+from dra_core.fileio import atomic_write_locked, make_directories, remove_stale_temps
 
-__all__ = ("COMPACT_BYTES", "Checkpoint", "exclusive")
+__all__ = ("COMPACT_BYTES", "Checkpoint", "exclusive", "read_bounded")
 
 #: The log is compacted once it is longer than both this and the snapshot.
 COMPACT_BYTES = 256 * 1024
 
-_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO put in the checkpoint's place must not wait for a writer.
+_OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
 _READ_CHUNK = 1 << 20
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
-def _read_from(fd: int, offset: int) -> bytes:
-    """The bytes of ``fd`` from ``offset`` to its end."""
+def _read_from(fd: int, offset: int, limit: int) -> bytes:
+    """The bytes of ``fd`` from ``offset`` to its end, or the first ``limit`` of them."""
     chunks: list[bytes] = []
-    while True:
-        chunk = os.pread(fd, _READ_CHUNK, offset)
+    while limit > 0:
+        chunk = os.pread(fd, min(_READ_CHUNK, limit), offset)
         if not chunk:
-            return b"".join(chunks)
+            break
         chunks.append(chunk)
         offset += len(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks)
+
+
+def _check_regular(fd: int, path: Path) -> None:
+    """CheckpointError when ``fd`` is not a regular file (reading a FIFO or device never ends)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    msg = (
+        f"checkpoint {path}: is {kind}, not a regular file, so it holds no records; remove it "
+        f"(the agent then creates an empty checkpoint) or choose another plugin data directory"
+    )
+    raise CheckpointError(msg)
+
+
+def read_bounded(fd: int, path: Path) -> tuple[bytes, int]:
+    """The first `fileformat.MAX_FILE_BYTES` bytes of the checkpoint open as ``fd``, and
+    the file's size (larger than what was read when the file is over the limit).
+
+    CheckpointError when it is not a regular file; OSError when it cannot be read.
+    """
+    _check_regular(fd, path)
+    os.set_blocking(fd, True)
+    data = _read_from(fd, 0, fileformat.MAX_FILE_BYTES + 1)
+    size = max(len(data), os.fstat(fd).st_size)
+    return data[: fileformat.MAX_FILE_BYTES], size
+
+
+#: How many problems an error message lists (inspect lists them all).
+_PROBLEMS_SHOWN = 5
+
+
+def _summary(problems: list[str]) -> str:
+    """The first problems found, and how many more there are."""
+    shown = "; ".join(problems[:_PROBLEMS_SHOWN])
+    more = len(problems) - _PROBLEMS_SHOWN
+    return shown + (f"; and {more} more problem(s)" if more > 0 else "")
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"the file is {size} bytes, more than the {fileformat.MAX_FILE_BYTES} a checkpoint may "
+        f"hold (dra-core compacts it long before): something else wrote to it"
+    )
 
 
 def _disappeared(path: Path) -> CheckpointError:
@@ -85,7 +144,7 @@ def exclusive(path: Path) -> Iterator[int | None]:
     """
     while True:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             yield None
             return
@@ -127,28 +186,28 @@ class Checkpoint:
         """Load the checkpoint at ``path``, creating an empty one (directory 0700) if absent.
 
         ``boot_id`` is this boot's ID (read from the kernel when None). Raises CheckpointError
-        when the file is unreadable, corrupt or of an unknown version; it is never reset. A
-        version 1 file (an earlier release's) is rewritten as version 2.
+        when the file is unreadable, corrupt, too large, not a regular file or of an unknown
+        version; it is never reset. A version 1 file (an earlier release's) is rewritten as
+        version 2. Temp files a crash left beside it are removed.
         """
         path = Path(path)
-        if not path.parent.is_dir():
-            try:
-                path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            except OSError as exc:
-                msg = (
-                    f"checkpoint {path}: cannot create the directory {path.parent}: {exc}; "
-                    f"create it (mode 0700) or choose another plugin data directory"
-                )
-                raise CheckpointError(msg) from exc
-        with contextlib.suppress(OSError):
-            remove_stale_temps(path.parent, lambda name: name == path.name, older_than=600)
+        try:
+            make_directories(path.parent, DIR_MODE)
+        except OSError as exc:
+            msg = (
+                f"checkpoint {path}: cannot create the directory {path.parent}: {exc}; "
+                f"create it (mode 0700) or choose another plugin data directory"
+            )
+            raise CheckpointError(msg) from exc
         loaded = cls._load(path)
         if loaded is None:
             empty = fileformat.snapshot_line({})
             try:
                 fd = atomic_write_locked(path, empty, FILE_MODE, create=True)
-            except FileExistsError:
-                loaded = cls._load(path)  # another instance created it meanwhile
+            except (FileExistsError, FileNotFoundError):
+                # Another instance created it meanwhile (and may have removed our temp file
+                # as a crash's leftover).
+                loaded = cls._load(path)
             except OSError as exc:
                 raise _cannot_write(path, exc) from exc
             else:
@@ -163,17 +222,41 @@ class Checkpoint:
                 os.fchmod(fd, FILE_MODE)
         resolved = current_boot_id() if boot_id is None else boot_id
         checkpoint = cls(path, resolved, fd, state)
-        if not state.appendable:
-            with checkpoint._lock, checkpoint._locked():
-                if not checkpoint._state.appendable:
-                    logger.info(
-                        "converting checkpoint {} from version {} to {}",
-                        path,
-                        checkpoint._state.version,
-                        fileformat.VERSION,
-                    )
-                    checkpoint._compact()
+        with checkpoint._lock, checkpoint._locked():
+            checkpoint._remove_crash_leftovers()
+            if not checkpoint._state.appendable:
+                logger.info(
+                    "converting checkpoint {} from version {} to {}",
+                    path,
+                    checkpoint._state.version,
+                    fileformat.VERSION,
+                )
+                checkpoint._compact()
         return checkpoint
+
+    def _remove_crash_leftovers(self) -> None:
+        """Delete the temp files of this checkpoint (and of its repair backups) in its directory.
+
+        Called with the file locked: every writer of those temps (a compaction, a repair)
+        holds the lock, so any temp there now was left by a process that died mid-write.
+        """
+        name = self._path.name
+
+        def ours(target: str) -> bool:
+            return target == name or target.startswith(f"{name}.corrupt-")
+
+        try:
+            # Whatever their age: under the lock none can be a write in flight.
+            removed = remove_stale_temps(self._path.parent, ours, older_than=float("-inf"))
+        except OSError as exc:
+            logger.warning(
+                "checkpoint {}: cannot remove temp files left by a crash: {}", self._path, exc
+            )
+            return
+        for temp in removed:
+            logger.info(
+                "removed {}, left by a crash while checkpoint {} was written", temp, self._path
+            )
 
     @staticmethod
     def _load(path: Path) -> tuple[int, fileformat.State] | None:
@@ -185,13 +268,18 @@ class Checkpoint:
         except OSError as exc:
             raise _damaged(path, f"cannot be read: {exc}") from exc
         try:
-            state = fileformat.parse(_read_from(fd, 0))
+            raw, size = read_bounded(fd, path)
+            if size > fileformat.MAX_FILE_BYTES:
+                raise _damaged(path, _too_large(size))
+            state = fileformat.parse(raw, salvage=False)  # refused either way: inspect tells
+            if state.problems:
+                raise _damaged(path, _summary(state.problems))
         except OSError as exc:
             os.close(fd)
             raise _damaged(path, f"cannot be read: {exc}") from exc
-        if state.problems:
+        except CheckpointError:
             os.close(fd)
-            raise _damaged(path, "; ".join(state.problems))
+            raise
         return fd, state
 
     def _adopt(self, fd: int, state: fileformat.State) -> None:
@@ -221,19 +309,23 @@ class Checkpoint:
                 f"the file shrank to {info.st_size} bytes below the {state.end} already read: "
                 f"something other than dra-core cut acknowledged entries off",
             )
+        if info.st_size > fileformat.MAX_FILE_BYTES:
+            raise _damaged(self._path, _too_large(info.st_size))
         try:
-            raw = _read_from(self._fd, state.end)
+            raw = _read_from(self._fd, state.end, fileformat.MAX_FILE_BYTES + 1 - state.end)
         except OSError as exc:
             raise _damaged(self._path, f"cannot be read: {exc}") from exc
+        if state.end + len(raw) > fileformat.MAX_FILE_BYTES:
+            raise _damaged(self._path, _too_large(state.end + len(raw)))
         fileformat.parse_entries(state, raw, state.end)
         if state.problems:
-            raise _damaged(self._path, "; ".join(state.problems))
+            raise _damaged(self._path, _summary(state.problems))
         self._seen = (info.st_size, info.st_mtime_ns)
 
     def _refresh(self) -> None:
         """Read what another process appended, or reload a file it replaced."""
         if self._state.problems:
-            raise _damaged(self._path, "; ".join(self._state.problems))
+            raise _damaged(self._path, _summary(self._state.problems))
         try:
             info = self._path.stat()
         except FileNotFoundError:
@@ -261,7 +353,7 @@ class Checkpoint:
             self._reload()
         try:
             if self._state.problems:
-                raise _damaged(self._path, "; ".join(self._state.problems))
+                raise _damaged(self._path, _summary(self._state.problems))
             if (info.st_size, info.st_mtime_ns) != self._seen or self._state.torn:
                 self._catch_up(info)
             yield
@@ -292,6 +384,18 @@ class Checkpoint:
         data = line(state.entries + 1)
         if not state.newline:
             data = b"\n" + data
+        if state.end + len(data) > fileformat.MAX_FILE_BYTES:
+            # Fold the log first; only records that fill the whole file are refused.
+            self._compact()
+            state = self._state
+            if state.end + len(data) > fileformat.MAX_FILE_BYTES:
+                msg = (
+                    f"checkpoint {self._path}: the change ({len(data)} bytes) would make the "
+                    f"file larger than the {fileformat.MAX_FILE_BYTES} bytes a checkpoint may "
+                    f"hold ({state.end} bytes of records already); it was not made"
+                )
+                raise CheckpointError(msg)
+            data = line(state.entries + 1)
         try:
             view = memoryview(data)
             while view:
@@ -347,24 +451,24 @@ class Checkpoint:
             msg = f"checkpoint {self._path}: claim {uid}: phase {record.phase!r} is not valid"
             raise CheckpointError(msg)
         try:
-            canon = fileformat.canonical(encode_record(record))
-        except (TypeError, ValueError) as exc:
-            msg = (
-                f"checkpoint {self._path}: claim {uid}: the record is not JSON-serialisable "
-                f"({exc}); a backend's device state must hold only JSON values (objects with "
-                f"string keys, arrays, strings, finite numbers, booleans, null)"
-            )
-            raise CheckpointError(msg) from exc
-        try:
-            # What a reload would give: readers see the same value before and after a restart.
-            decoded = _decode(uid, json.loads(canon))
+            # Kept as a reload would give it: the same value before and after a restart.
+            canon, decoded = fileformat.encode(record)
         except _Bad as exc:
             msg = (
                 f"checkpoint {self._path}: claim {uid}: field {exc.where or '(record)'}: "
-                f"{exc.problem}; the record was not written (a backend returned a value the "
-                f"model does not allow)"
+                f"{exc.problem}; the record was not written (a name or value the model does "
+                f"not allow)"
             )
             raise CheckpointError(msg) from None
+        except (TypeError, ValueError) as exc:
+            msg = (
+                f"checkpoint {self._path}: claim {uid}: the record cannot be written as JSON "
+                f"({exc}); a backend's device state must hold only JSON values (objects with "
+                f"string keys, arrays, strings, finite numbers, booleans, null), nested at "
+                f"most {fileformat.RECORD_MAX_DEPTH - 3} levels deep, with numbers of at most "
+                f"{fileformat.MAX_NUMBER_DIGITS} digits"
+            )
+            raise CheckpointError(msg) from exc
         with self._lock, self._locked():
             self._append(lambda seq: fileformat.put_line(seq, uid, canon))
             self._state.put(uid, decoded, canon)

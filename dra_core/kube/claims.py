@@ -50,10 +50,15 @@ def claim_path(ref: ClaimRef) -> str:
     return f"{RESOURCE_API}/namespaces/{ref.namespace}/resourceclaims/{ref.name}"
 
 
-def fetch_claim(client: KubeClient, ref: ClaimRef) -> Mapping[str, Any]:
-    """The ResourceClaim as JSON; ClaimError when it is gone, ApiError for other failures."""
+def fetch_claim(
+    client: KubeClient, ref: ClaimRef, *, timeout: float | None = None
+) -> Mapping[str, Any]:
+    """The ResourceClaim as JSON; ClaimError when it is gone, ApiError for other failures.
+
+    ``timeout`` bounds the request in seconds (None: the client's own timeout).
+    """
     try:
-        claim = client.get(claim_path(ref))
+        claim = client.get(claim_path(ref), timeout=timeout)
     except ApiError as exc:
         if exc.not_found:
             msg = f"ResourceClaim {ref.namespace}/{ref.name} not found in the API server"

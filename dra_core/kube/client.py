@@ -210,8 +210,11 @@ class KubeClient:
             raise _api_error(method, path, response.status, raw, response.reason, response.headers)
         return response.response if stream else response
 
-    def get(self, path: str, query: Mapping[str, str] | None = None) -> Any:
-        return self.request("GET", path, query=query)
+    def get(
+        self, path: str, query: Mapping[str, str] | None = None, *, timeout: float | None = None
+    ) -> Any:
+        """GET ``path``; ``timeout`` (seconds) replaces the client's for this request."""
+        return self.request("GET", path, query=query, timeout=timeout)
 
 
 def _api_error(

@@ -8,11 +8,12 @@ reserved under the lock, then waited for outside it), so a storm of prepares is 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
 
-__all__ = ("DEFAULT_BURST", "DEFAULT_QPS", "TokenBucket")
+__all__ = ("DEFAULT_BURST", "DEFAULT_QPS", "TokenBucket", "parse_burst", "parse_qps")
 
 #: Requests a second at steady state. The kubelet's own client on the same node defaults to
 #: 50 QPS / 100 burst (``kubeAPIQPS``/``kubeAPIBurst``); client-go's bare default of 5/10
@@ -21,6 +22,29 @@ __all__ = ("DEFAULT_BURST", "DEFAULT_QPS", "TokenBucket")
 DEFAULT_QPS = 50.0
 #: Requests that may go out at once after a quiet period.
 DEFAULT_BURST = 100
+
+
+def parse_qps(text: str) -> float:
+    """A request rate as given on the command line or in the environment: requests a second,
+    a finite number of 0 or more (0 disables the limit). ``ValueError`` says what is wrong."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"{text!r} is not a number of requests a second (0 or more; 0 disables the limit)"
+        raise ValueError(msg)
+    return value
+
+
+def parse_burst(text: str) -> int:
+    """A burst as given on the command line or in the environment: a whole number of requests,
+    0 or more (at least 1 when a rate is set). ``ValueError`` says what is wrong."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()) or len(stripped) > 9:
+        msg = f"{text!r} is not a whole number of requests (0 to 999999999)"
+        raise ValueError(msg)
+    return int(stripped)
 
 
 class TokenBucket:

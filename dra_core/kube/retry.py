@@ -3,7 +3,8 @@
 Connection failures, throttling (429) and server errors (5xx) are retried with a growing
 delay, honouring the server's ``Retry-After``. Everything else, conflicts (409) included, is
 raised at once: a conflict means the caller's copy is stale, and only the caller can re-read
-and decide again.
+and decide again. A caller that must answer by a deadline (a kubelet call) passes it: no
+wait reaches past it.
 """
 
 from __future__ import annotations
@@ -57,16 +58,19 @@ def call_with_retries(
     stop: threading.Event | None = None,
     backoff: Backoff | None = None,
     sleep: Callable[[float], object] | None = None,
+    deadline: float | None = None,
 ) -> T:
     """Call ``fn`` until it returns, retrying retriable `ApiError`s.
 
     ``what`` names the operation in the log ("create ResourceSlice node-1-gpu-00000").
     ``attempts`` bounds the number of calls (None: no bound). When ``stop`` is set the last
-    error is raised instead of waiting again. ``sleep`` waits between attempts (injected by
-    tests); by default ``stop.wait`` or ``time.sleep``.
+    error is raised instead of waiting again. ``deadline`` (a `time.monotonic` value) bounds
+    the waits: when the next delay would end at or past it, the last error is raised instead;
+    ``fn`` itself must keep its request within the deadline. ``sleep`` waits between attempts
+    (injected by tests); by default ``stop.wait`` or ``time.sleep``.
 
     Raises the first non-retriable `ApiError` (409 included) and any other exception at once,
-    or the last retriable error when attempts run out or ``stop`` is set.
+    or the last retriable error when attempts run out, ``stop`` is set or the deadline is near.
     """
     if attempts is not None and attempts < 1:
         msg = f"attempts must be at least 1, got {attempts}"
@@ -84,6 +88,11 @@ def call_with_retries(
                 logger.warning("{}: attempt #{} failed, giving up: {}", what, failures, exc)
                 raise
             delay = policy.delay(failures, exc.retry_after)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                logger.warning(
+                    "{}: attempt #{} failed, no time left for another: {}", what, failures, exc
+                )
+                raise
             logger.warning(
                 "{}: attempt #{} failed; retrying in {:.1f} s: {}", what, failures, delay, exc
             )

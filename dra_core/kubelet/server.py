@@ -56,7 +56,8 @@ class KubeletPluginSettings:
     ``plugin_dir`` defaults to ``/var/lib/kubelet/plugins/<driver_name>``. ``instance_id``
     (e.g. the pod UID) selects per-instance socket names for rolling updates (kubelet 1.33
     and later). ``health`` enables the device health stream. ``max_workers`` bounds the
-    concurrent prepare/unprepare calls. ``socket_mode`` is applied to both sockets.
+    concurrent prepare/unprepare calls; calls beyond it queue. ``socket_mode`` is applied to
+    both sockets.
     """
 
     driver_name: str
@@ -64,7 +65,11 @@ class KubeletPluginSettings:
     plugin_dir: Path | None = None
     instance_id: str | None = None
     health: HealthView | None = None
-    max_workers: int = 8
+    #: Many, because a call waiting for a slow API server holds its worker until its deadline;
+    #: the claim service lets only 48 calls wait so (`dra_core.node.service`), so the others
+    #: stay free for calls the checkpoint answers and for unprepares. An idle thread costs
+    #: little.
+    max_workers: int = 64
     socket_mode: int = 0o600
     #: How often the health stream re-sends an unchanged list (the kubelet's timeout is 30 s).
     health_resend_interval: float = RESEND_INTERVAL

@@ -22,11 +22,16 @@ class NodeService(Protocol):
     gRPC worker thread; the kubelet gives each call 45 seconds. Both must be idempotent.
     """
 
-    def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, ClaimResult]:
+    def prepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> Mapping[str, ClaimResult]:
         """Prepare ``claims``; return a result for each claim UID.
 
         A claim that failed has a non-empty ``ClaimResult.error``. A UID missing from the
         result is reported to the kubelet as an error. Raising fails every claim of the call.
+        ``deadline`` is the `time.monotonic` time by which the results are due (the kubelet's
+        deadline less a margin for the answer; None when the call has none): work that cannot
+        finish by then should fail its claims rather than make the whole call late.
         """
         ...
 

@@ -16,9 +16,12 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from dra_core.fileio import make_directories
+
 __all__ = [
     "DEFAULT_PLUGINS_DIR",
     "DEFAULT_REGISTRATION_DIR",
+    "LONGEST_SOCKET_PATH",
     "UNIX_PATH_MAX",
     "SocketError",
     "SocketPaths",
@@ -30,6 +33,11 @@ DEFAULT_REGISTRATION_DIR = Path("/var/lib/kubelet/plugins_registry")
 DEFAULT_PLUGINS_DIR = Path("/var/lib/kubelet/plugins")
 #: Size of ``sockaddr_un.sun_path``, including the terminating NUL.
 UNIX_PATH_MAX = 108
+#: The longest socket path gRPC's server binds (measured with grpcio 1.85: a 106-byte path is
+#: refused with "Path name should not have more than 107 characters"), below the kernel's.
+LONGEST_SOCKET_PATH = 105
+#: Mode of the socket directories the agent creates: the kubelet makes its own plugin and
+#: registration directories 0750 (it runs as root), and nobody else needs to list them.
 DIR_MODE = 0o750
 
 
@@ -38,7 +46,7 @@ class SocketError(RuntimeError):
 
 
 def _fits(path: Path) -> bool:
-    return len(os.fsencode(path)) < UNIX_PATH_MAX
+    return len(os.fsencode(path)) <= LONGEST_SOCKET_PATH
 
 
 def _short_hash(data: str, size: int) -> str:
@@ -52,7 +60,7 @@ def _first_fitting(what: str, candidates: list[Path]) -> Path:
             return candidate
     msg = (
         f"the {what} socket path {candidates[0]} is {len(os.fsencode(candidates[0]))} bytes, "
-        f"and even its short form {candidates[-1]} does not fit the {UNIX_PATH_MAX - 1}-byte "
+        f"and even its short form {candidates[-1]} does not fit the {LONGEST_SOCKET_PATH}-byte "
         "limit of a unix socket path; choose a shorter directory"
     )
     raise SocketError(msg)
@@ -108,14 +116,12 @@ class SocketPaths:
 
 
 def prepare_socket(path: Path) -> None:
-    """Make ``path`` ready to listen on: create its directory (mode 0750) and remove a stale
-    socket left there by an earlier run of this instance.
+    """Make ``path`` ready to listen on: create its directory and missing parents (mode 0750
+    whatever the umask) and remove a stale socket left there by an earlier run of this instance.
 
     Refuses to remove anything that is not a socket.
     """
-    parent = path.parent
-    if not parent.is_dir():
-        parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    make_directories(path.parent, DIR_MODE)
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dra_core.fileio import make_directories
+
 __all__ = ("DriverLock",)
 
 
@@ -27,7 +29,7 @@ class DriverLock:
     @contextmanager
     def held(self) -> Iterator[None]:
         with self._thread_lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            make_directories(self.path.parent, 0o750)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -5,25 +5,34 @@ ResourceClaim, take this driver's results in this node's pool, decode the opaque
 let the backend check and prepare, write the CDI spec, and record the claim, in two phases
 so that a crash at any step is rolled back on the next call or at start. One claim's failure
 is that claim's error; the others go on.
+
+The claims of a call are read in parallel, at most `CLAIM_READS_IN_FLIGHT` reads at once for
+the agent, without the driver lock, and every request and retry ends by the call's deadline:
+a claim not read by then fails with an error that says the API server did not answer in time,
+and the kubelet retries it. Answers from the checkpoint and unprepares never wait for the API
+server. A claim UID the checkpoint records under another namespace or name is refused.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from loguru import logger
 
 from dra_core import metrics
-from dra_core.cdi import CdiSpecs
+from dra_core.cdi import CdiError, CdiSpecs
 from dra_core.checkpoint import Checkpoint, CheckpointError, ClaimRecord
 from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import ClaimAllocation, ClaimError, fetch_claim, parse_allocation
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.kube.events import EventRecorder, ObjectRef
+from dra_core.kube.retry import Backoff, call_with_retries
 from dra_core.model import (
     AllocatedClaim,
     ClaimRef,
@@ -38,10 +47,34 @@ from dra_core.model import (
 from dra_core.node.lock import DriverLock
 from dra_core.plugins import HookError, Hooks
 
-__all__ = ("ClaimService", "ReconcileReport")
+__all__ = (
+    "CALLS_WAITING_FOR_API",
+    "CLAIM_READS_IN_FLIGHT",
+    "DEFAULT_READ_SECONDS",
+    "ClaimService",
+    "ReconcileReport",
+)
 
-#: A claim read from the API may be retried once within one kubelet call (45 s budget).
-_API_ATTEMPTS: Final = 2
+#: Claim reads in flight at once for the whole agent: a pod's claims are read in parallel, and
+#: a storm of prepares does not flood the API server (the client's token bucket paces it too).
+CLAIM_READS_IN_FLIGHT: Final = 8
+#: Kubelet calls that may wait for claim reads at once; the new claims of a call beyond it fail
+#: at once (the kubelet retries). It stays below the kubelet plugin's gRPC workers
+#: (`KubeletPluginSettings.max_workers`), so however slow the API server is, workers stay free
+#: for calls the checkpoint answers and for unprepares.
+CALLS_WAITING_FOR_API: Final = 48
+#: Seconds a prepare without a deadline (reconciliation) may spend reading claims: what a
+#: kubelet call allows (45 s less the margin kept for the answer).
+DEFAULT_READ_SECONDS: Final = 40.0
+#: Attempts to read one claim within one call, each bounded by the time the call has left.
+_READ_ATTEMPTS: Final = 3
+_READ_BACKOFF: Final = Backoff(delays=(0.5, 1.0), cap=5.0)
+#: A request is not started with less time left than this: its answer would come too late.
+_MIN_READ_SECONDS: Final = 0.05
+
+
+class _NoTimeLeft(Exception):
+    """The call's deadline came before the claim could be read."""
 
 
 @dataclass
@@ -75,6 +108,8 @@ class ClaimService:
         pools: Collection[str],
         boot_id: str,
         events: EventRecorder | None = None,
+        claim_reads_in_flight: int = CLAIM_READS_IN_FLIGHT,
+        calls_waiting_for_api: int = CALLS_WAITING_FOR_API,
     ) -> None:
         self.hooks = hooks
         self.context = context
@@ -89,16 +124,24 @@ class ClaimService:
         self.driver = context.driver_name
         #: Whether the API server answered the last request (None: nothing asked yet).
         self.api_reachable: bool | None = None
+        self._api_state = threading.Lock()
+        # Shared by every call: bounds the reads in flight, not the claims of one call.
+        self._reads = ThreadPoolExecutor(
+            max_workers=claim_reads_in_flight, thread_name_prefix="dra-claim-read"
+        )
+        self._calls_waiting_limit = calls_waiting_for_api
+        self._calls_waiting = threading.BoundedSemaphore(calls_waiting_for_api)
 
     def _api_answered(self, reachable: bool) -> None:
         """Record whether the API server answered (an HTTP error other than 429/5xx counts)."""
-        if reachable != self.api_reachable:
-            if reachable and self.api_reachable is False:
-                logger.info("API server reachable again")
-            elif not reachable:
-                logger.warning("API server not reachable")
-        self.api_reachable = reachable
-        metrics.API_REACHABLE.set(reachable)
+        with self._api_state:  # claims are read on several threads
+            if reachable != self.api_reachable:
+                if reachable and self.api_reachable is False:
+                    logger.info("API server reachable again")
+                elif not reachable:
+                    logger.warning("API server not reachable")
+            self.api_reachable = reachable
+            metrics.API_REACHABLE.set(reachable)
 
     def check_api(self) -> bool:
         """Ask the API server for its version; True when it answered (or no client is set)."""
@@ -116,8 +159,17 @@ class ClaimService:
 
     # -- prepare -------------------------------------------------------------------------------
 
-    def prepare(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
-        """Prepare each claim; every requested UID gets a result."""
+    def prepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> dict[str, ClaimResult]:
+        """Prepare each claim; every requested UID gets a result.
+
+        ``deadline`` (a `time.monotonic` value) is when the results are due: a claim whose
+        ResourceClaim could not be read by then fails with an error that says so. None allows
+        `DEFAULT_READ_SECONDS` for the reads.
+        """
+        started = time.monotonic()
+        read_by = started + DEFAULT_READ_SECONDS if deadline is None else deadline
         results: dict[str, ClaimResult] = {}
         pending: dict[str, ClaimRef] = {}
         for ref in claims:
@@ -135,19 +187,23 @@ class ClaimService:
                 pending[ref.uid] = ref
         # Read claims outside the lock: a slow API must not hold up calls the checkpoint answers.
         allocations: dict[str, ClaimAllocation] = {}
-        for uid, ref in pending.items():
-            try:
-                allocations[uid] = self._read_claim(ref)
-            except (ClaimError, ApiError) as exc:
-                results[uid] = self._failed(ref, "prepare", str(exc))
-        with self.lock.held():
-            for uid, allocation in allocations.items():
-                results[uid] = self._prepare_locked(pending[uid], allocation)
+        for uid, outcome in self._read_claims(pending, started, read_by).items():
+            if isinstance(outcome, ClaimAllocation):
+                allocations[uid] = outcome
+            else:
+                results[uid] = self._failed(pending[uid], "prepare", outcome)
+        if allocations:
+            with self.lock.held():
+                for uid, allocation in allocations.items():
+                    results[uid] = self._prepare_locked(pending[uid], allocation)
         return results
 
     def _prepared(self, ref: ClaimRef) -> ClaimResult | None:
-        """The answer of an earlier prepare of this claim in this boot, if there was one."""
+        """The checkpoint's answer: an earlier prepare of this claim in this boot, or an error
+        when it records this UID under another namespace or name; None when it has neither."""
         record = self.checkpoint.get(ref.uid)
+        if record is not None and record.claim.ref != ref:
+            return self._failed(ref, "prepare", _recorded_as_another_claim(record, ref))
         if record is None or record.phase != "completed" or record.boot_id != self.boot_id:
             return None
         if not self.cdi.exists(ref.uid):
@@ -155,24 +211,94 @@ class ClaimService:
         metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         return self._result(record.claim)
 
-    def _read_claim(self, ref: ClaimRef) -> ClaimAllocation:
+    def _read_claims(
+        self, pending: Mapping[str, ClaimRef], started: float, read_by: float
+    ) -> dict[str, ClaimAllocation | str]:
+        """Read ``pending`` claims in parallel until ``read_by``: an allocation or an error each."""
+        if not pending:
+            return {}
         if self.client is None:
             msg = "no Kubernetes API client is configured, so the claim cannot be read"
-            raise ClaimError(msg)
-        for attempt in range(1, _API_ATTEMPTS + 1):
+            return dict.fromkeys(pending, msg)
+        # A call that would wait beyond the limit fails its claims at once, so that waiting
+        # calls never take every gRPC worker.
+        if not self._calls_waiting.acquire(blocking=False):
+            return {
+                uid: (
+                    f"cannot read ResourceClaim {ref.namespace}/{ref.name}: the API server is "
+                    f"slow to answer and {self._calls_waiting_limit} kubelet calls already wait "
+                    f"for it; the kubelet will retry"
+                )
+                for uid, ref in pending.items()
+            }
+        try:
+            reads = {
+                uid: self._reads.submit(self._read_claim, ref, read_by)
+                for uid, ref in pending.items()
+            }
+            wait(reads.values(), timeout=max(0.0, read_by - time.monotonic()))
+            return {
+                uid: self._read_outcome(pending[uid], read, read_by - started)
+                for uid, read in reads.items()
+            }
+        finally:
+            self._calls_waiting.release()
+
+    def _read_outcome(
+        self, ref: ClaimRef, read: Future[ClaimAllocation], budget: float
+    ) -> ClaimAllocation | str:
+        where = f"cannot read ResourceClaim {ref.namespace}/{ref.name}"
+        late = (
+            f"{where}: the API server did not answer in time (not within the {budget:.1f} s "
+            f"this kubelet call allows for reading claims); the kubelet will retry"
+        )
+        if not read.done():
+            read.cancel()  # a read still queued is never sent
+            return late
+        try:
+            return read.result()
+        except ClaimError as exc:
+            return str(exc)
+        except _NoTimeLeft:
+            return late
+        except ApiError as exc:
+            if exc.retriable:
+                return (
+                    f"{where}: the API server did not answer in time ({exc}); "
+                    f"the kubelet will retry"
+                )
+            return f"{where}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a read's failure is its claim's, not the call's
+            logger.bind(claim=ref.uid).opt(exception=exc).error("reading claim {} raised", ref)
+            return f"{where}: {type(exc).__name__}: {exc}"
+
+    def _read_claim(self, ref: ClaimRef, read_by: float) -> ClaimAllocation:
+        """Read and parse one claim, retried, every request and wait ending by ``read_by``."""
+        client = self.client
+        assert client is not None
+
+        def attempt() -> Mapping[str, Any]:
+            left = read_by - time.monotonic()
+            if left < _MIN_READ_SECONDS:
+                raise _NoTimeLeft
             try:
-                claim = fetch_claim(self.client, ref)
-                self._api_answered(True)
-                break
+                claim = fetch_claim(client, ref, timeout=min(client.timeout, left))
+            except ApiError as exc:
+                self._api_answered(not exc.retriable)
+                raise
             except ClaimError:
                 self._api_answered(True)
                 raise
-            except ApiError as exc:
-                self._api_answered(not exc.retriable)
-                if attempt == _API_ATTEMPTS or not exc.retriable:
-                    msg = f"cannot read ResourceClaim {ref.namespace}/{ref.name}: {exc}"
-                    raise ClaimError(msg) from None
-                time.sleep(exc.retry_after or 0.5)
+            self._api_answered(True)
+            return claim
+
+        claim = call_with_retries(
+            attempt,
+            what=f"read ResourceClaim {ref.namespace}/{ref.name}",
+            attempts=_READ_ATTEMPTS,
+            backoff=_READ_BACKOFF,
+            deadline=read_by,
+        )
         return parse_allocation(claim, ref, self.driver, self.pools)
 
     def _prepare_locked(self, ref: ClaimRef, allocation: ClaimAllocation) -> ClaimResult:
@@ -302,7 +428,11 @@ class ClaimService:
     # -- unprepare -----------------------------------------------------------------------------
 
     def unprepare(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
-        """Unprepare each claim from the checkpoint; unknown claims succeed."""
+        """Unprepare each claim from the checkpoint; unknown claims succeed.
+
+        A claim whose UID the checkpoint records under another namespace or name fails and
+        stays prepared.
+        """
         results: dict[str, str] = {}
         with self.lock.held():
             for ref in claims:
@@ -319,6 +449,14 @@ class ClaimService:
             metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
             return f"unprepare of claim {ref} failed: {exc}"
         record = self.checkpoint.get(ref.uid)
+        if record is not None and record.claim.ref != ref:
+            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
+            message = _recorded_as_another_claim(record, ref)
+            log.warning("unprepare of claim {} refused: {}", ref, message)
+            return (
+                f"unprepare of claim {ref} failed: {message}; the claim stays prepared, "
+                f"unprepare it under its own namespace and name"
+            )
         try:
             if record is None:
                 self.cdi.remove(ref.uid)  # an orphan spec, if any: nothing else is known
@@ -399,7 +537,8 @@ class ClaimService:
         try:
             step()
             done.append(uid)
-        except (HookError, OSError) as exc:
+        except (HookError, OSError, CdiError, CheckpointError) as exc:
+            # One claim's failure must not end the run: the others are still reconciled.
             report.errors.append(f"claim {uid}: {exc}")
 
     def _release_gone_claims(self, report: ReconcileReport) -> None:
@@ -439,3 +578,12 @@ class ClaimService:
                     self._reconcile_step(
                         report, report.released_gone_claims, uid, partial(self._roll_back, record)
                     )
+
+
+def _recorded_as_another_claim(record: ClaimRecord, ref: ClaimRef) -> str:
+    recorded = record.claim.ref
+    return (
+        f"this node recorded claim UID {ref.uid} as ResourceClaim "
+        f"{recorded.namespace}/{recorded.name}, not {ref.namespace}/{ref.name}; a UID names one "
+        f"claim, so the request is refused"
+    )

@@ -31,10 +31,14 @@ class TableNodeService:
         self.fail: Exception | None = None
         self.forget: set[str] = set()
         self.errors: dict[str, str] = {}
+        self.deadlines: list[float | None] = []
 
-    def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, ClaimResult]:
+    def prepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> Mapping[str, ClaimResult]:
         with self.lock:
             self.calls.append(("prepare", [c.uid for c in claims]))
+            self.deadlines.append(deadline)
             if self.fail is not None:
                 raise self.fail
             results = {}

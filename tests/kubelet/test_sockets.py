@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 
 from dra_core.kubelet.sockets import (
+    LONGEST_SOCKET_PATH,
     UNIX_PATH_MAX,
     SocketError,
     SocketPaths,
@@ -68,6 +73,27 @@ def test_long_paths_fall_back_to_hashed_names(tmp_path: Path) -> None:
     )
     assert again == paths
     assert other.registration != paths.registration and other.dra != paths.dra
+
+
+@pytest.mark.parametrize("length", [104, 105, 106, 107])
+def test_the_chosen_path_is_one_grpc_can_serve(length: int) -> None:
+    """gRPC refuses paths the kernel would take: the long name is chosen only where it binds."""
+    top = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))  # pytest's tmp_path is too long
+    plugin_dir = top / "p"
+    filler = length - len(os.fsencode(plugin_dir / f"dra-{UID}.sock")) - 1
+    plugin_dir = plugin_dir / ("x" * filler)
+    plugin_dir.mkdir(parents=True)
+    paths = SocketPaths.for_driver(DRIVER, plugin_dir=plugin_dir, instance_id=UID)
+    assert len(os.fsencode(plugin_dir / f"dra-{UID}.sock")) == length
+    assert (UID in paths.dra.name) == (length <= LONGEST_SOCKET_PATH)
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    try:
+        server.add_insecure_port(f"unix://{paths.dra}")
+        server.start()
+        assert paths.dra.is_socket()
+    finally:
+        server.stop(None)
+        shutil.rmtree(top)
 
 
 def test_very_long_driver_falls_back_to_driver_hash() -> None:

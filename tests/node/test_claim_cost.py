@@ -46,6 +46,8 @@ class Backend:
 class Claims:
     """The API server, as far as reading allocated claims goes."""
 
+    timeout = 10.0
+
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, Any]] = {}
 
@@ -58,7 +60,7 @@ class Claims:
         }
         return ref
 
-    def get(self, path: str, query: Any = None) -> Any:
+    def get(self, path: str, query: Any = None, *, timeout: float | None = None) -> Any:
         return self.objects[path]
 
 

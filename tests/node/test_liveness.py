@@ -1,8 +1,9 @@
 """Liveness and readiness through the agent's real HTTP endpoint, with a hung API server.
 
-Kubelet calls whose claims must be read from an API server that never answers fill every DRA
-worker thread. ``/healthz`` stays 200 while those calls are young (a restart would not bring
-the API back) and turns 503 once a call has run longer than ``stuck_call_seconds``;
+Kubelet calls whose claims must be read from an API server that never answers wait for it,
+and the DRA socket still answers (calls waiting for the API never take every worker).
+``/healthz`` stays 200 while those calls are young (a restart would not bring the API back)
+and turns 503 once a call has run longer than ``stuck_call_seconds``;
 ``/readyz`` and the ``dra_api_reachable`` gauge tell that the API server is not reachable.
 """
 
@@ -105,7 +106,7 @@ def test_slow_api_is_not_a_liveness_failure_but_a_stuck_call_is(root, hung_api):
     agent = Agent(
         settings,
         from_objects("plain", PlainBackend()),
-        client=load_client(str(hung_api), timeout=4.0),
+        client=load_client(str(hung_api), timeout=2.0),  # per attempt; 3 attempts a claim
     )
     agent.start()
     results: list[dict] = []
@@ -120,14 +121,14 @@ def test_slow_api_is_not_a_liveness_failure_but_a_stuck_call_is(root, hung_api):
                 kubelet.register()
                 results.append(kubelet.prepare(claims))
 
-        callers = [threading.Thread(target=call) for _ in range(10)]  # more than the 8 workers
+        callers = [threading.Thread(target=call) for _ in range(10)]  # more than 8 reads at once
         started = time.monotonic()
         for thread in callers:
             thread.start()
         time.sleep(1.5)
-        # Every worker waits for the API server: the DRA socket itself does not answer...
-        assert any("DEADLINE_EXCEEDED" in p for p in agent.plugin.probe())
-        # ...but the agent is busy, not broken: liveness holds, readiness does not.
+        # Every call waits for the API server, yet the DRA socket answers; the agent is busy,
+        # not broken: liveness holds, readiness does not.
+        assert agent.plugin.probe() == []
         assert _get(port, "/healthz") == (200, "ok")
         status, text = _get(port, "/readyz")
         assert status == 503 and "API server" in text

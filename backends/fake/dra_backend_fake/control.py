@@ -15,8 +15,10 @@ background thread that asks the agent to rediscover)::
     failUnprepare: {dev-0: injected failure}    # until removed
     hangPrepare:   {dev-0: 20}                  # seconds, every prepare, until removed
 
-A missing (or deleted) file means no changes. An invalid file is logged as an error naming
-the file and the field, and the previous state is kept.
+A missing (or deleted) file means no changes. The file is one document, applied whole or not
+at all: an invalid file (bad YAML or a bad field, a device that clashes or breaks the
+ResourceSlice rules, a FIFO or device in its place, more than :data:`MAX_BYTES`) is logged as
+an error naming the file and the problem, and the previous state is kept, every device of it.
 """
 
 from __future__ import annotations
@@ -26,14 +28,26 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-import yaml
 from loguru import logger
 from pydantic import ValidationError
 
+from dra_backend_fake.files import load_yaml_file
 from dra_backend_fake.schema import ControlSpec, describe
 
-__all__ = ("ControlError", "ControlFile", "ControlState", "parse_control", "summary", "watch")
+__all__ = (
+    "MAX_BYTES",
+    "ControlError",
+    "ControlFile",
+    "ControlState",
+    "parse_control",
+    "summary",
+    "watch",
+)
+
+#: The most bytes read of a control file; a larger one is refused as a whole.
+MAX_BYTES: Final = 1 << 20
 
 
 class ControlError(ValueError):
@@ -116,15 +130,9 @@ class ControlFile:
 
     def _read(self) -> ControlSpec:
         try:
-            data = yaml.safe_load(self.path.read_text())
+            data = load_yaml_file(self.path, "control file", MAX_BYTES, ControlError)
         except FileNotFoundError:
             return ControlSpec()
-        except OSError as exc:
-            msg = f"control file {self.path}: cannot be read: {exc.strerror or exc}"
-            raise ControlError(msg) from None
-        except yaml.YAMLError as exc:
-            msg = f"control file {self.path}: not valid YAML: {exc}"
-            raise ControlError(msg) from None
         spec = parse_control(data, str(self.path))
         if self._check is not None:
             try:

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from pydantic import ValidationError
 
+from dra_backend_fake.files import load_yaml_file
 from dra_backend_fake.schema import (
     PARTITIONS_COUNTER,
     CapacitySpec,
@@ -42,6 +43,7 @@ from dra_core import (
 
 __all__ = (
     "DEFAULT_INVENTORY",
+    "MAX_BYTES",
     "InventoryError",
     "build",
     "config_specs",
@@ -80,6 +82,10 @@ devices:
 """
 
 
+#: The most bytes read of an inventory file (1024 devices take about 200 KiB).
+MAX_BYTES: Final = 4 << 20
+
+
 class InventoryError(ValueError):
     """An inventory (file, configuration section or control-file addition) is invalid."""
 
@@ -97,14 +103,16 @@ def parse_inventory(data: object, source: str) -> list[DeviceSpec]:
 
 
 def load_file(path: Path) -> list[DeviceSpec]:
-    """The device specs of an inventory YAML file; InventoryError names the file and field."""
+    """The device specs of an inventory YAML file; InventoryError names the file and field.
+
+    The file is one document: any error in it (a FIFO or device in its place, more than
+    :data:`MAX_BYTES`, bad YAML, a bad field) fails the whole file, and the agent does not
+    start.
+    """
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        msg = f"inventory file {path}: cannot be read: {exc.strerror or exc}"
-        raise InventoryError(msg) from None
-    except yaml.YAMLError as exc:
-        msg = f"inventory file {path}: not valid YAML: {exc}"
+        data = load_yaml_file(path, "inventory file", MAX_BYTES, InventoryError)
+    except FileNotFoundError:
+        msg = f"inventory file {path}: cannot be read: it does not exist"
         raise InventoryError(msg) from None
     return parse_inventory(data, f"inventory file {path}")
 

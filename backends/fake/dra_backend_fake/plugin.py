@@ -31,12 +31,14 @@ from dra_core import (
     DeviceClassSpec,
     DeviceHealth,
     DeviceNode,
+    DoctorCheck,
     Inventory,
     NodeContext,
     PreparedClaim,
     PreparedDevice,
     PrepareError,
     hookimpl,
+    validate_inventory,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ __all__ = (
     "dra_device_classes",
     "dra_device_health",
     "dra_discover",
+    "dra_doctor_checks",
     "dra_prepare",
     "dra_start",
     "dra_stop",
@@ -207,7 +210,8 @@ class FakeBackend:
         return default_specs() if specs is None else specs
 
     def _compose(self, control: ControlSpec) -> Inventory:
-        """The inventory with ``control``'s additions and removals; ValueError on a clash."""
+        """The inventory with ``control``'s additions and removals; ValueError on a clash or
+        a device that breaks the ResourceSlice rules."""
         from dra_backend_fake.inventory import InventoryError, build
 
         removed = set(control.remove)
@@ -224,10 +228,14 @@ class FakeBackend:
                     raise InventoryError(msg)
         configured = build(kept, hidden=removed)  # removal applies to configured devices only
         added = build(control.add)
-        return Inventory(
+        inventory = Inventory(
             devices=configured.devices + added.devices,
             counter_sets=configured.counter_sets + added.counter_sets,
         )
+        # A device the API server would refuse fails the whole spec here (ModelError), so a
+        # control file is never half applied and the core never gets an unpublishable one.
+        validate_inventory(inventory)
+        return inventory
 
     def _refresh(self) -> None:
         """Re-read the control file if it changed; rebuild the inventory from a new spec."""
@@ -631,3 +639,59 @@ def dra_unprepare(claim: PreparedClaim, context: NodeContext) -> bool:
 def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[DeviceHealth]:
     """Devices listed under ``unhealthy`` in the control file (and their partitions)."""
     return backend_for(context).health(inventory)
+
+
+@hookimpl
+def dra_doctor_checks(context: NodeContext) -> Sequence[DoctorCheck]:
+    """The options, the inventory and the control file valid, device nodes possible."""
+    try:
+        backend = FakeBackend(context)
+    except ValueError as exc:  # InventoryError and bad options
+        fix = "correct the option or the file the message names; the agent does not start"
+        return [DoctorCheck.fail("inventory", str(exc), fix)]
+    settings = backend.settings
+    source = (
+        f"file {settings.inventory}"
+        if settings.inventory is not None
+        else "the configuration file"
+        if context.config
+        else "the built-in inventory"
+    )
+    extra = f" and {settings.devices} plain devices" if settings.devices is not None else ""
+    specs = f"{len(backend.base)} device spec" + ("" if len(backend.base) == 1 else "s")
+    checks = [DoctorCheck.ok("inventory", f"{specs} from {source}{extra}")]
+    if backend.control is not None:
+        checks.append(_control_file_check(backend.control))
+    if settings.device_nodes_dir is not None:
+        checks.append(_device_nodes_check(settings.device_nodes_dir))
+    return checks
+
+
+def _control_file_check(control: ControlFile) -> DoctorCheck:
+    from dra_backend_fake.control import ControlError
+
+    name, path = "control file", control.path
+    if not path.exists():
+        return DoctorCheck.ok(
+            name, f"{path} does not exist yet: no changes (write it to make some)"
+        )
+    try:
+        control._read()  # the agent's own read: the same limits and checks
+    except (ControlError, ValueError) as exc:
+        fix = "correct the file: the agent keeps the previous state while it is invalid"
+        return DoctorCheck.fail(name, str(exc), fix)
+    return DoctorCheck.ok(name, f"{path} is valid")
+
+
+def _device_nodes_check(directory: Path) -> DoctorCheck:
+    name = "device nodes directory"
+    if not directory.exists():
+        return DoctorCheck.ok(
+            name, f"{directory} does not exist yet; the backend makes it at start"
+        )
+    try:
+        devnodes.check_mknod(directory)  # a probe node, removed at once
+    except OSError as exc:
+        fix = "run the agent with CAP_MKNOD (as root), or drop --device-nodes-dir"
+        return DoctorCheck.fail(name, str(exc), fix)
+    return DoctorCheck.ok(name, f"device nodes can be made in {directory}")

@@ -8,6 +8,7 @@ typo in an inventory or control file is an error naming the field path
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -58,17 +59,43 @@ _SEMVER = re.compile(
 )
 
 
+def _key(part: str) -> str:
+    """A field name as a message shows it: bare, or quoted and escaped as JSON when it is empty
+    or holds characters that would break the line (control characters, lone surrogates)."""
+    return part if part and part.isprintable() else json.dumps(part)
+
+
+def _printable(text: str) -> str:
+    """``text`` with each character that would break the line escaped (``\\n``)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _not_unicode(text: object) -> str:
+    """Text holding a lone surrogate (JSON's ``\\ud800`` escape): a field name or value that no
+    UTF-8 file, environment or API object can carry. Pydantic cannot even read such a field
+    name and fails the whole object, so the text itself is shown."""
+    shown = json.dumps(text)
+    shown = shown if len(shown) <= 80 else f'{shown[:76]}..."'
+    return f"text {shown} is not valid Unicode (it holds a lone surrogate such as \\ud800)"
+
+
 def describe(exc: ValidationError) -> str:
-    """One line per problem: the field path (``devices[0].name``) and what is wrong with it."""
+    """One line per problem: the field path (``devices[0].name``) and what is wrong with it,
+    in plain words (pydantic's prefixes and links removed, odd field names quoted)."""
     problems = []
-    for error in exc.errors():
+    for error in exc.errors(include_url=False):
         path = ""
         for part in error["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = str(error["msg"]).removeprefix("Value error, ")
+            if isinstance(part, int):
+                path += f"[{part}]"
+            else:
+                path += f".{_key(part)}" if path else _key(part)
+        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field (check the spelling; unknown fields are not allowed)"
-        problems.append(f"{path or '(top level)'}: {message}")
+        elif error["type"] == "string_unicode":
+            message = _not_unicode(error.get("input"))
+        problems.append(f"{path or '(top level)'}: {_printable(message)}")
     return "; ".join(problems)
 
 

@@ -8,7 +8,11 @@ from each other), the PCIe root is the first component of the resolved path unde
 
 Devices that cannot be used are not published; they are returned as :class:`Skipped` with the
 reason (unbound or bound to another driver such as ``vfio-pci``, unreadable identity files,
-dangling links, no DRM node yet), and logged, so an operator sees why a GPU is missing.
+dangling links, no DRM node yet), and logged, so an operator sees why a GPU is missing. Each
+function is read on its own: whatever is wrong in one function's directory (a file that is
+missing, holds garbage, is a FIFO or a device, or cannot be listed) leaves out that function
+only, never the others. A file that only adds a detail (``numa_node``, a memory size) leaves
+out that detail, with a warning, and the GPU is published without it.
 
 A GPU that *was* published earlier in this agent run and then loses its driver (unbound,
 rebound to another driver, gone from sysfs) is different: :class:`LastSeen` keeps it in the
@@ -50,6 +54,10 @@ __all__ = (
 )
 
 INTEL_VENDOR = 0x8086
+#: The highest NUMA node number Linux can have (``CONFIG_NODES_SHIFT`` is at most 10).
+MAX_NUMA_NODE = (1 << 10) - 1
+#: More local memory than any GPU has (1 PiB): a larger size read from sysfs is not believed.
+MAX_MEMORY_BYTES = 1 << 50
 #: The kernel drivers whose GPUs this backend publishes.
 DRM_DRIVERS = ("i915", "xe")
 _ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -268,6 +276,9 @@ class Discoverer:
             except _Skip as skip:
                 skipped.append(Skipped(entry.name, skip.reason))
                 continue
+            except (OSError, ValueError) as exc:  # a directory that cannot be listed, say
+                skipped.append(Skipped(entry.name, f"{entry}: {exc}"))
+                continue
             if gpu is not None:
                 gpus.append(gpu)
         gpus = self._with_vf_quotas(gpus, created)
@@ -321,7 +332,7 @@ class Discoverer:
             driver=driver,
             path=resolved,
             pcie_root=_pcie_root(resolved, root),
-            numa_node=_numa(entry),
+            numa_node=self._numa(entry),
             card=card,
             render=render,
             memory_bytes=memory,
@@ -330,6 +341,24 @@ class Discoverer:
             physfn=physfn,
             mei=mei_node(resolved),
         )
+
+    def _numa(self, entry: Path) -> int | None:
+        """The function's NUMA node; None when it has none (-1) or the file is not sound."""
+        try:
+            node = read_int(entry / "numa_node")
+        except SysfsError as exc:
+            if exc.problem != "missing":  # old kernels and fake trees may lack it
+                self._once("WARNING", entry.name, f"{exc}; publishing {entry.name} without it")
+            return None
+        if not -1 <= node <= MAX_NUMA_NODE:
+            self._once(
+                "WARNING",
+                entry.name,
+                f"{entry / 'numa_node'}: {str(node)[:40]} is not a NUMA node (-1 to "
+                f"{MAX_NUMA_NODE}); publishing {entry.name} without it",
+            )
+            return None
+        return node if node >= 0 else None
 
     def _memory(
         self, device_dir: Path, driver: str, card: str | None, info: ModelInfo
@@ -508,15 +537,6 @@ class _Skip(Exception):
         self.reason = reason
 
 
-def _numa(entry: Path) -> int | None:
-    try:
-        node = read_int(entry / "numa_node")
-    except SysfsError as exc:
-        logger.debug("{}; NUMA node unknown", exc)
-        return None
-    return node if node >= 0 else None
-
-
 def vf_quota(pf: Gpu, index: int) -> int | None:
     """The local memory ``pf`` gives its VF ``index`` (``virtfnK``) by quota; None if unset.
 
@@ -536,11 +556,19 @@ def vf_quota(pf: Gpu, index: int) -> int | None:
         paths = [pf.path / "sriov_admin" / vf / "profile" / "vram_quota"]
         paths = [p for p in paths if p.exists()]
     try:
-        total = sum(read_int(p) for p in paths)
+        total = sum(_memory_bytes(p) for p in paths)
     except SysfsError as exc:
         logger.warning("{}; the memory of VF {} of {} is unknown", exc, index, pf.address)
         return None
     return total or None
+
+
+def _memory_bytes(path: Path) -> int:
+    """A memory size file: bytes, from 0 to :data:`MAX_MEMORY_BYTES`."""
+    value = read_int(path)
+    if not 0 <= value <= MAX_MEMORY_BYTES:
+        raise SysfsError(path, f"holds {str(value)[:40]}, not a memory size in bytes")
+    return value
 
 
 def _sysfs_memory(device_dir: Path, driver: str, card: str | None) -> int | None:
@@ -548,19 +576,27 @@ def _sysfs_memory(device_dir: Path, driver: str, card: str | None) -> int | None
     try:
         if driver == "i915" and card is not None:
             path = device_dir / "drm" / card / "lmem_total_bytes"
-            return read_int(path) if path.exists() else None
+            return _memory_bytes(path) if path.exists() else None
         if driver == "xe":
             sizes = sorted(device_dir.glob("tile[0-9]*/physical_vram_size_bytes"))
-            return sum(read_int(p) for p in sizes) if sizes else None
+            return sum(_memory_bytes(p) for p in sizes) if sizes else None
     except SysfsError as exc:
         logger.warning("{}; trying the DRM memory query instead", exc)
     return None
 
 
+def _pci_count(path: Path) -> int:
+    """A 16-bit SR-IOV register shown in sysfs (``sriov_totalvfs``, ``sriov_offset``...)."""
+    value = read_int(path)
+    if not 0 <= value <= 0xFFFF:
+        raise SysfsError(path, f"holds {str(value)[:40]}, not a 16-bit SR-IOV count")
+    return value
+
+
 def _sriov(entry: Path) -> SriovInfo | None:
     if not (entry / "sriov_totalvfs").exists():
         return None
-    total = read_int(entry / "sriov_totalvfs")
+    total = _pci_count(entry / "sriov_totalvfs")
     if total <= 0:
         return None
     vfs = []
@@ -577,9 +613,9 @@ def _sriov(entry: Path) -> SriovInfo | None:
             logger.warning("{}: {}; VF PCI ID unknown", entry / "sriov_vf_device", exc)
     return SriovInfo(
         total_vfs=total,
-        num_vfs=read_int(entry / "sriov_numvfs"),
-        offset=read_int(entry / "sriov_offset"),
-        stride=read_int(entry / "sriov_stride"),
+        num_vfs=_pci_count(entry / "sriov_numvfs"),
+        offset=_pci_count(entry / "sriov_offset"),
+        stride=_pci_count(entry / "sriov_stride"),
         autoprobe=read_str(autoprobe_path) != "0" if autoprobe_path.exists() else True,
         vf_device_id=vf_device_id,
         vfs=tuple(sorted(vfs)),

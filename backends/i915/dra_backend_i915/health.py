@@ -115,6 +115,11 @@ class HealthMonitor:
                 f"{address} is in survivability mode (wedged): its firmware must be flashed",
                 "NoExecute",
             )
+        for name in ("vendor", "device", "class"):  # what discovery needs to know the GPU
+            try:
+                read_str(device_dir / name)
+            except SysfsError as exc:
+                return FunctionHealth(False, f"{address}: {exc}", "NoSchedule")
         card, render = drm_nodes(device_dir)
         if card is None and render is None:
             self._baselines.pop(address, None)

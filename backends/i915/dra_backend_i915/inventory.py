@@ -19,7 +19,7 @@ plain GPUs come before the partitionable ones):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,9 +36,11 @@ from dra_core import (
     CounterSet,
     Device,
     Inventory,
+    ModelError,
     RequestPolicy,
     ValidRange,
     format_bytes,
+    validate_inventory,
 )
 
 __all__ = (
@@ -228,8 +230,38 @@ def _partitioned(
     return CounterSet(set_name, counters), devices, records
 
 
+#: Why GPUs were left out, as logged: discovery runs every few seconds, a warning once is enough.
+_said: set[str] = set()
+
+
+def _left_out(address: str, reason: str) -> None:
+    message = f"GPU {address} not published: {reason}"
+    level = "DEBUG" if message in _said else "WARNING"
+    _said.add(message)
+    logger.bind(device=address).log(level, "{}", message)
+
+
+def _publishable(
+    record: DeviceRecord, devices: Sequence[Device], counter_set: CounterSet | None = None
+) -> bool:
+    """Whether one GPU's devices pass the ResourceSlice rules; when not, say so and why.
+
+    Checked per GPU so that a value no API server would take (read from a broken sysfs tree)
+    leaves out that GPU, not the whole inventory the core would refuse.
+    """
+    try:
+        validate_inventory(Inventory(tuple(devices), (counter_set,) if counter_set else ()))
+    except ModelError as exc:
+        _left_out(record.address or (record.gpu.address if record.gpu else record.name), str(exc))
+        return False
+    return True
+
+
 def build(discovery: Discovery, settings: NodeSettings, state: State) -> Built:
-    """The inventory for this node, and a record per published device."""
+    """The inventory for this node, and a record per published device.
+
+    A GPU whose devices would break the ResourceSlice rules is left out, with a warning.
+    """
     vfs_of: dict[str, dict[int, Gpu]] = {}
     orphans: list[Gpu] = []
     pfs = {g.address: g for g in discovery.gpus if not g.is_vf}
@@ -267,7 +299,10 @@ def build(discovery: Discovery, settings: NodeSettings, state: State) -> Built:
         elif sriov is not None and sriov.autoprobe and gpu.info.profile_key:
             profile = choose(gpu.info.profile_key, settings.vf_profiles, sriov.total_vfs)
         if profile is not None and sriov is not None:
-            groups.append(_partitioned(gpu, profile, vfs_of.get(gpu.address, {})))
+            try:
+                groups.append(_partitioned(gpu, profile, vfs_of.get(gpu.address, {})))
+            except ValueError as exc:  # VF addresses past the bus, say: this GPU only
+                _left_out(gpu.address, str(exc))
             continue
         first.append((_whole(gpu), DeviceRecord(gpu.name, "gpu", gpu)))
     for vf in orphans:
@@ -277,10 +312,14 @@ def build(discovery: Discovery, settings: NodeSettings, state: State) -> Built:
                 DeviceRecord(vf.name, "vf", vf, None, vf.vf_index, None, vf.address),
             )
         )
+    first = [(d, r) for d, r in first if _publishable(r, [d])]
+    admin = [(d, r) for d, r in admin if _publishable(r, [d])]
     devices = [d for d, _ in first] + [d for d, _ in admin]
     records = {r.name: r for _, r in first} | {r.name: r for _, r in admin}
     counter_sets = []
     for counter_set, group_devices, group_records in groups:
+        if not _publishable(group_records[-1], group_devices, counter_set):
+            continue
         counter_sets.append(counter_set)
         devices.extend(group_devices)
         records.update({r.name: r for r in group_records})

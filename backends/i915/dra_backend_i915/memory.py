@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = (
     "Ioctl",
     "MemoryQuery",
     "XeDeviceQuery",
+    "open_drm_node",
     "parse_i915_regions",
     "parse_xe_regions",
 )
@@ -125,13 +127,34 @@ class MemoryQuery(Protocol):
         """Bytes of local memory of the GPU behind ``card_node`` bound to ``driver``."""
 
 
+#: The character-device major of every DRM node.
+DRM_MAJOR = 226
+#: The largest memory-region reply believed (a GPU has a handful of regions of 88 bytes).
+MAX_REPLY_BYTES = 64 << 10
+
+
+def open_drm_node(path: Path) -> int:
+    """Open a DRM card node for ioctls; refuse anything else before opening it.
+
+    Only a character device with the DRM major (or a regular file, as fake trees hold) is
+    opened, without blocking: a FIFO in its place would block the open forever, and opening
+    another device can have effects of its own.
+    """
+    info = path.stat()
+    is_drm = stat.S_ISCHR(info.st_mode) and os.major(info.st_rdev) == DRM_MAJOR
+    if not (is_drm or stat.S_ISREG(info.st_mode)):
+        msg = f"{path} is not a DRM device node (character device {DRM_MAJOR}:N); not opened"
+        raise OSError(msg)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+
+
 class DrmMemoryQuery:
     """The ioctl path, with the ioctl and the opener as seams for tests."""
 
     def __init__(
         self,
         ioctl: Ioctl = _real_ioctl,
-        opener: Callable[[Path], int] = lambda p: os.open(p, os.O_RDONLY | os.O_CLOEXEC),
+        opener: Callable[[Path], int] = open_drm_node,
     ) -> None:
         self._ioctl = ioctl
         self._open = opener
@@ -159,7 +182,7 @@ class DrmMemoryQuery:
         item = I915QueryItem(query_id=I915_QUERY_MEMORY_REGIONS, length=0, flags=0, data_ptr=0)
         query = I915Query(num_items=1, flags=0, items_ptr=ctypes.addressof(item))
         self._ioctl(fd, DRM_IOCTL_I915_QUERY, query)
-        if item.length <= 0:
+        if not 0 < item.length <= MAX_REPLY_BYTES:
             msg = f"i915 memory-region query returned length {item.length}"
             raise ValueError(msg)
         buffer = ctypes.create_string_buffer(item.length)
@@ -173,8 +196,8 @@ class DrmMemoryQuery:
     def _xe(self, fd: int) -> bytes:
         query = XeDeviceQuery(extensions=0, query=XE_DEVICE_QUERY_MEM_REGIONS, size=0, data=0)
         self._ioctl(fd, DRM_IOCTL_XE_DEVICE_QUERY, query)
-        if query.size == 0:
-            msg = "xe memory-region query returned size 0"
+        if not 0 < query.size <= MAX_REPLY_BYTES:
+            msg = f"xe memory-region query returned size {query.size}"
             raise ValueError(msg)
         buffer = ctypes.create_string_buffer(query.size)
         query.data = ctypes.addressof(buffer)

@@ -34,6 +34,7 @@ from dra_core import (
     ContainerEdits,
     DeviceClassSpec,
     DeviceHealth,
+    DoctorCheck,
     Inventory,
     NodeContext,
     PreparedClaim,
@@ -52,6 +53,7 @@ __all__ = (
     "dra_device_classes",
     "dra_device_health",
     "dra_discover",
+    "dra_doctor_checks",
     "dra_prepare",
     "dra_start",
     "dra_unprepare",
@@ -712,3 +714,15 @@ def dra_unprepare(claim: PreparedClaim, context: NodeContext) -> bool:
 def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[DeviceHealth]:
     """Health from sysfs signals."""
     return backend.health(inventory, context)
+
+
+@hookimpl
+def dra_doctor_checks(context: NodeContext) -> Sequence[DoctorCheck]:
+    """GPUs bound to i915 or xe, SR-IOV capable functions, render nodes and their modes."""
+    from dra_backend_i915 import doctor
+
+    try:
+        settings = I915Backend.settings(context)
+    except ValueError as exc:
+        return [DoctorCheck.fail("options", str(exc), "correct the option the message names")]
+    return doctor.checks(settings)

@@ -1,7 +1,10 @@
 """Reading and writing the sysfs tree, with errors that name the path and the problem.
 
 Reads go straight to the filesystem under a configurable root (``--sysfs-root``), so a fake
-tree in a temporary directory is read exactly like ``/sys``. Writes go through
+tree in a temporary directory is read exactly like ``/sys``. They are bounded: an attribute is
+read only if it is a regular file (as every sysfs attribute is), so a FIFO or a device in its
+place fails at once instead of blocking or never ending, and at most :data:`MAX_ATTRIBUTE_BYTES`
+are read. Writes go through
 :class:`SysfsWriter`, the one seam where the kernel's behaviour matters: the real writer writes
 the file and lets the kernel's ``OSError`` (``EBUSY``, ``ERANGE``...) through; the fake in
 :mod:`dra_backend_i915.testing` enforces the same rules and creates VFs like the PCI core.
@@ -11,9 +14,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
-__all__ = ("FileWriter", "SysfsError", "SysfsWriter", "link_name", "read_int", "read_str")
+from dra_core import BoundedReadError, read_regular_file
+
+__all__ = (
+    "MAX_ATTRIBUTE_BYTES",
+    "FileWriter",
+    "SysfsError",
+    "SysfsWriter",
+    "link_name",
+    "read_int",
+    "read_str",
+)
+
+#: The most bytes read of one sysfs attribute: the kernel shows at most a page (4 KiB, or
+#: 64 KiB with large pages) of a text attribute.
+MAX_ATTRIBUTE_BYTES: Final = 64 << 10
 
 
 class SysfsError(Exception):
@@ -31,11 +48,14 @@ class SysfsError(Exception):
 def read_str(path: Path) -> str:
     """The content of a one-value sysfs file without the trailing newline."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
+        data = read_regular_file(path, MAX_ATTRIBUTE_BYTES)
     except FileNotFoundError:
         raise SysfsError(path, "missing") from None
+    except BoundedReadError as exc:
+        raise SysfsError(path, exc.problem) from None
     except OSError as exc:
         raise SysfsError(path, f"cannot be read ({exc.strerror or exc})") from None
+    return data.decode("utf-8", errors="replace").strip()
 
 
 def read_int(path: Path, base: int = 10) -> int:

@@ -17,7 +17,7 @@ def test_good_config():
 @pytest.mark.parametrize(
     ("change", "field", "text"),
     [
-        ({"vfProfil": "x"}, "vfProfil", "Extra inputs are not permitted"),
+        ({"vfProfil": "x"}, "vfProfil", "unknown field"),
         ({"vfProfile": 4}, "vfProfile", "string"),
         ({"vfProfile": "flex170_m3"}, "vfProfile", "unknown VF profile"),
         ({"apiVersion": "gpu.intel.com/v1"}, "apiVersion", "gpu.intel.com/v1alpha1"),
@@ -50,7 +50,7 @@ def test_settings_merge_options_over_config():
 @pytest.mark.parametrize(
     ("config", "text"),
     [
-        ({"vfTimeout": 3}, "vfTimeout: Extra inputs"),
+        ({"vfTimeout": 3}, "vfTimeout: unknown field"),
         ({"vfTimeoutSeconds": 0}, "vfTimeoutSeconds"),
         ({"sharedGpus": 3}, "sharedGpus"),
         ({"vfProfiles": {"flex170": "max_48g_c8"}}, "not a flex170 profile"),

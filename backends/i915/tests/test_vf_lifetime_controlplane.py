@@ -193,9 +193,9 @@ def test_two_calls_at_once(
     service = agent.service
     prepare = service.prepare
 
-    def counted(claims):
+    def counted(claims, deadline=None):
         calls.release()
-        return prepare(claims)
+        return prepare(claims, deadline)
 
     monkeypatch.setattr(service, "prepare", counted)
     since = len(kernel.writes)
