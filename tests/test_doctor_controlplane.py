@@ -1,0 +1,167 @@
+"""``dra-core doctor`` against real API servers: the session's (Kubernetes 1.37 with the DRA
+feature gates on) and one started here with partitionable devices, consumable capacity and
+device taints turned off, whose kube-apiserver really drops those fields."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dra_backend_fake import plugin as fake_plugin
+
+from dra_core.doctor import FEATURES, DoctorSettings, api_checks, run_doctor
+from dra_core.kube.client import KubeClient, load_client
+from dra_core.plugins import from_objects
+from dra_core.slices.watch import SLICES_PATH
+from dra_core.testing.controlplane import ControlPlane
+from tests.controlplane import helpers
+
+pytestmark = pytest.mark.controlplane
+
+FAKE = "fake.dra-core.dev"
+EVERY_FIELD = {field for feature in FEATURES for field in feature.fields}
+#: The gates of the three features, and the one that depends on device taints.
+GATES_OFF = {
+    "DRAPartitionableDevices": False,
+    "DRAConsumableCapacity": False,
+    "DRADeviceTaints": False,
+    "DRADeviceTaintRules": False,
+}
+
+
+def client_of(control_plane: ControlPlane) -> KubeClient:
+    return load_client(str(control_plane.kubeconfig_path))
+
+
+@pytest.fixture(scope="module")
+def gates_off(control_plane) -> Iterator[ControlPlane]:
+    """etcd and kube-apiserver only (about 6 s), with the features' gates off."""
+    cp = ControlPlane(
+        binaries=control_plane.binaries,
+        scheduler=False,
+        controller_manager=False,
+        feature_gates=GATES_OFF,
+    )
+    cp.start()
+    try:
+        yield cp
+    finally:
+        cp.stop()
+
+
+def statuses(checks) -> dict[str, str]:
+    return {c.name: c.status for c in checks}
+
+
+def test_the_test_api_server_keeps_every_feature(control_plane):
+    client = client_of(control_plane)
+    checks = api_checks(client, FAKE, "doctor-node", EVERY_FIELD)
+    assert statuses(checks) == {
+        "API server": "ok",
+        "resource.k8s.io/v1": "ok",
+        "ResourceSlice of this node": "ok",
+        "partitionable devices": "ok",
+        "consumable capacity": "ok",
+        "device taints": "ok",
+    }
+    found = {c.name: c.found for c in checks}
+    assert found["API server"] == f"Kubernetes v1.37.2 at {control_plane.server}"
+    assert found["partitionable devices"] == (
+        "sharedCounters and consumesCounters kept by the API server (feature gate "
+        "DRAPartitionableDevices is on)"
+    )
+    # A plain slice, two for partitionable devices (counter sets go in a slice of their own),
+    # one for each other feature.
+    assert client.request_count("create", "resourceslices") == 5
+    stored = client.get(SLICES_PATH, {"fieldSelector": "spec.nodeName=doctor-node"})
+    assert stored["items"] == [], "a dry run stores nothing"
+
+
+def test_gates_off_are_reported_with_what_breaks(gates_off):
+    client = client_of(gates_off)
+    partitioned = {"sharedCounters", "consumesCounters"}
+    checks = {c.name: c for c in api_checks(client, FAKE, "doctor-node", partitioned)}
+    assert checks["ResourceSlice of this node"].status == "ok"
+    partitions = checks["partitionable devices"]
+    assert partitions.status == "fail"
+    assert partitions.found.startswith(
+        "the API server drops consumesCounters and sharedCounters from ResourceSlices (feature "
+        "gate DRAPartitionableDevices is off), and this node's devices use it: devices that "
+        "share counters"
+    )
+    assert partitions.fix.startswith(
+        "turn on the feature gate DRAPartitionableDevices in kube-apiserver and kube-scheduler"
+    )
+    sharing = checks["consumable capacity"]
+    assert sharing.status == "warn"
+    assert sharing.found.startswith(
+        "the API server drops allowMultipleAllocations and requestPolicy from ResourceSlices "
+        "(feature gate DRAConsumableCapacity is off); this node's devices do not use it now: "
+    )
+    taints = checks["device taints"]
+    assert taints.status == "warn"
+    assert "; this node's devices do not use it, but the agent's health taints do: " in taints.found
+
+
+def test_a_dropped_feature_fails_when_the_inventory_is_unknown(gates_off):
+    checks = api_checks(client_of(gates_off), FAKE, "doctor-node", None)
+    features = [c for c in checks if c.name in {f.name for f in FEATURES}]
+    assert [c.status for c in features] == ["fail"] * 3
+    assert all(
+        ", and discovery failed, so this node's devices may use it: " in c.found for c in features
+    )
+
+
+@pytest.fixture
+def node_dirs(tmp_path: Path) -> dict[str, Path]:
+    dirs = {
+        "registration_dir": tmp_path / "plugins_registry",
+        "plugins_dir": tmp_path / "plugins",
+        "cdi_dir": tmp_path / "cdi",
+    }
+    for path in dirs.values():
+        path.mkdir()
+    return dirs
+
+
+def test_kubelet_and_runtime_versions_come_from_the_node(
+    control_plane, kube_api, node_dirs, tmp_path
+):
+    name = helpers.unique_name("doctor-node")
+    helpers.create_node(kube_api, name)
+    info = {"kubeletVersion": "v1.33.4", "containerRuntimeVersion": "containerd://1.7.20"}
+    helpers.merge_patch(kube_api, f"/api/v1/nodes/{name}/status", {"status": {"nodeInfo": info}})
+    try:
+        settings = DoctorSettings(
+            node_name=name,
+            kubeconfig=str(control_plane.kubeconfig_path),
+            containerd_config=tmp_path / "no-config.toml",
+            runtime_socket=tmp_path / "no-containerd.sock",
+            **node_dirs,
+        )
+        report = run_doctor(settings, from_objects("fake", fake_plugin))
+    finally:
+        helpers.delete_node(kube_api, name)
+    sections = {s.title: {c.name: c for c in s.checks} for s in report.sections}
+    assert {c.status for c in sections["API server"].values()} == {"ok"}
+    kubelet = sections["kubelet"]["kubelet version"]
+    assert kubelet.status == "warn"
+    assert kubelet.found == (
+        "kubelet v1.33.4 speaks the DRA gRPC API v1beta1 only, which the agent serves too"
+    )
+    runtime = sections["container runtime"]
+    assert runtime["container runtime"].found == f"containerd 1.7.20 (from the Node {name})"
+    assert runtime["CDI"].status == "fail"  # no configuration: 1.7's default, off
+    assert report.exit_code == 1
+
+
+def test_a_node_name_the_cluster_does_not_know_fails(control_plane, node_dirs):
+    settings = DoctorSettings(
+        node_name="no-such-node", kubeconfig=str(control_plane.kubeconfig_path), **node_dirs
+    )
+    report = run_doctor(settings, from_objects("fake", fake_plugin))
+    kubelet = {c.name: c for s in report.sections if s.title == "kubelet" for c in s.checks}
+    check = kubelet["Node no-such-node"]
+    assert (check.status, check.found) == ("fail", "not found")
+    assert "--node-name (NODE_NAME)" in check.fix
