@@ -1,11 +1,14 @@
 """Log set-up: loguru to stderr, plain for people or JSON for log pipelines.
 
 Records carry the claim UID and device as ``extra`` fields (``logger.bind(claim=...)``); the
-plain format shows them, and JSON keeps them as fields.
+plain format shows them, and JSON keeps them as fields. Records of the standard `logging`
+module (a backend's, a library's) go the same way, at the same level, with the name of their
+logger as the ``logger`` field.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, Literal
 
@@ -23,7 +26,7 @@ _PLAIN = (
 
 def _context(record: Any) -> None:
     extra = record["extra"]
-    parts = [f"{key}={extra[key]}" for key in ("claim", "device") if key in extra]
+    parts = [f"{key}={extra[key]}" for key in ("logger", "claim", "device") if key in extra]
     extra["context"] = f"[{' '.join(parts)}] " if parts else ""
 
 
@@ -41,8 +44,27 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
+class _StandardLogging(logging.Handler):
+    """Hands records of the standard `logging` module to loguru, keeping where they come from."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:  # a custom level loguru does not know
+            level = record.levelno
+
+        def origin(entry: Any) -> None:
+            entry.update(name=record.name, function=record.funcName, line=record.lineno)
+            entry["module"] = record.module
+
+        logger.patch(origin).bind(logger=record.name).opt(exception=record.exc_info).log(
+            level, record.getMessage()
+        )
+
+
 def configure_logging(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     """Send logs to stderr at ``level`` in the chosen format; replaces earlier set-up."""
+    logging.basicConfig(handlers=[_StandardLogging()], level=level.upper(), force=True)
     logger.remove()
     if fmt == "json":
         logger.add(_CurrentStderr(), level=level.upper(), serialize=True)

@@ -45,3 +45,24 @@ def test_logs_follow_stderr_when_it_is_replaced(monkeypatch):
     monkeypatch.setattr(sys, "stderr", second)
     logger.info("to the second")
     assert "to the second" in second.getvalue()
+
+
+def test_standard_logging_records_take_the_agents_format_and_level(capsys):
+    """A backend that logs with the standard logging module gets the agent's JSON and level."""
+    import logging
+
+    configure_logging("DEBUG", "json")
+    logging.getLogger("acme.backend").debug("probing %s", "npu-0")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    record = json.loads(line)["record"]
+    assert record["message"] == "probing npu-0"
+    assert record["level"]["name"] == "DEBUG"
+    assert record["extra"]["logger"] == "acme.backend"
+    assert record["function"] == "test_standard_logging_records_take_the_agents_format_and_level"
+
+    configure_logging("WARNING", "plain")
+    logging.getLogger("acme.backend").info("hidden at WARNING")
+    logging.getLogger("acme.backend").warning("shown")
+    err = capsys.readouterr().err
+    assert "hidden" not in err
+    assert "[logger=acme.backend] shown" in err
