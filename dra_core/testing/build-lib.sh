@@ -2,9 +2,16 @@
 # steps, and the wrapper Go module that builds commands of k8s.io/kubernetes at a pinned version.
 # The caller sets LOG_TAG (prefix of progress lines) and LOG_DIR (full logs of each step).
 
-K8S_VERSION="v1.37.2"          # k8s.io/kubernetes; staging modules k8s.io/* at v0.37.2
-STAGING_VERSION="v0.37.2"
-K8S_MINOR=37
+# The Kubernetes release to build: DRA_K8S_VERSION (e.g. v1.34.4), by default the release the
+# project is developed on. Staging modules k8s.io/* come at v0.<minor>.<patch> of the same release.
+DEFAULT_K8S_VERSION="v1.37.2"
+K8S_VERSION="${DRA_K8S_VERSION:-$DEFAULT_K8S_VERSION}"
+if [[ ! "$K8S_VERSION" =~ ^v1\.([0-9]+)\.([0-9]+)$ ]]; then
+    printf '[%s] ERROR: DRA_K8S_VERSION=%s is not a release like v1.34.4\n' "${LOG_TAG:-build}" "$K8S_VERSION" >&2
+    exit 1
+fi
+K8S_MINOR="${BASH_REMATCH[1]}"
+STAGING_VERSION="v0.${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
 
 log() { printf '[%s] %s\n' "$LOG_TAG" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "$LOG_TAG" "$*" >&2; exit 1; }

@@ -14,7 +14,14 @@ LOG_TAG="build.sh"
 # shellcheck source=build-lib.sh
 source "$HERE/build-lib.sh"     # K8S_VERSION, STAGING_VERSION, log, die, run_logged
 
-ETCD_VERSION="v3.7.3"          # go.etcd.io/etcd/server/v3 (k8s 1.37 uses the etcd 3.7 client)
+# go.etcd.io/etcd/server/v3 of the line each release's etcd client belongs to (its go.mod):
+# 1.37 uses the 3.7 client; 1.34 to 1.36 the 3.6 one (v3.6.4, v3.6.5, v3.6.8), served here by
+# its newest patch release.
+case "$K8S_MINOR" in
+    37) ETCD_VERSION="v3.7.3" ;;
+    34 | 35 | 36) ETCD_VERSION="v3.6.16" ;;
+    *) die "no etcd chosen for Kubernetes $K8S_VERSION (supported: 1.34 to 1.37)" ;;
+esac
 BINARIES=(etcd kube-apiserver kube-scheduler kube-controller-manager)
 K8S_CMDS=(kube-apiserver kube-scheduler kube-controller-manager)
 

@@ -46,19 +46,145 @@ HERE = Path(__file__).resolve().parent
 BUILD_SCRIPT = HERE / "controlplane-build.sh"
 BINARY_NAMES = ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-manager")
 
-# Feature gates pinned for Kubernetes v1.37 (see pkg/features/kube_features.go at v1.37.2):
-#   DRAPartitionableDevices, DRAConsumableCapacity, DRADeviceBindingConditions: beta, default on
-#   DRADeviceTaints: GA, default on, not yet locked
-#   DRAPrioritizedList, DRAResourceClaimDeviceStatus: GA, locked to true (setting true is fine)
-# Setting them explicitly pins behaviour instead of relying on defaults.
-DEFAULT_FEATURE_GATES: dict[str, bool] = {
-    "DRAPartitionableDevices": True,
-    "DRAConsumableCapacity": True,
-    "DRADeviceTaints": True,
-    "DRADeviceBindingConditions": True,
-    "DRAPrioritizedList": True,
-    "DRAResourceClaimDeviceStatus": True,
+#: The Kubernetes release the harness runs unless ``DRA_K8S_VERSION`` names another one (the
+#: build scripts read the same variable, and cache each release's binaries apart).
+DEFAULT_K8S_VERSION = "v1.37.2"
+#: Oldest and newest minor releases the harness knows the feature gates of.
+SUPPORTED_MINORS = range(34, 38)
+
+#: The DRA feature gates the project uses, and their defaults in each minor release
+#: (pkg/features/kube_features.go of v1.34.4, v1.35.4, v1.36.3, v1.37.2). A gate missing from
+#: a release's map does not exist there: naming it on a command line makes every binary of
+#: that release refuse to start.
+DRA_GATE_DEFAULTS: dict[int, dict[str, bool]] = {
+    34: {
+        "DRAPartitionableDevices": False,  # alpha
+        "DRAConsumableCapacity": False,  # alpha
+        "DRADeviceTaints": False,  # alpha; its DeviceTaintRule API is resource.k8s.io/v1alpha3
+        "DRADeviceBindingConditions": False,  # alpha
+        "DRAPrioritizedList": True,  # beta
+        "DRAResourceClaimDeviceStatus": True,  # beta
+    },
+    35: {
+        "DRAPartitionableDevices": False,  # alpha
+        "DRAConsumableCapacity": False,  # alpha
+        "DRADeviceTaints": False,  # alpha
+        "DRADeviceTaintRules": False,  # alpha, resource.k8s.io/v1alpha3
+        "DRADeviceBindingConditions": False,  # alpha
+        "DRAPrioritizedList": True,  # beta
+        "DRAResourceClaimDeviceStatus": True,  # beta
+    },
+    36: {
+        "DRAPartitionableDevices": True,  # beta
+        "DRAConsumableCapacity": True,  # beta
+        "DRADeviceTaints": True,  # beta
+        "DRADeviceTaintRules": False,  # beta, resource.k8s.io/v1beta2
+        "DRADeviceBindingConditions": True,  # beta
+        "DRAPrioritizedList": True,  # GA
+        "DRAResourceClaimDeviceStatus": True,  # beta
+    },
+    37: {
+        "DRAPartitionableDevices": True,  # beta
+        "DRAConsumableCapacity": True,  # beta
+        "DRADeviceTaints": True,  # GA, not locked
+        "DRADeviceTaintRules": True,  # GA
+        "DRADeviceBindingConditions": True,  # beta
+        "DRAPrioritizedList": True,  # GA, locked to true (setting true is fine)
+        "DRAResourceClaimDeviceStatus": True,  # GA, locked to true
+    },
 }
+#: The gates turned on in the ``dra`` gate set (where the release has them): every DRA feature
+#: the agent can use. DeviceTaintRules are left to the release's default, as the agent does not
+#: write them.
+DRA_GATES = (
+    "DRAPartitionableDevices",
+    "DRAConsumableCapacity",
+    "DRADeviceTaints",
+    "DRADeviceBindingConditions",
+    "DRAPrioritizedList",
+    "DRAResourceClaimDeviceStatus",
+)
+#: ``DRA_TEST_GATES`` values: ``dra`` turns on :data:`DRA_GATES` (the default, and on 1.37 the
+#: same flags as before releases were selectable); ``default`` sets no gate, as most clusters run.
+GATE_SETS = ("dra", "default")
+#: The gates of the ``dra`` set on the default release.
+DEFAULT_FEATURE_GATES: dict[str, bool] = dict.fromkeys(DRA_GATES, True)
+#: The API version serving DeviceTaintRule per minor release: with its gate on and that version
+#: off, the scheduler waits for ever on an informer that cannot list (``failed to list
+#: *v1alpha3.DeviceTaintRule``) and schedules no pod with a claim.
+_DEVICE_TAINT_RULE_API: dict[int, tuple[str, str]] = {
+    34: ("DRADeviceTaints", "resource.k8s.io/v1alpha3=true"),
+    35: ("DRADeviceTaintRules", "resource.k8s.io/v1alpha3=true"),
+    36: ("DRADeviceTaintRules", "resource.k8s.io/v1beta2=true"),
+}
+
+
+def selected_k8s_version() -> str:
+    """The release selected by ``DRA_K8S_VERSION`` (e.g. ``v1.34.4``), else the default."""
+    return os.environ.get("DRA_K8S_VERSION", "").strip() or DEFAULT_K8S_VERSION
+
+
+def k8s_minor(version: str) -> int:
+    """The minor release of ``version`` (``v1.34.4`` -> 34), which must be a supported one."""
+    parts = version.removeprefix("v").split(".")
+    if len(parts) != 3 or parts[0] != "1" or not all(p.isdigit() for p in parts):
+        msg = f"{version!r} is not a Kubernetes release like v1.34.4"
+        raise ValueError(msg)
+    minor = int(parts[1])
+    if minor not in SUPPORTED_MINORS:
+        oldest, newest = SUPPORTED_MINORS[0], SUPPORTED_MINORS[-1]
+        msg = f"Kubernetes {version}: the harness supports 1.{oldest} to 1.{newest}"
+        raise ValueError(msg)
+    return minor
+
+
+def selected_gate_set() -> str:
+    """The gate set selected by ``DRA_TEST_GATES`` (``dra`` or ``default``), else ``dra``."""
+    chosen = os.environ.get("DRA_TEST_GATES", "").strip() or "dra"
+    if chosen not in GATE_SETS:
+        msg = f"DRA_TEST_GATES={chosen!r}: choose one of {', '.join(GATE_SETS)}"
+        raise ValueError(msg)
+    return chosen
+
+
+def release_feature_gates(
+    version: str, gates: str = "dra", overrides: Mapping[str, bool] | None = None
+) -> dict[str, bool]:
+    """The ``--feature-gates`` of ``version`` for the gate set ``gates``, with ``overrides``.
+
+    An override turning off a gate the release does not have is dropped (the feature does not
+    exist there); turning one on raises :class:`ValueError` rather than a binary refusing to
+    start with a less clear message.
+    """
+    known = DRA_GATE_DEFAULTS[k8s_minor(version)]
+    if gates not in GATE_SETS:
+        msg = f"gate set {gates!r}: choose one of {', '.join(GATE_SETS)}"
+        raise ValueError(msg)
+    chosen = {g: True for g in DRA_GATES if g in known} if gates == "dra" else {}
+    for gate, enabled in (overrides or {}).items():
+        is_dra_gate = any(gate in release for release in DRA_GATE_DEFAULTS.values())
+        if is_dra_gate and gate not in known:
+            if enabled:
+                msg = f"feature gate {gate} does not exist in Kubernetes {version}"
+                raise ValueError(msg)
+            continue
+        chosen[gate] = enabled
+    return chosen
+
+
+def release_runtime_config(
+    version: str, feature_gates: Mapping[str, bool], base: Sequence[str] = ()
+) -> list[str]:
+    """``base`` plus the API versions the release needs served for ``feature_gates``."""
+    config = list(base)
+    gate_and_api = _DEVICE_TAINT_RULE_API.get(k8s_minor(version))
+    if gate_and_api is not None:
+        gate, api = gate_and_api
+        if feature_gates.get(gate, False) and api not in config:
+            config.append(api)
+    return config
+
+
 DEFAULT_RUNTIME_CONFIG = ("resource.k8s.io/v1=true",)
 # Controllers needed for DRA tests: ResourceClaimTemplates -> claims, ServiceAccounts + tokens so
 # pods can be created in fresh namespaces, namespace deletion, garbage collection of owned claims.
@@ -99,8 +225,10 @@ def find_binaries(
     build: bool = True,
     timeout: float | None = None,
     progress: Callable[[str], None] | None = None,
+    version: str | None = None,
 ) -> Path:
-    """Return the directory holding the four binaries.
+    """Return the directory holding the four binaries of Kubernetes ``version`` (default:
+    :func:`selected_k8s_version`).
 
     Runs build.sh (which uses ``DRA_TEST_BINARIES`` when set, else a cached or fresh build).
     Raises :class:`BinariesUnavailable` with the script's error output when that fails. With
@@ -116,23 +244,33 @@ def find_binaries(
             msg = f"DRA_TEST_BINARIES={d} lacks executable {missing}"
             raise BinariesUnavailable(msg)
         return d
-    return run_build_script(BUILD_SCRIPT, timeout, progress)
+    return run_build_script(BUILD_SCRIPT, timeout, progress, version=version)
 
 
 def run_build_script(
-    script: Path, timeout: float | None = None, progress: Callable[[str], None] | None = None
+    script: Path,
+    timeout: float | None = None,
+    progress: Callable[[str], None] | None = None,
+    *,
+    version: str | None = None,
 ) -> Path:
     """Run a build script that prints its bin directory as the last line on stdout.
 
     Its progress lines (stderr) go to ``progress`` as they come (default: this process's
     stderr), so a long first build shows where it is; a failure raises
-    :class:`BinariesUnavailable` with the last lines of it.
+    :class:`BinariesUnavailable` with the last lines of it. ``version`` is the Kubernetes
+    release to provide (the script's ``DRA_K8S_VERSION``; default: :func:`selected_k8s_version`).
     """
+    env = {**os.environ, "DRA_K8S_VERSION": version or selected_k8s_version()}
     report = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     last: collections.deque[str] = collections.deque(maxlen=40)
     try:
         with subprocess.Popen(
-            ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ["bash", str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         ) as proc:
             assert proc.stdout is not None and proc.stderr is not None
             timer = threading.Timer(timeout, proc.kill) if timeout else None
@@ -266,6 +404,8 @@ class ControlPlane:
         *,
         scheduler: bool = True,
         controller_manager: bool = True,
+        k8s_version: str | None = None,
+        gates: str | None = None,
         feature_gates: Mapping[str, bool] | None = None,
         runtime_config: Sequence[str] = DEFAULT_RUNTIME_CONFIG,
         controllers: Sequence[str] = DEFAULT_CONTROLLERS,
@@ -276,10 +416,14 @@ class ControlPlane:
         self.binaries = Path(binaries) if binaries is not None else None
         self.want_scheduler = scheduler
         self.want_controller_manager = controller_manager
-        gates = dict(DEFAULT_FEATURE_GATES)
-        gates.update(feature_gates or {})
-        self.feature_gates = gates
-        self.runtime_config = list(runtime_config)
+        # The release and gate set default to DRA_K8S_VERSION and DRA_TEST_GATES; gates
+        # the release does not have are never passed, so its binaries start.
+        self.k8s_version = k8s_version or selected_k8s_version()
+        self.gates = gates or selected_gate_set()
+        self.feature_gates = release_feature_gates(self.k8s_version, self.gates, feature_gates)
+        self.runtime_config = release_runtime_config(
+            self.k8s_version, self.feature_gates, runtime_config
+        )
         self.controllers = list(controllers)
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.start_timeout = start_timeout
@@ -306,7 +450,7 @@ class ControlPlane:
 
     def start(self) -> ControlPlane:
         if self.binaries is None:
-            self.binaries = find_binaries()
+            self.binaries = find_binaries(version=self.k8s_version)
         for b in BINARY_NAMES:
             if not os.access(self.binaries / b, os.X_OK):
                 msg = f"{self.binaries / b} is missing or not executable"
@@ -373,8 +517,12 @@ class ControlPlane:
         (wd / "tokens.csv").chmod(0o600)
         (wd / "certs").mkdir()
 
-    def _gates_flag(self) -> str:
-        return ",".join(f"{k}={str(v).lower()}" for k, v in sorted(self.feature_gates.items()))
+    def _gates_args(self) -> list[str]:
+        """``--feature-gates`` of the chosen gates; none at all for the release's defaults."""
+        if not self.feature_gates:
+            return []
+        flag = ",".join(f"{k}={str(v).lower()}" for k, v in sorted(self.feature_gates.items()))
+        return [f"--feature-gates={flag}"]
 
     def _component(self, name: str, argv: list[str]) -> _Component:
         assert self.workdir is not None
@@ -425,7 +573,6 @@ class ControlPlane:
         port = free_port()
         self._ports["kube-apiserver"] = port
         self.server = f"https://127.0.0.1:{port}"
-        gates = self._gates_flag()
         argv = [
             str(self.binaries / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
@@ -441,7 +588,7 @@ class ControlPlane:
             f"--service-account-signing-key-file={wd / 'sa.key'}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--allow-privileged=true",
-            f"--feature-gates={gates}",
+            *self._gates_args(),
             f"--runtime-config={','.join(self.runtime_config)}",
             "--enable-priority-and-fairness=false",
             "--endpoint-reconciler-type=none",
@@ -517,7 +664,7 @@ class ControlPlane:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={port}",
                 *extra,
-                f"--feature-gates={self._gates_flag()}",
+                *self._gates_args(),
                 "--v=2",
             ],
         )

@@ -95,10 +95,13 @@ class NodeError(ControlPlaneError):
     """The node could not be provided, failed to start, or did not become Ready."""
 
 
-def find_node_binaries(progress: Callable[[str], None] | None = None) -> Path:
-    """The directory holding the node's binaries (see ``node-build.sh``); build progress goes
-    to ``progress`` (default: stderr)."""
-    return run_build_script(BUILD_SCRIPT, progress=progress)
+def find_node_binaries(
+    progress: Callable[[str], None] | None = None, version: str | None = None
+) -> Path:
+    """The directory holding the node's binaries (see ``node-build.sh``) with the kubelet of
+    Kubernetes ``version`` (default: ``DRA_K8S_VERSION``, else the default release); build
+    progress goes to ``progress`` (default: stderr)."""
+    return run_build_script(BUILD_SCRIPT, progress=progress, version=version)
 
 
 def _mount_points() -> list[str]:
@@ -230,6 +233,7 @@ class Node:
         self.control_plane = control_plane
         self.binaries = binaries
         self.name = name
+        # The kubelet runs the control plane's release and, unless told otherwise, its gates.
         self.feature_gates = dict(feature_gates or control_plane.feature_gates)
         self.start_timeout = start_timeout
         self.workdir: Path | None = None
@@ -300,7 +304,7 @@ class Node:
         if self.control_plane.kubeconfig_path is None:
             raise NodeError("start the control plane before the node")
         if self.binaries is None:
-            self.binaries = find_node_binaries()
+            self.binaries = find_node_binaries(version=self.control_plane.k8s_version)
         self.host = HostState()
         self.workdir = Path(tempfile.mkdtemp(prefix="dra-core-node-"))
         try:

@@ -14,6 +14,10 @@ per-test timeout) by ``build.sh``: ``DRA_TEST_BINARIES`` if set, else a cached b
 fresh build (long on the first run). If they cannot be provided, controlplane tests FAIL when
 ``CI`` is true or a build was attempted and failed; a developer without a Go toolchain gets a
 skip with a message. Deselect them with ``-m "not controlplane"``.
+
+The Kubernetes release is ``DRA_K8S_VERSION`` (default: the project's, v1.37.2) and its
+feature gates ``DRA_TEST_GATES``: ``dra`` (the default) turns on the DRA gates the release has,
+``default`` leaves the release's defaults, as most clusters run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from pathlib import Path
 
 import pytest
 
-from dra_core.testing.controlplane import BinariesUnavailable, ControlPlane, find_binaries
+from dra_core.testing.controlplane import (
+    BinariesUnavailable,
+    ControlPlane,
+    find_binaries,
+    k8s_minor,
+    selected_gate_set,
+    selected_k8s_version,
+)
 from tests.controlplane import helpers
 
 MARKER = "controlplane"
@@ -45,6 +56,21 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def _release_and_gates() -> tuple[str, str]:
+    """The release and gate set chosen by the environment, checked once for the session."""
+    version, gates = selected_k8s_version(), selected_gate_set()
+    k8s_minor(version)  # raises ValueError for a release the harness does not know
+    return version, gates
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    try:
+        version, gates = _release_and_gates()
+    except ValueError as e:
+        return f"controlplane: {e}"
+    return f"controlplane: Kubernetes {version}, feature gates: {gates} (DRA_TEST_GATES)"
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Provide the binaries once, before any test (and its timeout) starts."""
     if session.config.option.collectonly:
@@ -52,6 +78,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not any(item.get_closest_marker(MARKER) for item in session.items):
         return
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    try:
+        _STATE["k8s_version"], _STATE["gates"] = _release_and_gates()
+    except ValueError as e:
+        _STATE["error"], _STATE["attempted"] = str(e), True
+        return
     can_build = bool(os.environ.get("DRA_TEST_BINARIES")) or shutil.which("go") is not None
     if not can_build:
         _STATE["error"] = (
@@ -68,7 +99,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         )
     t0 = time.monotonic()
     try:
-        _STATE["binaries"] = find_binaries()
+        _STATE["binaries"] = find_binaries(version=_STATE["k8s_version"])
     except BinariesUnavailable as e:
         _STATE["error"] = str(e)
         _STATE["attempted"] = True
@@ -83,9 +114,10 @@ def _binaries_or_fail() -> Path:
         return _STATE["binaries"]
     if "error" not in _STATE:  # plugin used without collection hook (e.g. fixture in odd item)
         try:
-            _STATE["binaries"] = find_binaries()
+            _STATE["k8s_version"], _STATE["gates"] = _release_and_gates()
+            _STATE["binaries"] = find_binaries(version=_STATE["k8s_version"])
             return _STATE["binaries"]
-        except BinariesUnavailable as e:
+        except (BinariesUnavailable, ValueError) as e:
             _STATE["error"], _STATE["attempted"] = str(e), True
     msg = _STATE["error"]
     if _in_ci() or _STATE.get("attempted"):
@@ -99,7 +131,7 @@ def control_plane():
     binaries = _binaries_or_fail()
     if "start_error" in _STATE:  # don't retry a failed start for every test
         pytest.fail(_STATE["start_error"], pytrace=False)
-    cp = ControlPlane(binaries=binaries)
+    cp = ControlPlane(binaries=binaries, k8s_version=_STATE["k8s_version"], gates=_STATE["gates"])
     try:
         cp.start()
     except Exception as e:  # noqa: BLE001

@@ -9,7 +9,8 @@ Registered from ``tests/conftest.py``. Fixtures:
 
 The node's binaries are provided before the first test (``node-build.sh``: a cached build, or
 ``DRA_TEST_NODE_BINARIES``); the first build takes several minutes and shows its progress.
-Without root or a Go toolchain these tests skip, except in CI, where they fail.
+Without root or a Go toolchain these tests skip, except in CI, where they fail. The kubelet
+is of the release ``DRA_K8S_VERSION`` selects, as the control plane is, with the same gates.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pytest
 import yaml
 
 from dra_core.manifests import device_class_manifests
-from dra_core.testing.controlplane import BinariesUnavailable
+from dra_core.testing.controlplane import BinariesUnavailable, selected_k8s_version
 from dra_core.testing.node import Node, find_node_binaries
 from tests.controlplane import helpers
 from tests.realnode.agent_image import AgentImage, ImageUnavailable, build_agent_image
@@ -68,8 +69,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     say("[realnode] providing binaries via dra_core/testing/node-build.sh ...")
     t0 = time.monotonic()
     try:
-        _STATE["binaries"] = find_node_binaries(progress=say)
-    except BinariesUnavailable as e:
+        _STATE["binaries"] = find_node_binaries(progress=say, version=selected_k8s_version())
+    except (BinariesUnavailable, ValueError) as e:
         _STATE["error"] = str(e)
     say(f"[realnode] binaries: {_STATE.get('binaries', 'FAILED')} ({time.monotonic() - t0:.1f}s)")
 
@@ -186,13 +187,16 @@ def fake_device_classes(kube_api) -> Iterator[None]:
     from dra_backend_fake import plugin
 
     classes = device_class_manifests(plugin.dra_device_classes(plugin.dra_backend_identity()))
-    for body in classes:
-        helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)
+    created: list[str] = []
     try:
+        # A class the release refuses must not leave the ones created before it behind.
+        for body in classes:
+            helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)
+            created.append(body["metadata"]["name"])
         yield
     finally:
-        for body in classes:
-            helpers.delete_device_class(kube_api, body["metadata"]["name"])
+        for name in created:
+            helpers.delete_device_class(kube_api, name)
 
 
 @pytest.fixture
