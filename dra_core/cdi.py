@@ -31,11 +31,18 @@ from typing import Any
 
 from loguru import logger
 
-from dra_core.fileio import atomic_write, make_directories, remove_stale_temps
+from dra_core.fileio import (
+    BoundedReadError,
+    atomic_write,
+    make_directories,
+    read_regular_file,
+    remove_stale_temps,
+)
 from dra_core.model import BackendIdentity, DeviceNode, Mount, PreparedClaim, PreparedDevice
 
 __all__ = (
     "BASE_VERSION",
+    "MAX_SPEC_BYTES",
     "SPEC_MODE",
     "CdiError",
     "CdiSpecs",
@@ -47,6 +54,9 @@ BASE_VERSION = "0.3.0"
 #: Container runtimes read the specs, so they are world-readable (and only root-writable).
 SPEC_MODE = 0o644
 _DIR_MODE = 0o755
+#: The most read of an existing spec file: a claim's spec (32 devices at most, as the API
+#: allows in one allocation) takes a few kilobytes, so a larger file is not one this agent wrote.
+MAX_SPEC_BYTES = 1 << 20
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _UUID_PART = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -329,8 +339,10 @@ class CdiSpecs:
             return ids
         data = (json.dumps(spec, indent=2) + "\n").encode("utf-8")
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if path.read_bytes() == data and stat.S_IMODE(path.stat().st_mode) == SPEC_MODE:
+            # Anything but a regular file of this content (a FIFO, a larger file) is replaced.
+            with contextlib.suppress(FileNotFoundError, BoundedReadError):
+                same = read_regular_file(path, len(data)) == data
+                if same and stat.S_IMODE(path.stat().st_mode) == SPEC_MODE:
                     return ids
             make_directories(self._directory, _DIR_MODE)
             atomic_write(path, data, SPEC_MODE, durable=False)
@@ -369,7 +381,7 @@ class CdiSpecs:
         """The spec of ``claim_uid`` as written, or None; CdiError if it is not a JSON object."""
         path = self.spec_path(claim_uid)
         try:
-            raw = path.read_bytes()
+            raw = read_regular_file(path, MAX_SPEC_BYTES)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -407,7 +419,7 @@ class CdiSpecs:
             if match is None:
                 continue
             try:
-                content = json.loads((self._directory / name).read_bytes())
+                content = json.loads(read_regular_file(self._directory / name, MAX_SPEC_BYTES))
             except FileNotFoundError:
                 continue
             except (OSError, ValueError):

@@ -134,6 +134,15 @@ def _add_rate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_backend_options(parser: argparse.ArgumentParser, backend_options: Sequence[Any]) -> None:
+    """The loaded backend's options (``--NAME``, default from its environment variable)."""
+    group = parser.add_argument_group("backend options")
+    for option in backend_options:
+        default = _env(option.env, option.default) if option.env else option.default
+        env_note = f" (env {option.env})" if option.env else ""
+        group.add_argument(f"--{option.name}", default=default, help=option.help + env_note)
+
+
 def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dra-core",
@@ -306,11 +315,7 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     )
 
     for sub in (run, discover, doctor):
-        group = sub.add_argument_group("backend options")
-        for option in backend_options:
-            default = _env(option.env, option.default) if option.env else option.default
-            env_note = f" (env {option.env})" if option.env else ""
-            group.add_argument(f"--{option.name}", default=default, help=option.help + env_note)
+        _add_backend_options(sub, backend_options)
 
     demo = commands.add_parser(
         "demo",
@@ -319,13 +324,15 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         "kube-scheduler, kube-controller-manager; built from their Go modules on first use "
         "and cached, or taken from DRA_TEST_BINARIES), run the node agent on a backend "
         "against it, schedule a pod with a ResourceClaim, prepare and unprepare it through "
-        "the agent's kubelet socket, and clean up.",
+        "the agent's kubelet socket, and clean up. The backend's options are those of "
+        "'dra-core run' (see 'dra-core demo --backend NAME --help').",
     )
     demo.add_argument(
         "--backend",
         default=_env(BACKEND_ENV, "fake"),
         help="the backend to demonstrate (default: fake, which needs no hardware)",
     )
+    _add_backend_options(demo, backend_options)
 
     backends = commands.add_parser(
         "backends",
@@ -576,7 +583,7 @@ def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.testing.controlplane import ControlPlaneError
 
     try:
-        run_demo(hooks)
+        run_demo(hooks, backend_options=_options(args, hooks))
     except (DemoError, ControlPlaneError) as exc:
         msg = f"the demo failed: {exc}"
         raise CliError(msg) from None

@@ -1,10 +1,11 @@
 """``dra-core demo``: the whole DRA flow on one machine, with real Kubernetes components.
 
-It starts a local control plane (etcd, kube-apiserver, kube-scheduler,
-kube-controller-manager), runs the node agent on a backend (the fake one by default) against
-it, lets the real scheduler allocate a device to a pod, prepares the claim through the agent's
-kubelet socket as the kubelet would, shows the CDI spec a container runtime would get, and
-cleans everything up.
+It provides the control-plane binaries (built from their Go modules on first use, with the
+build's progress shown as it goes), starts a local control plane (etcd, kube-apiserver,
+kube-scheduler, kube-controller-manager), runs the node agent on a backend (the fake one by
+default, with the backend's options as ``dra-core run`` takes them) against it, lets the real
+scheduler allocate a device to a pod, prepares the claim through the agent's kubelet socket as
+the kubelet would, shows the CDI spec a container runtime would get, and cleans everything up.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,15 +24,17 @@ from dra_core.manifests import device_class_manifests
 from dra_core.model import ClaimRef
 from dra_core.plugins import Hooks
 from dra_core.runtime import Agent, AgentSettings
-from dra_core.testing.controlplane import ControlPlane, find_binaries
+from dra_core.testing.controlplane import BUILD_SCRIPT, ControlPlane, run_build_script
 from dra_core.testing.kubelet import FakeKubelet
 
-__all__ = ("run_demo",)
+__all__ = ("DemoError", "provide_binaries", "run_demo")
 
 NODE = "demo-node"
 NAMESPACE = "default"
 RESOURCE_API = "/apis/resource.k8s.io/v1"
 T = TypeVar("T")
+#: Seconds without a line from the build script after which the demo says it is still building.
+QUIET_BUILD_INTERVAL = 30.0
 
 
 class DemoError(Exception):
@@ -86,15 +90,67 @@ def _create_node(client: KubeClient) -> None:
     )
 
 
-def run_demo(hooks: Hooks, say: Callable[[str], None] = print) -> None:
-    """Run the demo with the loaded backend, reporting each step through ``say``."""
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}:{rest:02d}"
+
+
+def provide_binaries(
+    say: Callable[[str], None],
+    script: Path = BUILD_SCRIPT,
+    quiet_interval: float = QUIET_BUILD_INTERVAL,
+) -> Path:
+    """The control-plane binaries from ``script`` (cached, prebuilt or built now).
+
+    Each progress line of the script is passed to ``say`` as it comes, after the time elapsed
+    since the start; when the script says nothing for ``quiet_interval`` seconds (a Go build
+    step runs for minutes), ``say`` is told it is still building.
+    """
+    started = time.monotonic()
+    last_line = [started]
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def report(line: str) -> None:
+        with lock:
+            now = time.monotonic()
+            last_line[0] = now
+            say(f"      {_clock(now - started)} {line}")
+
+    def still_building() -> None:
+        while not finished.wait(quiet_interval / 4):
+            with lock:
+                now = time.monotonic()
+                if now - last_line[0] >= quiet_interval:
+                    last_line[0] = now
+                    say(f"      {_clock(now - started)} ... still building")
+
+    watcher = threading.Thread(target=still_building, name="demo-build-progress", daemon=True)
+    watcher.start()
+    try:
+        return run_build_script(script, progress=report)
+    finally:
+        finished.set()
+        watcher.join()
+
+
+def run_demo(
+    hooks: Hooks,
+    say: Callable[[str], None] = print,
+    backend_options: Mapping[str, str | None] | None = None,
+) -> None:
+    """Run the demo with the loaded backend, reporting each step through ``say``.
+
+    ``backend_options`` are the backend's option values by name with ``_`` for ``-`` (as
+    ``dra-core run`` passes them), e.g. ``{"sysfs_root": "/tmp/node/sys"}`` for i915.
+    """
     steps = 7
 
     def step(n: int, text: str) -> None:
         say(f"[{n}/{steps}] {text}")
 
     step(1, "control-plane binaries (built from Go modules on first use, then cached) ...")
-    binaries = find_binaries()
+    binaries = provide_binaries(say)
     say(f"      {binaries}")
     step(2, "starting etcd, kube-apiserver, kube-scheduler, kube-controller-manager ...")
     work = Path(tempfile.mkdtemp(prefix="dra-demo-", dir="/tmp"))
@@ -103,16 +159,59 @@ def run_demo(hooks: Hooks, say: Callable[[str], None] = print) -> None:
         say(f"      API server {plane.server} ready in {time.monotonic() - started:.1f} s")
         client = load_client(str(plane.kubeconfig_path))
         try:
-            _demo_with_cluster(hooks, client, work, step, say)
+            _demo_with_cluster(hooks, client, work, dict(backend_options or {}), step, say)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     say("done: control plane stopped, temporary files removed")
+
+
+def _published_pools(client: KubeClient, driver: str) -> list[dict[str, Any]] | None:
+    """The driver's slices on the demo node once every pool is complete, else None.
+
+    A pool is complete when it has ``resourceSliceCount`` slices of its newest generation; the
+    agent writes them one after another, and slices of an older generation may still be there
+    while it replaces them.
+    """
+    listed = client.get(
+        f"{RESOURCE_API}/resourceslices",
+        query={"fieldSelector": f"spec.nodeName={NODE},spec.driver={driver}"},
+    )["items"]
+    by_pool: dict[str, list[dict[str, Any]]] = {}
+    for item in listed:
+        by_pool.setdefault(item["spec"]["pool"]["name"], []).append(item)
+    published: list[dict[str, Any]] = []
+    for pool_slices in by_pool.values():
+        newest = max(int(s["spec"]["pool"]["generation"]) for s in pool_slices)
+        current = [s for s in pool_slices if int(s["spec"]["pool"]["generation"]) == newest]
+        if len(current) != int(current[0]["spec"]["pool"]["resourceSliceCount"]):
+            return None
+        published.extend(current)
+    return published or None
+
+
+def _describe_slices(slices: list[dict[str, Any]]) -> str:
+    devices = sum(len(s["spec"].get("devices") or ()) for s in slices)
+    counter_sets = sum(len(s["spec"].get("sharedCounters") or ()) for s in slices)
+    pools = sorted(
+        {
+            f"{s['spec']['pool']['name']} generation {s['spec']['pool']['generation']}"
+            for s in slices
+        }
+    )
+    counted = f"{devices} device{'s' * (devices != 1)}"
+    if counter_sets:
+        counted += f" and {counter_sets} counter set{'s' * (counter_sets != 1)}"
+    return (
+        f"published {counted} in {len(slices)} ResourceSlice{'s' * (len(slices) != 1)} "
+        f"(pool {', '.join(pools)})"
+    )
 
 
 def _demo_with_cluster(
     hooks: Hooks,
     client: KubeClient,
     work: Path,
+    backend_options: dict[str, str | None],
     step: Callable[[int, str], None],
     say: Callable[[str], None],
 ) -> None:
@@ -140,6 +239,7 @@ def _demo_with_cluster(
         cdi_dir=work / "cdi",
         http_port=0,
         poll_interval=1.0,
+        backend_options=backend_options,
     )
     agent = Agent(settings, hooks, client=client)
     started = time.monotonic()
@@ -154,13 +254,9 @@ def _demo_with_cluster(
             )
             slices = _wait(
                 "the agent's ResourceSlices",
-                lambda: client.get(
-                    f"{RESOURCE_API}/resourceslices",
-                    query={"fieldSelector": f"spec.nodeName={NODE}"},
-                )["items"],
+                lambda: _published_pools(client, identity.driver_name),
             )
-            devices = sum(len(s["spec"].get("devices", [])) for s in slices)
-            say(f"      published {devices} devices in {len(slices)} ResourceSlices")
+            say(f"      {_describe_slices(slices)}")
             _claim_and_prepare(
                 client, kubelet, classes[0]["metadata"]["name"], settings.cdi_dir, step, say
             )

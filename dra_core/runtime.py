@@ -41,7 +41,8 @@ from dra_core.model import (
     validate_driver_name,
     validate_inventory,
 )
-from dra_core.plugins import WATCHED_HOOKS, HookError, HookLimits, Hooks, StuckCall
+from dra_core.plugins import Hooks
+from dra_core.watchdog import WATCHED_HOOKS, HookError, HookLimits, StuckCall
 
 if TYPE_CHECKING:
     from dra_core.health import HealthTracker
@@ -169,9 +170,11 @@ class _Gate:
         with self._tracked():
             return self._wait(deadline).prepare(claims, deadline=deadline)
 
-    def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
+    def unprepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> Mapping[str, str]:
         with self._tracked():
-            return self._wait().unprepare(claims)
+            return self._wait(deadline).unprepare(claims, deadline=deadline)
 
 
 class Agent:

@@ -30,15 +30,14 @@ from dra_core import (
     PreparedDevice,
     hookimpl,
 )
-from dra_core.plugins import (
+from dra_core.plugins import Hooks, from_objects
+from dra_core.watchdog import (
     MAX_STUCK_CALLS,
     HookError,
     HookLimits,
-    Hooks,
     HookStuck,
     HookTimeout,
     StuckCall,
-    from_objects,
 )
 
 CONTEXT = NodeContext(node_name="node-1", driver_name="block.example.com")

@@ -9,6 +9,7 @@ from typing import Literal
 
 from loguru import logger
 
+from dra_core.fileio import read_regular_file
 from dra_core.model import (
     AllocatedDevice,
     ClaimRef,
@@ -29,6 +30,8 @@ __all__ = (
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+#: The most read of the boot ID file: a UUID and a newline take 37 bytes.
+BOOT_ID_BYTES = 64
 
 Phase = Literal["started", "completed"]
 _PHASES: tuple[Phase, ...] = ("started", "completed")
@@ -99,7 +102,7 @@ def current_boot_id(path: Path = BOOT_ID_PATH) -> str:
     being from another boot only if the ID later becomes readable.
     """
     try:
-        return Path(path).read_text(encoding="ascii").strip()
+        return read_regular_file(path, BOOT_ID_BYTES).decode("ascii").strip()
     except (OSError, UnicodeDecodeError) as exc:
         logger.warning("cannot read the boot ID from {}: {}; reboot detection is off", path, exc)
         return ""

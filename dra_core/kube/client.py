@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS, TokenBucket
+from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS, TokenBucket, seconds_left
 
 if TYPE_CHECKING:  # pragma: no cover
     from kubernetes.client import ApiClient
@@ -38,6 +38,8 @@ __all__ = (
 #: burst); a QPS of 0 disables the limit.
 QPS_ENV = "DRA_KUBE_API_QPS"
 BURST_ENV = "DRA_KUBE_API_BURST"
+#: The shortest time a request bounded by its caller's deadline is given.
+_MIN_REQUEST_SECONDS = 0.05
 
 
 class ApiError(Exception):
@@ -169,6 +171,11 @@ class KubeClient:
 
         if self.limiter is not None:
             self.limiter.acquire()
+        left = seconds_left()
+        if left is not None and isinstance(timeout, int | float):
+            # The wait for a token may have used part of the caller's time: what is left bounds
+            # the request (never below a floor that lets a near-instant answer arrive).
+            timeout = min(timeout, max(left, _MIN_REQUEST_SECONDS))
         key = (request_verb(method, path, watch=stream), _resource_of(path))
         with self._count_lock:
             self.requests[key] += 1

@@ -4,6 +4,10 @@ The bucket holds up to ``burst`` tokens and refills at ``qps`` tokens a second; 
 takes one, waiting when the bucket is empty. A burst of ``burst`` requests goes out at once,
 then they are spaced ``1 / qps`` apart. Waiters are served in arrival order (a ticket is
 reserved under the lock, then waited for outside it), so a storm of prepares is paced fairly.
+
+A caller with a deadline (a kubelet call) sets it with `waits_end_by`: a request whose turn
+would come after it is not sent and raises `RateLimitTimeout`, and takes no token, so the
+requests behind it are not pushed back.
 """
 
 from __future__ import annotations
@@ -11,9 +15,19 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
-__all__ = ("DEFAULT_BURST", "DEFAULT_QPS", "TokenBucket", "parse_burst", "parse_qps")
+__all__ = (
+    "DEFAULT_BURST",
+    "DEFAULT_QPS",
+    "RateLimitTimeout",
+    "TokenBucket",
+    "parse_burst",
+    "parse_qps",
+    "waits_end_by",
+)
 
 #: Requests a second at steady state. The kubelet's own client on the same node defaults to
 #: 50 QPS / 100 burst (``kubeAPIQPS``/``kubeAPIBurst``); client-go's bare default of 5/10
@@ -22,6 +36,40 @@ __all__ = ("DEFAULT_BURST", "DEFAULT_QPS", "TokenBucket", "parse_burst", "parse_
 DEFAULT_QPS = 50.0
 #: Requests that may go out at once after a quiet period.
 DEFAULT_BURST = 100
+
+#: The time (on the buckets' clock) by which a request of this context must have its token.
+_WAIT_DEADLINE: ContextVar[float | None] = ContextVar("dra_rate_limit_deadline", default=None)
+
+
+class RateLimitTimeout(Exception):
+    """A request's turn under the rate limit would come after its caller's deadline: the
+    request was not sent. The message says how long it would have waited and what was left."""
+
+    def __init__(self, bucket: TokenBucket, wait: float, left: float) -> None:
+        self.wait = wait
+        self.left = left
+        super().__init__(
+            f"the agent's rate limit on API requests ({bucket.qps:g} a second, bursts of "
+            f"{bucket.burst}; --kube-api-qps, --kube-api-burst) did not allow the request in "
+            f"time: its turn would come in {wait:.1f} s, {max(0.0, left):.1f} s were left"
+        )
+
+
+@contextmanager
+def waits_end_by(deadline: float) -> Iterator[None]:
+    """Within the block, requests of this thread whose token would come after ``deadline``
+    (a `time.monotonic` value) raise `RateLimitTimeout` instead of waiting for it."""
+    reset = _WAIT_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _WAIT_DEADLINE.reset(reset)
+
+
+def seconds_left() -> float | None:
+    """Seconds until the deadline set by `waits_end_by` for this thread, if one is set."""
+    deadline = _WAIT_DEADLINE.get()
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def parse_qps(text: str) -> float:
@@ -78,23 +126,32 @@ class TokenBucket:
     def enabled(self) -> bool:
         return self.qps > 0
 
-    def reserve(self) -> float:
-        """Take one token now and return the seconds to wait before using it (0: none)."""
+    def reserve(self, deadline: float | None = None) -> float:
+        """Take one token now and return the seconds to wait before using it (0: none).
+
+        :raises RateLimitTimeout: the wait would end after ``deadline`` (on the bucket's
+            clock); no token is taken.
+        """
         if not self.enabled:
             return 0.0
         with self._lock:
             now = self._clock()
-            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps)
-            self._last = now
-            self._tokens -= 1.0
+            tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps) - 1.0
             # A negative balance is a queue of reservations, each 1 / qps after the previous.
-            wait = 0.0 if self._tokens >= 0 else -self._tokens / self.qps
+            wait = 0.0 if tokens >= 0 else -tokens / self.qps
+            if deadline is not None and now + wait > deadline:
+                raise RateLimitTimeout(self, wait, deadline - now)
+            self._tokens = tokens
+            self._last = now
             self.waited += wait
             return wait
 
     def acquire(self) -> float:
-        """Wait for one token; return the seconds waited."""
-        wait = self.reserve()
+        """Wait for one token; return the seconds waited.
+
+        :raises RateLimitTimeout: within `waits_end_by`, the token would come after its deadline.
+        """
+        wait = self.reserve(_WAIT_DEADLINE.get())
         if wait > 0:
             self._sleep(wait)
         return wait

@@ -35,9 +35,13 @@ class NodeService(Protocol):
         """
         ...
 
-    def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
+    def unprepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> Mapping[str, str]:
         """Unprepare ``claims``; return claim UID -> error message ("" for success).
 
         Claims this node never prepared succeed. Raising fails every claim of the call.
+        ``deadline`` is as for `prepare`: a claim that cannot be unprepared by then should fail
+        (it stays prepared, and the kubelet retries) rather than make the whole call late.
         """
         ...

@@ -6,8 +6,9 @@ request or the node service does, every requested claim UID gets an entry in the
 a malformed claim, a UID the node service forgot and an exception raised by it all become
 per-claim errors, never a failed RPC.
 
-A prepare is handed the call's deadline less a margin (`answer_by`), so that claims the node
-service could not finish in time are answered as errors before the kubelet gives up.
+A prepare and an unprepare are handed the call's deadline less a margin (`answer_by`), so
+that claims the node service could not finish in time are answered as errors before the
+kubelet gives up.
 """
 
 from __future__ import annotations
@@ -148,13 +149,13 @@ class _DRAService:
                 message.share_id = device.share_id
         log.debug("prepared {} device(s)", len(result.devices))
 
-    def unprepare(self, request: Any) -> Any:
+    def unprepare(self, request: Any, deadline: float | None = None) -> Any:
         refs, errors = _claim_refs(request.claims)
         results: Mapping[str, str] = {}
         if refs:
             logger.debug("NodeUnprepareResources ({}) for {}", self._version, [r.uid for r in refs])
             try:
-                results = self._service.unprepare(refs)
+                results = self._service.unprepare(refs, deadline=deadline)
                 _warn_extra("NodeUnprepareResources", refs, results)
             except Exception as exc:  # noqa: BLE001 - becomes every claim's error, logged with traceback
                 errors.update(_call_failed("NodeUnprepareResources", refs, exc))
@@ -190,7 +191,10 @@ class DRAv1Servicer(dra_v1_pb2_grpc.DRAPluginServicer):
     def NodeUnprepareResources(
         self, request: dra_v1_pb2.NodeUnprepareResourcesRequest, context: grpc.ServicerContext
     ) -> dra_v1_pb2.NodeUnprepareResourcesResponse:
-        response: dra_v1_pb2.NodeUnprepareResourcesResponse = self._impl.unprepare(request)
+        deadline = answer_by(context.time_remaining())
+        response: dra_v1_pb2.NodeUnprepareResourcesResponse = self._impl.unprepare(
+            request, deadline
+        )
         return response
 
 
@@ -212,7 +216,10 @@ class DRAv1beta1Servicer(dra_v1beta1_pb2_grpc.DRAPluginServicer):
     def NodeUnprepareResources(
         self, request: dra_v1beta1_pb2.NodeUnprepareResourcesRequest, context: grpc.ServicerContext
     ) -> dra_v1beta1_pb2.NodeUnprepareResourcesResponse:
-        response: dra_v1beta1_pb2.NodeUnprepareResourcesResponse = self._impl.unprepare(request)
+        deadline = answer_by(context.time_remaining())
+        response: dra_v1beta1_pb2.NodeUnprepareResourcesResponse = self._impl.unprepare(
+            request, deadline
+        )
         return response
 
 

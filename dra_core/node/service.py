@@ -9,8 +9,11 @@ is that claim's error; the others go on.
 The claims of a call are read in parallel, at most `CLAIM_READS_IN_FLIGHT` reads at once for
 the agent, without the driver lock, and every request and retry ends by the call's deadline:
 a claim not read by then fails with an error that says the API server did not answer in time,
-and the kubelet retries it. Answers from the checkpoint and unprepares never wait for the API
-server. A claim UID the checkpoint records under another namespace or name is refused.
+and the kubelet retries it; so does a read whose turn under the client's rate limit would come
+too late. The driver lock is waited for until the call's deadline too, by prepare and by
+unprepare: a claim whose call could not take it fails with an error naming the holder. Answers
+from the checkpoint and unprepares never wait for the API server. A claim UID the checkpoint
+records under another namespace or name is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import ClaimAllocation, ClaimError, fetch_claim, parse_allocation
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.kube.events import EventRecorder, ObjectRef
+from dra_core.kube.ratelimit import RateLimitTimeout, waits_end_by
 from dra_core.kube.retry import Backoff, call_with_retries
 from dra_core.model import (
     AllocatedClaim,
@@ -44,7 +48,7 @@ from dra_core.model import (
     ResultDevice,
     validate_claim_ref,
 )
-from dra_core.node.lock import DriverLock
+from dra_core.node.lock import DriverLock, DriverLockBusy
 from dra_core.plugins import HookError, Hooks
 
 __all__ = (
@@ -71,6 +75,8 @@ _READ_ATTEMPTS: Final = 3
 _READ_BACKOFF: Final = Backoff(delays=(0.5, 1.0), cap=5.0)
 #: A request is not started with less time left than this: its answer would come too late.
 _MIN_READ_SECONDS: Final = 0.05
+#: Claims named in the description of what holds the driver lock.
+_CLAIMS_NAMED: Final = 3
 
 
 class _NoTimeLeft(Exception):
@@ -165,8 +171,9 @@ class ClaimService:
         """Prepare each claim; every requested UID gets a result.
 
         ``deadline`` (a `time.monotonic` value) is when the results are due: a claim whose
-        ResourceClaim could not be read by then fails with an error that says so. None allows
-        `DEFAULT_READ_SECONDS` for the reads.
+        ResourceClaim could not be read, or the driver lock not taken, by then fails with an
+        error that says so. None allows `DEFAULT_READ_SECONDS` for the reads and waits for the
+        lock as long as it takes.
         """
         started = time.monotonic()
         read_by = started + DEFAULT_READ_SECONDS if deadline is None else deadline
@@ -193,9 +200,16 @@ class ClaimService:
             else:
                 results[uid] = self._failed(pending[uid], "prepare", outcome)
         if allocations:
-            with self.lock.held():
-                for uid, allocation in allocations.items():
-                    results[uid] = self._prepare_locked(pending[uid], allocation)
+            refs = [pending[uid] for uid in allocations]
+            try:
+                with self.lock.held(deadline, _purpose("prepare", refs)):
+                    for uid, allocation in allocations.items():
+                        results[uid] = self._prepare_locked(pending[uid], allocation)
+            except DriverLockBusy as exc:
+                for ref in refs:
+                    results[ref.uid] = self._failed(
+                        ref, "prepare", f"{exc}; the kubelet will retry"
+                    )
         return results
 
     def _prepared(self, ref: ClaimRef) -> ClaimResult | None:
@@ -261,6 +275,8 @@ class ClaimService:
             return str(exc)
         except _NoTimeLeft:
             return late
+        except RateLimitTimeout as exc:
+            return f"{where}: {exc}; the kubelet will retry"
         except ApiError as exc:
             if exc.retriable:
                 return (
@@ -292,13 +308,14 @@ class ClaimService:
             self._api_answered(True)
             return claim
 
-        claim = call_with_retries(
-            attempt,
-            what=f"read ResourceClaim {ref.namespace}/{ref.name}",
-            attempts=_READ_ATTEMPTS,
-            backoff=_READ_BACKOFF,
-            deadline=read_by,
-        )
+        with waits_end_by(read_by):  # a turn under the rate limit that comes too late fails
+            claim = call_with_retries(
+                attempt,
+                what=f"read ResourceClaim {ref.namespace}/{ref.name}",
+                attempts=_READ_ATTEMPTS,
+                backoff=_READ_BACKOFF,
+                deadline=read_by,
+            )
         return parse_allocation(claim, ref, self.driver, self.pools)
 
     def _prepare_locked(self, ref: ClaimRef, allocation: ClaimAllocation) -> ClaimResult:
@@ -427,17 +444,31 @@ class ClaimService:
 
     # -- unprepare -----------------------------------------------------------------------------
 
-    def unprepare(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
+    def unprepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> dict[str, str]:
         """Unprepare each claim from the checkpoint; unknown claims succeed.
 
         A claim whose UID the checkpoint records under another namespace or name fails and
-        stays prepared.
+        stays prepared. ``deadline`` (a `time.monotonic` value) bounds the wait for the driver
+        lock; when it is not free by then, every claim fails and stays prepared.
         """
         results: dict[str, str] = {}
-        with self.lock.held():
+        try:
+            with self.lock.held(deadline, _purpose("unprepare", claims)):
+                for ref in claims:
+                    if ref.uid not in results:
+                        results[ref.uid] = self._unprepare_locked(ref)
+        except DriverLockBusy as exc:
             for ref in claims:
-                if ref.uid not in results:
-                    results[ref.uid] = self._unprepare_locked(ref)
+                if ref.uid in results:
+                    continue
+                logger.bind(claim=ref.uid).warning("unprepare of claim {} failed: {}", ref, exc)
+                metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
+                results[ref.uid] = (
+                    f"unprepare of claim {ref} failed: {exc}; the claim stays prepared and the "
+                    f"kubelet will retry"
+                )
         return results
 
     def _unprepare_locked(self, ref: ClaimRef) -> str:
@@ -492,7 +523,7 @@ class ClaimService:
         """
         report = ReconcileReport()
         reboot: list[ClaimRef] = []
-        with self.lock.held():
+        with self.lock.held(purpose="reconciliation of the checkpoint and the CDI specs"):
             if startup:
                 self.cdi.remove_stale_temp_files()
             for uid, record in self.checkpoint.records().items():
@@ -571,13 +602,20 @@ class ClaimService:
             gone.append(record)
         if not gone:
             return
-        with self.lock.held():
+        with self.lock.held(purpose="release of claims deleted from the API server"):
             for record in gone:
                 uid = record.claim.ref.uid
                 if self.checkpoint.get(uid) == record:
                     self._reconcile_step(
                         report, report.released_gone_claims, uid, partial(self._roll_back, record)
                     )
+
+
+def _purpose(action: str, refs: Sequence[ClaimRef]) -> str:
+    """What a call holds the driver lock for: "prepare of claim default/a (uid)"."""
+    named = ", ".join(str(ref) for ref in refs[:_CLAIMS_NAMED])
+    more = f" and {len(refs) - _CLAIMS_NAMED} more" if len(refs) > _CLAIMS_NAMED else ""
+    return f"{action} of claim{'s' if len(refs) > 1 else ''} {named}{more}"
 
 
 def _recorded_as_another_claim(record: ClaimRecord, ref: ClaimRef) -> str:

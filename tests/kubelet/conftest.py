@@ -32,6 +32,7 @@ class TableNodeService:
         self.forget: set[str] = set()
         self.errors: dict[str, str] = {}
         self.deadlines: list[float | None] = []
+        self.unprepare_deadlines: list[float | None] = []
 
     def prepare(
         self, claims: Sequence[ClaimRef], deadline: float | None = None
@@ -60,9 +61,12 @@ class TableNodeService:
                 results[claim.uid] = ClaimResult(devices=(device,))
             return results
 
-    def unprepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, str]:
+    def unprepare(
+        self, claims: Sequence[ClaimRef], deadline: float | None = None
+    ) -> Mapping[str, str]:
         with self.lock:
             self.calls.append(("unprepare", [c.uid for c in claims]))
+            self.unprepare_deadlines.append(deadline)
             if self.fail is not None:
                 raise self.fail
             results = {}

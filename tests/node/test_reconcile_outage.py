@@ -178,7 +178,7 @@ def test_reboot_while_the_api_server_is_unreachable(
     second.start()
     try:
         helpers.wait_for(
-            lambda: second.service.api_reachable is False, 20, "the API server found unreachable"
+            lambda: second.service.api_reachable is False, 40, "the API server found unreachable"
         )
         assert second.readiness() and second.liveness() == []
         time.sleep(3)  # a few retries while the API server is away: nothing can change
@@ -196,7 +196,7 @@ def test_reboot_while_the_api_server_is_unreachable(
             records = second.service.checkpoint.records()
             return set(records) == {keep.uid} and records[keep.uid].boot_id == "boot-2"
 
-        helpers.wait_for(converged, 60, "the claims reconciled once the API server returned")
+        helpers.wait_for(converged, 120, "the claims reconciled once the API server returned")
         assert backend.prepared.count(keep.uid) == 2, "prepared again after the reboot"
         assert backend.prepared.count(gone.uid) == 1
         assert gone.uid in backend.unprepared, "the deleted claim was released"

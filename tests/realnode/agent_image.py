@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,16 +119,19 @@ def _wheels(into: Path) -> None:
     _run(*pip, "download", "--only-binary=:all:", "--dest", str(into), "setuptools>=65", "wheel")
 
 
+#: Builds of other source trees are kept this long: another checkout's test run may still be
+#: importing them (the cache is shared by every tree on the machine).
+_KEEP_SECONDS = 6 * 3600
+
+
 def _forget_older_builds() -> None:
     """Remove images and archives of earlier source trees, so the cache does not grow."""
-    listed = subprocess.run(
-        ["buildah", "images", "--format", "{{.Name}}:{{.Tag}}", IMAGE_REPOSITORY],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    for old in listed.stdout.split():
-        subprocess.run(["buildah", "rmi", "--force", old], capture_output=True)
     for archive in CACHE.glob("dra-core-*.tar"):
+        if time.time() - archive.stat().st_mtime < _KEEP_SECONDS:
+            continue
         archive.unlink(missing_ok=True)
+        tag = archive.name.removeprefix("dra-core-").removesuffix(".tar")
+        subprocess.run(["buildah", "rmi", f"{IMAGE_REPOSITORY}:{tag}"], capture_output=True)
 
 
 def build_agent_image(say=print) -> AgentImage:
@@ -189,3 +193,16 @@ class Mounted:
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["buildah", "umount", self.container], capture_output=True)
         subprocess.run(["buildah", "rm", self.container], capture_output=True)
+
+
+def retag(image: AgentImage, tag: str) -> AgentImage:
+    """The same image under another tag, exported as its own OCI archive (as a new release of
+    the agent would be)."""
+    name = f"{IMAGE_REPOSITORY}:{tag}"
+    _run("buildah", "tag", image.name, name)
+    archive = CACHE / f"dra-core-{tag}.tar"
+    partial = archive.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    _run("buildah", "push", "--quiet", name, f"oci-archive:{partial}:{name}")
+    partial.replace(archive)
+    return AgentImage(name=name, archive=archive, size=image.size)

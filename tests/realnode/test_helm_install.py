@@ -6,71 +6,17 @@ only what deploy/README.md names.
 from __future__ import annotations
 
 import contextlib
-from urllib.parse import urlparse
 
 import pytest
 
 from tests.controlplane import helpers
-from tests.deploy.helmcli import CHART, HelmError
+from tests.deploy.helmcli import HelmError
 from tests.realnode import pods
+from tests.realnode.helm_release import agent_pods, install_or_upgrade, node_slices, values
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.realnode]
 
 FAKE = "fake.dra-core.dev"
-
-
-def _values(image, node, control_plane) -> dict:
-    repository, tag = image.name.rsplit(":", 1)
-    return {
-        "backend": "fake",
-        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-        "kubeletDir": str(node.root_dir),
-        "cdiDir": str(node.cdi_dir),
-        "nodeSelector": {"kubernetes.io/hostname": node.name},
-        # The test node has no pod network and no Service proxy: the agent reaches the API
-        # server on the host's loopback address.
-        "hostNetwork": True,
-        "updateStrategy": {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
-        },
-        "extraEnv": [
-            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-            {"name": "KUBERNETES_SERVICE_PORT", "value": str(urlparse(control_plane.server).port)},
-        ],
-        "logFormat": "text",
-    }
-
-
-def _agent_pods(api, namespace: str) -> list[dict]:
-    return helpers.get(
-        api,
-        f"/api/v1/namespaces/{namespace}/pods",
-        query={"labelSelector": "app.kubernetes.io/component=agent"},
-    )["items"]
-
-
-def _agent_story(api, namespace: str, node) -> str:
-    """The agent pods' phases and logs, for a failure message."""
-    told = []
-    for pod in _agent_pods(api, namespace):
-        name = pod["metadata"]["name"]
-        log = node.container_log(namespace, name, "agent")[-3000:]
-        events = helpers.get(
-            api, f"/api/v1/namespaces/{namespace}/events",
-            query={"fieldSelector": f"involvedObject.name={name}"},
-        )["items"]  # fmt: skip
-        said = "; ".join(f"{ev.get('reason')}: {ev.get('message')}" for ev in events[-5:])
-        told.append(f"{name}: {pods.phase(api, namespace, name)}; events: {said}\n{log}")
-    return "\n".join(told) or "no agent pod"
-
-
-def _node_slices(api, node: str) -> list[dict]:
-    return helpers.get(
-        api,
-        f"{helpers.RESOURCE_API}/resourceslices",
-        query={"fieldSelector": f"spec.nodeName={node},spec.driver={FAKE}"},
-    )["items"]
 
 
 @pytest.mark.timeout(900)
@@ -80,35 +26,20 @@ def test_helm_install_runs_the_image_on_the_real_node_and_uninstalls_cleanly(
     real_node.import_image(agent_image.archive)
     kubeconfig = control_plane.kubeconfig_path
     release = "node"
-    args = [
-        "--namespace",
-        namespace,
-        *helm.values_args(_values(agent_image, real_node, control_plane)),
-    ]
-    try:
-        helm.run(
-            "install",
-            release,
-            str(CHART),
-            *args,
-            "--wait",
-            "--timeout",
-            "90s",
-            kubeconfig=kubeconfig,
-            timeout=200,
-        )
-    except HelmError as e:
-        raise AssertionError(
-            f"{e}\nagent: {_agent_story(kube_api, namespace, real_node)}"
-        ) from None
+    chart_values = values(agent_image, real_node, control_plane)
+    install_or_upgrade(
+        helm, "install", release, namespace, chart_values, control_plane, kube_api, real_node
+    )
     installed = True
     try:
-        (agent,) = _agent_pods(kube_api, namespace)
+        (agent,) = agent_pods(kube_api, namespace)
         assert agent["spec"]["containers"][0]["image"] == agent_image.name
         ready = {c["type"]: c["status"] for c in agent["status"]["conditions"]}
         assert ready["Ready"] == "True"  # /readyz: registered and the API server answers
         assert any(real_node.registration_dir.glob(f"{FAKE}-*reg.sock"))
-        helpers.wait_for(lambda: _node_slices(kube_api, real_node.name), 60, "the agent's slices")
+        helpers.wait_for(
+            lambda: node_slices(kube_api, real_node.name, FAKE), 60, "the agent's slices"
+        )
 
         pods.create_template(
             kube_api,
@@ -128,9 +59,11 @@ def test_helm_install_runs_the_image_on_the_real_node_and_uninstalls_cleanly(
 
         helm.run("uninstall", release, "--namespace", namespace, "--wait", kubeconfig=kubeconfig)
         installed = False
-        helpers.wait_for(lambda: not _agent_pods(kube_api, namespace), 90, "the agent to stop")
+        helpers.wait_for(lambda: not agent_pods(kube_api, namespace), 90, "the agent to stop")
         # The kubelet withdraws the slices of a driver whose last instance unregistered.
-        helpers.wait_for(lambda: not _node_slices(kube_api, real_node.name), 90, "slices to go")
+        helpers.wait_for(
+            lambda: not node_slices(kube_api, real_node.name, FAKE), 90, "slices to go"
+        )
         assert not list(real_node.registration_dir.glob(f"{FAKE}-*")), "registration socket left"
         left = sorted(
             str(p.relative_to(real_node.plugins_dir / FAKE))
