@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,23 +19,7 @@ from dra_core import (
     read_regular_file,
     read_regular_text,
 )
-
-
-def bounded(call: Callable[[], object], seconds: float = 5.0) -> BaseException | object:
-    """Run ``call`` in a thread; its result or exception, or fail if it blocks."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"the read blocked for more than {seconds} s"
-    return outcome[0]
+from dra_core.testing.bounded import within
 
 
 def test_regular_file_read_whole_up_to_the_limit(tmp_path: Path) -> None:
@@ -63,7 +45,7 @@ def test_larger_than_the_limit_is_refused_naming_path_and_limit(tmp_path: Path) 
 def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    error = bounded(lambda: read_regular_file(fifo, 4096))
+    error = within(5.0, lambda: read_regular_file(fifo, 4096))
     assert isinstance(error, NotARegularFileError), error
     assert str(error) == (
         f"{fifo}: is a FIFO (named pipe), not a regular file: refused, as reading it could "
@@ -76,12 +58,12 @@ def test_symlink_to_a_fifo_is_refused_too(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     link = tmp_path / "link"
     link.symlink_to(fifo)
-    error = bounded(lambda: read_regular_file(link, 4096))
+    error = within(5.0, lambda: read_regular_file(link, 4096))
     assert isinstance(error, NotARegularFileError) and str(link) in str(error)
 
 
 def test_endless_device_is_refused_and_not_read() -> None:
-    error = bounded(lambda: read_regular_file("/dev/zero", 1 << 30))
+    error = within(5.0, lambda: read_regular_file("/dev/zero", 1 << 30))
     assert isinstance(error, NotARegularFileError), error
     assert "/dev/zero: is a character device" in str(error)
 

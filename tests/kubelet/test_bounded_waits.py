@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
-from dra_core import BackendIdentity, ContainerEdits, Device, Inventory, PreparedDevice, hookimpl
+from dra_core import Device, Inventory
 from dra_core.cdi import CdiSpecs
 from dra_core.checkpoint import Checkpoint
 from dra_core.hookspecs import NodeContext
@@ -36,6 +36,7 @@ from dra_core.model import ClaimRef
 from dra_core.node.lock import DriverLock, DriverLockBusy
 from dra_core.node.service import ClaimService
 from dra_core.plugins import from_objects
+from tests.node.claimservice import Backend
 
 from .conftest import DRIVER, PluginFactory, TableNodeService
 
@@ -95,26 +96,6 @@ class ClaimApiServer:
         self._server.server_close()
 
 
-class Backend:
-    def __init__(self) -> None:
-        self.prepared: list[str] = []
-        self.unprepared: list[str] = []
-
-    @hookimpl
-    def dra_backend_identity(self) -> BackendIdentity:
-        return BackendIdentity(DRIVER, "dra-core.dev", "waits")
-
-    @hookimpl
-    def dra_prepare(self, claim: Any) -> list[PreparedDevice]:
-        self.prepared.append(claim.ref.uid)
-        return [PreparedDevice(d, ContainerEdits(env={"DEVICE": d.device})) for d in claim.devices]
-
-    @hookimpl
-    def dra_unprepare(self, claim: Any) -> bool:
-        self.unprepared.append(claim.ref.uid)
-        return True
-
-
 class Node:
     """A claim service on real files and a real API client behind a kubelet plugin."""
 
@@ -129,7 +110,7 @@ contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
 current-context: x
 """
         )
-        self.backend = Backend()
+        self.backend = Backend(DRIVER, "waits")
         self.lock_path = root / "plugin" / "serialize.lock"
         self.service = ClaimService(
             hooks=from_objects("waits", self.backend),

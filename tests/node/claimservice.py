@@ -24,13 +24,16 @@ BOOT = "boot-1"
 
 
 class Backend:
-    def __init__(self) -> None:
+    """Records what it prepared and unprepared; each device gets one environment variable."""
+
+    def __init__(self, driver: str = DRIVER, cdi_class: str = "identity") -> None:
+        self.identity = BackendIdentity(driver, "dra-core.dev", cdi_class)
         self.prepared: list[str] = []
         self.unprepared: list[str] = []
 
     @hookimpl
     def dra_backend_identity(self) -> BackendIdentity:
-        return BackendIdentity(DRIVER, "dra-core.dev", "identity")
+        return self.identity
 
     @hookimpl
     def dra_prepare(self, claim: Any) -> list[PreparedDevice]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import resource
-import threading
 import time
-from collections.abc import Callable
 
 import pytest
 from dra_backend_fake.control import MAX_BYTES as CONTROL_MAX_BYTES
@@ -17,22 +15,7 @@ from dra_backend_fake.files import MAX_DEPTH, MAX_NODES
 from dra_backend_fake.inventory import InventoryError, load_file
 from dra_backend_fake.testing import allocated_claim, write_control
 
-
-def within(seconds: float, call: Callable[[], object]) -> object:
-    """``call()`` (its result or exception), failing the test if it blocks."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"blocked for more than {seconds} s"
-    return outcome[0]
+from dra_core.testing.bounded import within
 
 
 def rss_kib() -> int:

@@ -11,9 +11,8 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,28 +23,12 @@ from loguru import logger
 
 from dra_core import AllocationError, validate_inventory
 from dra_core.plugins import HookError
+from dra_core.testing.bounded import within
 
 GOOD = "0000:03:00.0"
 BAD = "0000:08:00.0"
 GOOD_DEVICE = "gpu-0000-03-00-0"
 BAD_DEVICE = "gpu-0000-08-00-0"
-
-
-def within(seconds: float, call: Callable[[], object]) -> object:
-    """``call()`` (its result or exception), failing the test if it blocks."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"blocked for more than {seconds} s"
-    return outcome[0]
 
 
 def rss_kib() -> int:
