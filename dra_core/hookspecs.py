@@ -212,6 +212,13 @@ def dra_discover(context: NodeContext) -> Inventory:
     counter sets shared by partitionable devices, consumable capacity with request policies
     and ``allow_multiple_allocations`` for shared devices.
 
+    The order matters on an API server without these features (their feature gates off):
+    without partitionable devices the core keeps devices in inventory order while the summed
+    consumption of the kept ones fits every counter set, so list the device to keep first
+    (a whole device before its partitions); without consumable capacity a shared device is
+    left out unless ``Device.exclusive_without_sharing`` publishes it as an exclusive one;
+    without device taints unhealthy devices are left out (docs/backend-guide.md).
+
     :param context: where the agent runs.
     :returns: the devices and counter sets to publish for this node.
 

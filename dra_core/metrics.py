@@ -18,9 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = (
+    "API_FEATURE_KEPT",
     "API_REACHABLE",
     "API_WRITES",
     "CONTENT_TYPE",
+    "DEVICES_LEFT_OUT",
     "DEVICE_HEALTHY",
     "DISCOVERY_ERRORS",
     "OPERATION_ERRORS",
@@ -111,6 +113,20 @@ API_WRITES = Counter(
 PUBLISH_ERRORS = Counter(
     "dra_publish_errors",
     "Failed ResourceSlice syncs and writes whose fields the API server dropped.",
+    registry=REGISTRY,
+)
+API_FEATURE_KEPT = Gauge(
+    "dra_api_feature_kept",
+    "1 when the API server keeps the ResourceSlice fields of an optional feature, 0 when it "
+    "drops them (its feature gate is off), by feature gate; set once the agent has asked.",
+    ["gate"],
+    registry=REGISTRY,
+)
+DEVICES_LEFT_OUT = Gauge(
+    "dra_devices_left_out",
+    "Devices of the inventory not published because the API server lacks a feature, by its "
+    "feature gate: the scheduler could not allocate them safely there.",
+    ["gate"],
     registry=REGISTRY,
 )
 DEVICE_HEALTHY = Gauge(

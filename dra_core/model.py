@@ -211,6 +211,13 @@ class Device:
     ``name`` is a DNS label, unique in the pool and stable across reboots (derive it from
     hardware identity such as the PCI address, never from enumeration order). Unqualified
     attribute and capacity names belong to the driver's domain.
+
+    ``exclusive_without_sharing`` is the backend's choice for a shared device
+    (``allow_multiple_allocations``) on an API server without consumable capacity (feature
+    gate DRAConsumableCapacity off), which cannot share it: False (the default) leaves the
+    device out; True publishes it as an ordinary device, one claim at a time, without request
+    policies, so prepare then sees an allocation without ``share_id`` or consumed capacity.
+    It is not published itself.
     """
 
     name: str
@@ -219,6 +226,7 @@ class Device:
     consumes_counters: tuple[CounterConsumption, ...] = ()
     taints: tuple[Taint, ...] = ()
     allow_multiple_allocations: bool = False
+    exclusive_without_sharing: bool = False
 
     @property
     def uses_advanced_features(self) -> bool:

@@ -1,6 +1,7 @@
-"""``dra-core doctor`` against real API servers: the session's (Kubernetes 1.37 with the DRA
-feature gates on) and one started here with partitionable devices, consumable capacity and
-device taints turned off, whose kube-apiserver really drops those fields."""
+"""``dra-core doctor`` against real API servers: the session's (``DRA_K8S_VERSION`` with
+``DRA_TEST_GATES``) and one started here, of the same release, with partitionable devices,
+consumable capacity and device taints turned off, whose kube-apiserver really drops those
+fields."""
 
 from __future__ import annotations
 
@@ -9,25 +10,20 @@ from pathlib import Path
 
 import pytest
 from dra_backend_fake import plugin as fake_plugin
+from dra_backend_fake.inventory import build, default_specs
 
 from dra_core.doctor import FEATURES, DoctorSettings, api_checks, run_doctor
 from dra_core.kube.client import KubeClient, load_client
+from dra_core.model import Inventory
 from dra_core.plugins import from_objects
 from dra_core.slices.watch import SLICES_PATH
-from dra_core.testing.controlplane import ControlPlane
+from dra_core.testing.controlplane import ControlPlane, k8s_minor
 from tests.controlplane import helpers
+from tests.slices.test_features_controlplane import GATES_OFF, gate_on
 
 pytestmark = pytest.mark.controlplane
 
 FAKE = "fake.dra-core.dev"
-EVERY_FIELD = {field for feature in FEATURES for field in feature.fields}
-#: The gates of the three features, and the one that depends on device taints.
-GATES_OFF = {
-    "DRAPartitionableDevices": False,
-    "DRAConsumableCapacity": False,
-    "DRADeviceTaints": False,
-    "DRADeviceTaintRules": False,
-}
 
 
 def client_of(control_plane: ControlPlane) -> KubeClient:
@@ -41,6 +37,8 @@ def gates_off(control_plane) -> Iterator[ControlPlane]:
         binaries=control_plane.binaries,
         scheduler=False,
         controller_manager=False,
+        k8s_version=control_plane.k8s_version,
+        gates=control_plane.gates,
         feature_gates=GATES_OFF,
     )
     cp.start()
@@ -54,41 +52,44 @@ def statuses(checks) -> dict[str, str]:
     return {c.name: c.status for c in checks}
 
 
-def test_the_test_api_server_keeps_every_feature(control_plane):
+def test_the_session_api_server_features_are_found_with_one_dry_run(control_plane):
     client = client_of(control_plane)
-    checks = api_checks(client, FAKE, "doctor-node", EVERY_FIELD)
+    checks = api_checks(client, FAKE, "doctor-node", build(default_specs()))
+    kept = {f.name: gate_on(control_plane, f.gate) for f in FEATURES}
     assert statuses(checks) == {
         "API server": "ok",
         "resource.k8s.io/v1": "ok",
         "ResourceSlice of this node": "ok",
-        "partitionable devices": "ok",
-        "consumable capacity": "ok",
-        "device taints": "ok",
+        **{name: "ok" if on else "warn" for name, on in kept.items()},
     }
     found = {c.name: c.found for c in checks}
-    assert found["API server"] == f"Kubernetes v1.37.2 at {control_plane.server}"
-    assert found["partitionable devices"] == (
-        "sharedCounters and consumesCounters kept by the API server (feature gate "
-        "DRAPartitionableDevices is on)"
+    assert found["API server"] == (
+        f"Kubernetes {control_plane.k8s_version} at {control_plane.server}"
     )
-    # A plain slice, two for partitionable devices (counter sets go in a slice of their own),
-    # one for each other feature.
-    assert client.request_count("create", "resourceslices") == 5
+    if kept["partitionable devices"]:
+        assert found["partitionable devices"] == (
+            "sharedCounters and consumesCounters kept by the API server (feature gate "
+            "DRAPartitionableDevices is on)"
+        )
+    # One dry run; two on 1.34 with partitionable devices on (counters beside devices).
+    beside = k8s_minor(control_plane.k8s_version) == 34 and kept["partitionable devices"]
+    assert ("beside the devices" in found["ResourceSlice of this node"]) == beside
+    assert client.request_count("create", "resourceslices") == (2 if beside else 1)
     stored = client.get(SLICES_PATH, {"fieldSelector": "spec.nodeName=doctor-node"})
     assert stored["items"] == [], "a dry run stores nothing"
 
 
-def test_gates_off_are_reported_with_what_breaks(gates_off):
+def test_gates_off_are_reported_with_the_devices_left_out(gates_off):
     client = client_of(gates_off)
-    partitioned = {"sharedCounters", "consumesCounters"}
-    checks = {c.name: c for c in api_checks(client, FAKE, "doctor-node", partitioned)}
+    inventory = build(default_specs())
+    checks = {c.name: c for c in api_checks(client, FAKE, "doctor-node", inventory)}
     assert checks["ResourceSlice of this node"].status == "ok"
     partitions = checks["partitionable devices"]
-    assert partitions.status == "fail"
+    assert partitions.status == "warn"
     assert partitions.found.startswith(
         "the API server drops consumesCounters and sharedCounters from ResourceSlices (feature "
-        "gate DRAPartitionableDevices is off), and this node's devices use it: devices that "
-        "share counters"
+        "gate DRAPartitionableDevices is off): the agent leaves out big-0-p0, big-0-p1, "
+        "big-0-p2, big-0-p3; devices whose exclusivity depends on shared counters"
     )
     assert partitions.fix.startswith(
         "turn on the feature gate DRAPartitionableDevices in kube-apiserver and kube-scheduler"
@@ -97,19 +98,24 @@ def test_gates_off_are_reported_with_what_breaks(gates_off):
     assert sharing.status == "warn"
     assert sharing.found.startswith(
         "the API server drops allowMultipleAllocations and requestPolicy from ResourceSlices "
-        "(feature gate DRAConsumableCapacity is off); this node's devices do not use it now: "
+        "(feature gate DRAConsumableCapacity is off): the agent leaves out shared-0; "
     )
     taints = checks["device taints"]
     assert taints.status == "warn"
-    assert "; this node's devices do not use it, but the agent's health taints do: " in taints.found
+    assert (
+        "; the agent leaves none of this node's devices out, but unhealthy ones would be: "
+        in taints.found
+    )
+    plain = api_checks(client, FAKE, "doctor-node", Inventory())
+    assert "leaves none of this node's devices out now: " in plain[-2].found
 
 
-def test_a_dropped_feature_fails_when_the_inventory_is_unknown(gates_off):
+def test_a_dropped_feature_warns_when_the_inventory_is_unknown(gates_off):
     checks = api_checks(client_of(gates_off), FAKE, "doctor-node", None)
     features = [c for c in checks if c.name in {f.name for f in FEATURES}]
-    assert [c.status for c in features] == ["fail"] * 3
+    assert [c.status for c in features] == ["warn"] * 3
     assert all(
-        ", and discovery failed, so this node's devices may use it: " in c.found for c in features
+        ", and discovery failed, so the agent may leave devices out: " in c.found for c in features
     )
 
 
@@ -140,11 +146,14 @@ def test_kubelet_and_runtime_versions_come_from_the_node(
             runtime_socket=tmp_path / "no-containerd.sock",
             **node_dirs,
         )
-        report = run_doctor(settings, from_objects("fake", fake_plugin))
+        report = run_doctor(settings, from_objects("fake", fake_plugin.FakePlugin))
     finally:
         helpers.delete_node(kube_api, name)
     sections = {s.title: {c.name: c for c in s.checks} for s in report.sections}
-    assert {c.status for c in sections["API server"].values()} == {"ok"}
+    # The checks of features depend on the release's gates (checked by
+    # test_the_session_api_server_features_are_found_with_one_dry_run).
+    gated = {f.name for f in FEATURES}
+    assert {c.status for c in sections["API server"].values() if c.name not in gated} == {"ok"}
     kubelet = sections["kubelet"]["kubelet version"]
     assert kubelet.status == "warn"
     assert kubelet.found == (
@@ -160,7 +169,7 @@ def test_a_node_name_the_cluster_does_not_know_fails(control_plane, node_dirs):
     settings = DoctorSettings(
         node_name="no-such-node", kubeconfig=str(control_plane.kubeconfig_path), **node_dirs
     )
-    report = run_doctor(settings, from_objects("fake", fake_plugin))
+    report = run_doctor(settings, from_objects("fake", fake_plugin.FakePlugin))
     kubelet = {c.name: c for s in report.sections if s.title == "kubelet" for c in s.checks}
     check = kubelet["Node no-such-node"]
     assert (check.status, check.found) == ("fail", "not found")

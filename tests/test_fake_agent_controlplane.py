@@ -17,6 +17,7 @@ import yaml
 from dra_core import ClaimRef
 from dra_core.testing.kubelet import FakeKubelet
 from tests.controlplane import helpers
+from tests.slices.test_features_controlplane import gate_on
 
 pytestmark = pytest.mark.controlplane
 
@@ -115,7 +116,7 @@ def published(api) -> dict[str, dict]:
     }
 
 
-def test_control_file_drives_slices_health_and_failures(agent, kube_api, namespace):
+def test_control_file_drives_slices_health_and_failures(agent, control_plane, kube_api, namespace):
     helpers.wait_for(
         lambda: set(published(kube_api)) == {f"dev-{i}" for i in range(4)},
         20,
@@ -123,14 +124,19 @@ def test_control_file_drives_slices_health_and_failures(agent, kube_api, namespa
     )
 
     agent.set_control({"unhealthy": {"dev-1": "fan on fire"}})
-    helpers.wait_for(
-        lambda: any(
-            t["key"] == TAINT and t["effect"] == "NoSchedule"
-            for t in published(kube_api)["dev-1"].get("taints", [])
-        ),
-        20,
-        "the unhealthy device tainted in its ResourceSlice",
-    )
+    if gate_on(control_plane, "DRADeviceTaints"):
+        helpers.wait_for(
+            lambda: any(
+                t["key"] == TAINT and t["effect"] == "NoSchedule"
+                for t in published(kube_api)["dev-1"].get("taints", [])
+            ),
+            20,
+            "the unhealthy device tainted in its ResourceSlice",
+        )
+    else:  # no taint would keep the scheduler away: the agent leaves the device out
+        helpers.wait_for(
+            lambda: "dev-1" not in published(kube_api), 20, "the unhealthy device left out"
+        )
     with FakeKubelet(agent.registration) as kubelet:
         kubelet.register()
         (message,) = kubelet.read_health(1, timeout=10)

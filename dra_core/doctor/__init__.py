@@ -7,9 +7,9 @@ The checks, in the order they are reported:
   ResourceSlice of this node and driver (a server-side dry run, ``dryRun=All``: nothing is
   stored); and keeps the fields of each optional feature (partitionable devices, consumable
   capacity, device taints). The features are found by asking the server, not from its
-  version: one dry-run create per feature, with the slices the publisher would write, shows
-  which fields come back. A feature whose fields are dropped fails when the backend's
-  inventory uses it, and warns when it does not (yet).
+  version, as the agent does (`dra_core.slices.features`: one dry-run create, two on 1.34
+  with partitionable devices on). A feature whose fields are dropped warns, naming the
+  devices of this node the agent leaves out because of it.
 - **kubelet**: the Node object of this node exists and its kubelet speaks the DRA gRPC API
   ``v1`` (1.34 and later) or ``v1beta1`` (1.32, 1.33).
 - **container runtime**: containerd or CRI-O, its version (from its CRI socket when there is
@@ -30,7 +30,7 @@ The checks live by what they check (`cluster`, `runtime`, `directories`); `repor
 settings, the report and `run_doctor`, which runs them all.
 """
 
-from dra_core.doctor.cluster import FEATURES, Feature, api_checks, kubelet_version_check
+from dra_core.doctor.cluster import api_checks, kubelet_version_check
 from dra_core.doctor.directories import (
     DEFAULT_CDI_DIR,
     DEFAULT_PLUGINS_DIR,
@@ -47,6 +47,7 @@ from dra_core.doctor.runtime import (
     query_runtime,
     runtime_checks,
 )
+from dra_core.slices.features import FEATURES, Feature
 
 __all__ = (
     "DEFAULT_CDI_DIR",

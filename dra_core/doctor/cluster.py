@@ -1,117 +1,38 @@
 """The cluster's checks: the API server, the optional features it keeps, and the kubelet.
 
-The features are found by asking the server, not from its version: one dry-run create per
-feature (``dryRun=All``, nothing is stored), with the slices the publisher would write, shows
-which fields come back.
+The features are found by asking the server, not from its version, as the agent does at
+start (`dra_core.slices.features.probe`: one dry-run create, ``dryRun=All``, nothing is
+stored), and what the agent would leave out on this node is computed by the same rule
+(`dra_core.slices.features.safe_inventory`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from dra_core.doctor.runtime import RuntimeInfo, parse_version
 from dra_core.hookspecs import DoctorCheck
 from dra_core.kube.client import ApiError, KubeClient, load_client
-from dra_core.model import (
-    Capacity,
-    CounterConsumption,
-    CounterSet,
-    Device,
-    Inventory,
-    ModelError,
-    RequestPolicy,
-    Taint,
-    ValidRange,
+from dra_core.model import Inventory, is_dns_subdomain
+from dra_core.slices.features import (
+    FEATURES,
+    Feature,
+    LeftOut,
+    ServerFeatures,
+    probe,
+    safe_inventory,
 )
-from dra_core.slices.build import build_slices
-from dra_core.slices.compare import gated_fields
-from dra_core.slices.publisher import FEATURE_GATES
-from dra_core.slices.watch import SLICES_PATH
 
 __all__ = (
-    "FEATURES",
-    "Feature",
     "api_checks",
     "cluster_checks",
     "kubelet_version_check",
-    "used_fields",
 )
 
 #: Kubelets from 1.34 speak the DRA gRPC API v1; 1.32 and 1.33 only v1beta1, which the agent
 #: serves too; older ones speak versions the agent does not serve.
 _KUBELET_V1 = (1, 34)
 _KUBELET_V1BETA1 = (1, 32)
-_GENERATE_NAME = "dra-core-doctor-"
-_PROBE = "doctor-probe"
-
-
-@dataclass(frozen=True)
-class Feature:
-    """An optional API feature the agent publishes with, and the slice that probes it."""
-
-    name: str
-    #: The slice fields it adds (see `dra_core.slices.compare.gated_fields`).
-    fields: tuple[str, ...]
-    #: What goes wrong when the API server drops its fields.
-    consequence: str
-    #: An inventory that uses it and nothing else optional.
-    probe: Inventory
-    #: Whether the core uses it whatever the inventory (device taints mark unhealthy devices).
-    used_by_core: bool = False
-
-    @property
-    def gate(self) -> str:
-        return FEATURE_GATES[self.fields[0]]
-
-
-FEATURES = (
-    Feature(
-        "partitionable devices",
-        ("sharedCounters", "consumesCounters"),
-        "devices that share counters (partitions, SR-IOV VFs beside their GPU) are published "
-        "without them, so the scheduler can allocate a whole device and its parts to "
-        "different pods, and the node refuses the second",
-        Inventory(
-            devices=(Device(_PROBE, consumes_counters=(CounterConsumption(_PROBE, {"n": "1"}),)),),
-            counter_sets=(CounterSet(_PROBE, {"n": "1"}),),
-        ),
-    ),
-    Feature(
-        "consumable capacity",
-        ("allowMultipleAllocations", "requestPolicy"),
-        "shared devices are published without allowMultipleAllocations and their request "
-        "policies, so each goes to one claim only, and DeviceClasses that select on "
-        "allowMultipleAllocations are refused",
-        Inventory(
-            devices=(
-                Device(
-                    _PROBE,
-                    capacity={
-                        "memory": Capacity(
-                            "1Gi", RequestPolicy("1Mi", valid_range=ValidRange("1Mi"))
-                        )
-                    },
-                    allow_multiple_allocations=True,
-                ),
-            )
-        ),
-    ),
-    Feature(
-        "device taints",
-        ("taints",),
-        "unhealthy devices cannot be tainted, so the scheduler can allocate them and their "
-        "pods fail at prepare",
-        Inventory(devices=(Device(_PROBE, taints=(Taint("dra-core.dev/doctor", "NoSchedule"),)),)),
-        used_by_core=True,
-    ),
-)
-
-
-def used_fields(inventory: Inventory) -> set[str]:
-    """The gated ResourceSlice fields the inventory's slices carry (node name immaterial)."""
-    slices = build_slices("doctor.dra-core.dev", "doctor", "doctor", inventory, generation=1)
-    return set().union(*(gated_fields(s["spec"]) for s in slices)) if slices else set()
 
 
 def cluster_checks(
@@ -119,20 +40,20 @@ def cluster_checks(
     kubeconfig: str | None,
     node_name: str,
     driver: str,
-    used: set[str] | None,
+    inventory: Inventory | None,
     timeout: float,
 ) -> tuple[list[DoctorCheck], DoctorCheck, RuntimeInfo | None]:
     """The API server's checks, the kubelet's check, and the runtime the Node reports.
 
-    ``kubeconfig`` None means ``$KUBECONFIG`` or the in-cluster service account; ``used`` as
-    for `api_checks`.
+    ``kubeconfig`` None means ``$KUBECONFIG`` or the in-cluster service account;
+    ``inventory`` as for `api_checks`.
     """
     client = _client(kubeconfig, timeout)
     if isinstance(client, DoctorCheck):
         skipped = DoctorCheck.skip("kubelet", "its version is read from the API server (above)")
         return [client], skipped, None
     try:
-        api = api_checks(client, driver, node_name, used)
+        api = api_checks(client, driver, node_name, inventory)
         if api[0].status == "fail":  # unreachable or credentials refused: said once, above
             return api, DoctorCheck.skip("kubelet", "the API server check failed (above)"), None
         kubelet, runtime = _kubelet_check(client, node_name)
@@ -168,12 +89,12 @@ def _client(kubeconfig: str | None, timeout: float) -> KubeClient | DoctorCheck:
 
 
 def api_checks(
-    client: KubeClient, driver: str, node_name: str, used: set[str] | None
+    client: KubeClient, driver: str, node_name: str, inventory: Inventory | None
 ) -> list[DoctorCheck]:
     """Reachable, serves resource.k8s.io/v1, accepts a slice, keeps each feature's fields.
 
-    ``used`` are the gated fields the backend's inventory uses (None when unknown): a
-    dropped feature fails when used (or unknown) and warns otherwise.
+    ``inventory`` is what the backend discovered (None when discovery failed): a feature the
+    server drops warns with the devices the agent leaves out because of it.
     """
     host = getattr(getattr(client.api, "configuration", None), "host", "the API server")
     try:
@@ -187,13 +108,28 @@ def api_checks(
     if checks[-1].status == "fail":
         return checks + _skip_features("resource.k8s.io/v1 is not served")
     slice_check = "ResourceSlice of this node"
-    plain = _probe(client, driver, node_name, Inventory(devices=(Device(_PROBE),)), slice_check)
-    if isinstance(plain, DoctorCheck):
-        why = "the dry-run create of a plain ResourceSlice failed"
-        return [*checks, plain, *_skip_features(why)]
-    found = f"a ResourceSlice of driver {driver} in pool {node_name} is accepted (dry run)"
+    if not is_dns_subdomain(node_name):
+        fix = "--node-name (NODE_NAME) must be the Node's name, a DNS subdomain"
+        found = f"node name {node_name!r} is not a DNS subdomain"
+        failed = DoctorCheck.fail(slice_check, found, fix)
+        return [*checks, failed, *_skip_features("the node name is invalid")]
+    try:
+        server = probe(client, driver, node_name)
+    except ApiError as exc:
+        why = "the dry-run create of a ResourceSlice failed"
+        return [*checks, _refused_check(slice_check, exc), *_skip_features(why)]
+    layout = (
+        "counter sets beside the devices consuming them (Kubernetes 1.34)"
+        if server.counters_beside_devices
+        else "counter sets in slices of their own"
+    )
+    found = (
+        f"a ResourceSlice of driver {driver} in pool {node_name} is accepted (dry run), "
+        f"with {layout}"
+    )
     checks.append(DoctorCheck.ok(slice_check, found))
-    return checks + [_feature_check(client, driver, node_name, f, used) for f in FEATURES]
+    left_out = {e.feature: e for e in safe_inventory(inventory, server)[1]} if inventory else {}
+    return checks + [_feature_check(server, f, inventory, left_out.get(f)) for f in FEATURES]
 
 
 def _skip_features(why: str) -> list[DoctorCheck]:
@@ -237,63 +173,50 @@ def _resource_api_check(client: KubeClient) -> DoctorCheck:
     return DoctorCheck.ok(name, "served" + (f" (also {', '.join(others)})" if others else ""))
 
 
-def _probe(
-    client: KubeClient, driver: str, node_name: str, inventory: Inventory, name: str
-) -> set[str] | DoctorCheck:
-    """Dry-run create the slices that publish ``inventory``; the gated fields dropped, or the
-    failed check ``name`` with the server's message when the create is refused."""
-    try:
-        slices = build_slices(driver, node_name, node_name, inventory, generation=1)
-    except ModelError as exc:
-        fix = "--node-name (NODE_NAME) must be the Node's name, a DNS subdomain"
-        return DoctorCheck.fail(name, str(exc), fix)
-    dropped: set[str] = set()
-    for body in slices:
-        metadata = {k: v for k, v in body["metadata"].items() if k != "name"}
-        sent = {**body, "metadata": {**metadata, "generateName": _GENERATE_NAME}}
-        try:
-            returned = client.request("POST", SLICES_PATH, body=sent, query={"dryRun": "All"})
-        except ApiError as exc:
-            if exc.status == 422:
-                fix = (
-                    "the API server refuses the slices this agent publishes: use a Kubernetes "
-                    "release RELEASE.md lists as supported"
-                )
-                return DoctorCheck.fail(name, f"refused (HTTP 422): {exc.message}", fix)
-            return _api_error_check(name, exc)
-        dropped |= gated_fields(sent["spec"]) - gated_fields((returned or {}).get("spec", {}))
-    return dropped
+def _refused_check(name: str, exc: ApiError) -> DoctorCheck:
+    if exc.status == 422:
+        fix = (
+            "the API server refuses the slices this agent publishes: use a Kubernetes "
+            "release RELEASE.md lists as supported"
+        )
+        return DoctorCheck.fail(name, f"refused (HTTP 422): {exc.message}", fix)
+    return _api_error_check(name, exc)
 
 
 def _feature_check(
-    client: KubeClient, driver: str, node_name: str, feature: Feature, used: set[str] | None
+    server: ServerFeatures, feature: Feature, inventory: Inventory | None, left_out: LeftOut | None
 ) -> DoctorCheck:
-    result = _probe(client, driver, node_name, feature.probe, feature.name)
-    if isinstance(result, DoctorCheck):
-        return result
-    if not result:
+    if server.keeps(feature):
         fields = " and ".join(feature.fields)
         return DoctorCheck.ok(
             feature.name, f"{fields} kept by the API server (feature gate {feature.gate} is on)"
         )
     dropped = (
-        f"the API server drops {' and '.join(sorted(result))} from ResourceSlices (feature gate "
-        f"{feature.gate} is off)"
+        f"the API server drops {' and '.join(sorted(feature.fields))} from ResourceSlices "
+        f"(feature gate {feature.gate} is off)"
     )
     fix = (
         f"turn on the feature gate {feature.gate} in kube-apiserver and kube-scheduler "
         f"(--feature-gates={feature.gate}=true; on by default from Kubernetes 1.36), then "
         f"restart the agent"
     )
-    if used is None:
-        found = f"{dropped}, and discovery failed, so this node's devices may use it"
-    elif used & set(feature.fields):
-        found = f"{dropped}, and this node's devices use it"
+    if inventory is None:
+        found = f"{dropped}, and discovery failed, so the agent may leave devices out: "
+    elif left_out is not None:
+        found = f"{dropped}: {_left_out_text(left_out)}; "
     else:
-        but = ", but the agent's health taints do" if feature.used_by_core else " now"
-        found = f"{dropped}; this node's devices do not use it{but}"
-        return DoctorCheck.warn(feature.name, f"{found}: {feature.consequence}", fix)
-    return DoctorCheck.fail(feature.name, f"{found}: {feature.consequence}", fix)
+        but = ", but unhealthy ones would be" if feature.used_by_core else " now"
+        found = f"{dropped}; the agent leaves none of this node's devices out{but}: "
+    return DoctorCheck.warn(feature.name, found + feature.without, fix)
+
+
+def _left_out_text(entry: LeftOut) -> str:
+    parts = []
+    if entry.devices:
+        parts.append(f"the agent leaves out {', '.join(entry.devices)}")
+    if entry.exclusive:
+        parts.append(f"publishes {', '.join(entry.exclusive)} as exclusive devices")
+    return " and ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------

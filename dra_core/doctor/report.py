@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dra_core.doctor.cluster import FEATURES, cluster_checks, used_fields
+from dra_core.doctor.cluster import cluster_checks
 from dra_core.doctor.directories import (
     DEFAULT_CDI_DIR,
     DEFAULT_PLUGINS_DIR,
@@ -18,8 +18,9 @@ from dra_core.doctor.directories import (
 )
 from dra_core.doctor.runtime import DEFAULT_CONTAINERD_CONFIG, DEFAULT_CRIO_CONFIG, runtime_checks
 from dra_core.hookspecs import CheckStatus, DoctorCheck, NodeContext
-from dra_core.model import ModelError, validate_inventory
+from dra_core.model import Inventory, ModelError, validate_inventory
 from dra_core.plugins import HookError, Hooks
+from dra_core.slices.features import FEATURES, used_fields
 
 __all__ = ("DoctorReport", "DoctorSettings", "Section", "run_doctor")
 
@@ -163,14 +164,13 @@ def run_doctor(settings: DoctorSettings, hooks: Hooks) -> DoctorReport:
     for plugin, check in hooks.doctor_checks(context):
         by_plugin.setdefault(plugin, []).append(check)
     backend_checks = by_plugin.pop(hooks.backend, [])
-    # Before the cluster's checks: the features the inventory uses decide whether a feature
-    # the API server drops fails or only warns.
-    discovery, used = _discovery_check(hooks, context)
+    # Before the cluster's checks: they name the devices the agent would leave out.
+    discovery, inventory = _discovery_check(hooks, context)
     api, kubelet, node_runtime = cluster_checks(
         kubeconfig=settings.kubeconfig,
         node_name=settings.node_name,
         driver=driver,
-        used=used,
+        inventory=inventory,
         timeout=settings.timeout,
     )
     runtime = runtime_checks(
@@ -192,8 +192,8 @@ def run_doctor(settings: DoctorSettings, hooks: Hooks) -> DoctorReport:
     return DoctorReport(settings.node_name, driver, hooks.backend, tuple(sections))
 
 
-def _discovery_check(hooks: Hooks, context: NodeContext) -> tuple[DoctorCheck, set[str] | None]:
-    """Start, discover and stop as ``dra-core discover`` does; the gated slice fields used."""
+def _discovery_check(hooks: Hooks, context: NodeContext) -> tuple[DoctorCheck, Inventory | None]:
+    """Start, discover and stop as ``dra-core discover`` does; the inventory discovered."""
     name = "discovery"
     try:
         hooks.start(context)
@@ -217,5 +217,5 @@ def _discovery_check(hooks: Hooks, context: NodeContext) -> tuple[DoctorCheck, s
     )
     if not inventory.devices:
         fix = "the agent would publish no device: see the backend's checks above"
-        return DoctorCheck.warn(name, found, fix), used
-    return DoctorCheck.ok(name, found), used
+        return DoctorCheck.warn(name, found, fix), inventory
+    return DoctorCheck.ok(name, found), inventory

@@ -7,6 +7,11 @@ One node's pool is published as device slices followed by counter slices:
 * shared counter sets go in slices of their own (at most 8 sets each): since Kubernetes 1.35
   a slice holds ``sharedCounters`` or ``devices``, never both, and a counter slice has no
   ``devices`` key at all (an empty list counts as "set");
+* except on a server that wants counter sets beside the devices consuming them (Kubernetes
+  1.34 with DRAPartitionableDevices on, see `dra_core.slices.features`): there devices that
+  share a counter set, directly or through another device, go in one slice together with the
+  sets, within 1.34's per-slice limits (64 devices, 32 counters in all the sets, 1024
+  consumed counters);
 * every slice carries the same ``pool.generation`` and ``resourceSliceCount`` = the number
   of slices of both kinds, because consumers treat a pool as complete only when that many
   slices exist at its highest generation.
@@ -47,6 +52,7 @@ __all__ = (
     "encode_capacity",
     "encode_device",
     "slice_name",
+    "split_beside",
     "split_devices",
 )
 
@@ -166,6 +172,84 @@ def _split_counter_sets(sets: Sequence[CounterSet]) -> list[list[CounterSet]]:
     return [list(sets[i : i + size]) for i in range(0, len(sets), size)]
 
 
+#: Kubernetes 1.34's limits of a slice holding counter sets and devices: counters in all the
+#: sets (ResourceSliceMaxSharedCounters), counters consumed by all the devices
+#: (ResourceSliceMaxDeviceCountersPerSlice).
+BESIDE_COUNTERS_PER_SLICE = 32
+BESIDE_DEVICE_COUNTERS_PER_SLICE = 1024
+
+_Chunk = tuple[list[Device], list[CounterSet]]
+
+
+def _size(chunk: _Chunk) -> tuple[int, int, int]:
+    """Devices, counters of the sets, counters consumed by the devices."""
+    devices, sets = chunk
+    consumed = sum(len(c.counters) for d in devices for c in d.consumes_counters)
+    return len(devices), sum(len(s.counters) for s in sets), consumed
+
+
+def _fits(chunk: _Chunk) -> bool:
+    devices, counters, consumed = _size(chunk)
+    advanced = any(d.uses_advanced_features for d in chunk[0])
+    limit = LIMITS.devices_per_slice_advanced if advanced else LIMITS.devices_per_slice
+    return (
+        devices <= limit
+        and counters <= BESIDE_COUNTERS_PER_SLICE
+        and consumed <= BESIDE_DEVICE_COUNTERS_PER_SLICE
+    )
+
+
+def split_beside(inventory: Inventory) -> list[_Chunk]:
+    """Devices with the counter sets they consume, in slices within 1.34's limits.
+
+    Devices linked by a counter set (directly or through others) form one unit, placed where
+    its first device is; units fill slices in order. Counter sets no device consumes follow.
+    Raises `ModelError` when one unit does not fit in a slice.
+    """
+    units: list[tuple[list[Device], set[str]]] = []
+    for device in inventory.devices:
+        names = {c.counter_set for c in device.consumes_counters}
+        linked = [u for u in units if u[1] & names] if names else []
+        if not linked:
+            units.append(([device], names))
+            continue
+        first = linked[0]
+        for other in linked[1:]:
+            # Devices stay in inventory order inside the merged unit.
+            first[0].extend(other[0])
+            first[1].update(other[1])
+            units.remove(other)
+        first[0].append(device)
+        first[1].update(names)
+    used = set().union(*(u[1] for u in units)) if units else set()
+    units.extend(([], {s.name}) for s in inventory.counter_sets if s.name not in used)
+    order = {d.name: i for i, d in enumerate(inventory.devices)}
+    chunks: list[_Chunk] = []
+    for devices, names in units:
+        unit: _Chunk = (
+            sorted(devices, key=lambda d: order[d.name]),
+            [s for s in inventory.counter_sets if s.name in names],
+        )
+        if not _fits(unit):
+            members = ", ".join(d.name for d in unit[0])
+            msg = (
+                f"devices {members} share counter sets {sorted(names)}, which this API server "
+                f"wants in one ResourceSlice, but {_size(unit)} (devices, counters, consumed "
+                f"counters) exceed its limits (64, {BESIDE_COUNTERS_PER_SLICE}, "
+                f"{BESIDE_DEVICE_COUNTERS_PER_SLICE}): publish fewer partitions per device, or "
+                "upgrade to Kubernetes 1.35 or later, which keeps counter sets in slices of "
+                "their own"
+            )
+            raise ModelError(msg)
+        if chunks:
+            merged: _Chunk = (chunks[-1][0] + unit[0], chunks[-1][1] + unit[1])
+            if _fits(merged):
+                chunks[-1] = merged
+                continue
+        chunks.append(unit)
+    return chunks
+
+
 def _owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     try:
         name, uid = owner["name"], owner["uid"]
@@ -189,12 +273,15 @@ def build_slices(
     generation: int,
     *,
     owner: Mapping[str, Any] | None = None,
+    counters_beside_devices: bool = False,
 ) -> list[dict[str, Any]]:
     """The ResourceSlice bodies (``resource.k8s.io/v1``) publishing ``inventory`` as one pool.
 
     ``owner`` is the Node (``{"name", "uid"}``, optionally ``apiVersion``/``kind``), so the
-    slices are garbage-collected with it. An empty inventory gives no slices. The inventory
-    is validated first: a rule it breaks raises `ModelError` naming the device and the rule.
+    slices are garbage-collected with it. ``counters_beside_devices`` puts counter sets in
+    the slices of the devices that consume them (Kubernetes 1.34), not in their own. An empty
+    inventory gives no slices. The inventory is validated first: a rule it breaks raises
+    `ModelError` naming the device and the rule.
     """
     validate_driver_name(driver)
     if not is_dns_subdomain(node_name):
@@ -210,9 +297,13 @@ def build_slices(
         raise ModelError(msg)
     validate_inventory(inventory)
 
-    device_chunks = split_devices(inventory.devices)
-    counter_chunks = _split_counter_sets(inventory.counter_sets)
-    count = len(device_chunks) + len(counter_chunks)
+    chunks: list[_Chunk]
+    if counters_beside_devices:
+        chunks = split_beside(inventory)
+    else:
+        chunks = [(devices, []) for devices in split_devices(inventory.devices)]
+        chunks += [([], sets) for sets in _split_counter_sets(inventory.counter_sets)]
+    count = len(chunks)
     metadata_extra: dict[str, Any] = {"labels": {MANAGED_BY_LABEL: MANAGED_BY}}
     if owner is not None:
         metadata_extra["ownerReferences"] = [_owner_reference(owner)]
@@ -230,15 +321,15 @@ def build_slices(
         }
 
     slices: list[dict[str, Any]] = []
-    for chunk in device_chunks:
+    for devices, sets in chunks:
         body = skeleton(len(slices))
-        body["spec"]["devices"] = [encode_device(d) for d in chunk]
-        slices.append(body)
-    for sets in counter_chunks:
-        body = skeleton(len(slices))
-        body["spec"]["sharedCounters"] = [
-            {"name": s.name, "counters": _counters(s.counters)} for s in sets
-        ]
+        # A counter slice has no devices key at all: 1.35+ count an empty list as set.
+        if devices:
+            body["spec"]["devices"] = [encode_device(d) for d in devices]
+        if sets:
+            body["spec"]["sharedCounters"] = [
+                {"name": s.name, "counters": _counters(s.counters)} for s in sets
+            ]
         slices.append(body)
     return slices
 

@@ -34,12 +34,14 @@ def generation_of(body: Mapping[str, Any]) -> int:
     return int(pool_of(body).get("generation") or 0)
 
 
-def members(body: Mapping[str, Any], dropped: set[str]) -> tuple[str, tuple[str, ...]]:
-    """What a slice holds: its device names, or its counter-set names."""
+def members(body: Mapping[str, Any], dropped: set[str]) -> tuple[tuple[str, ...], ...]:
+    """What a slice holds: its device names and its counter-set names (both in one slice
+    where the server wants counters beside devices)."""
     spec = body.get("spec", {})
-    if spec.get("sharedCounters") and "sharedCounters" not in dropped:
-        return "counters", tuple(s.get("name", "") for s in spec["sharedCounters"])
-    return "devices", tuple(d.get("name", "") for d in spec.get("devices") or ())
+    devices = tuple(d.get("name", "") for d in spec.get("devices") or ())
+    if "sharedCounters" in dropped:
+        return (devices,)
+    return devices, tuple(s.get("name", "") for s in spec.get("sharedCounters") or ())
 
 
 def same_shape(

@@ -25,6 +25,14 @@ one GET of the Node and the watch itself, and nothing is read at rest; the slice
 again only when the watch fails or expires (410 Gone). Without the watch, every sync lists.
 `stop` leaves the slices in place: a restarted or upgraded agent takes them over, and the
 kubelet removes them when no plugin of the driver is left.
+
+What is published is what the API server can enforce (`dra_core.slices.features`): the first
+sync whose inventory uses an optional field asks the server once (a dry-run create) which
+fields it keeps and which counter layout it accepts; devices it could not keep apart are left
+out, with a warning once, ``dra_devices_left_out`` and ``dra_api_feature_kept`` in /metrics.
+A server that later drops a field anyway (its gate turned off under a running agent) is
+treated as dropping it from then on, and a refused write (HTTP 422) makes the next sync ask
+again.
 """
 
 from __future__ import annotations
@@ -51,22 +59,22 @@ from dra_core.slices.compare import (
     pool_of,
     same_shape,
 )
+from dra_core.slices.features import (
+    ALL_KEPT,
+    FEATURES,
+    LeftOut,
+    ServerFeatures,
+    probe,
+    safe_inventory,
+    used_fields,
+)
 from dra_core.slices.watch import RELIST, SLICES_PATH, SliceWatcher
 
-__all__ = ("FEATURE_GATES", "PublisherSettings", "SlicePublisher", "SyncResult")
+__all__ = ("PublisherSettings", "SlicePublisher", "SyncResult")
 
 T = TypeVar("T")
 
 _MAX_OWN_VERSIONS = 1000
-
-#: The feature gate that makes the API server keep each optional field of a slice.
-FEATURE_GATES: Mapping[str, str] = {
-    "consumesCounters": "DRAPartitionableDevices",
-    "sharedCounters": "DRAPartitionableDevices",
-    "allowMultipleAllocations": "DRAConsumableCapacity",
-    "requestPolicy": "DRAConsumableCapacity",
-    "taints": "DRADeviceTaints",
-}
 
 
 @dataclass(frozen=True)
@@ -94,10 +102,12 @@ class PublisherSettings:
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What one sync did: the pool generation, the desired slice count and the writes."""
+    """What one sync did: the pool generation, the desired slice count, the devices
+    published (after leaving out what the server cannot enforce) and the writes."""
 
     generation: int
     slices: int
+    devices: int = 0
     created: tuple[str, ...] = ()
     updated: tuple[str, ...] = ()
     deleted: tuple[str, ...] = ()
@@ -144,7 +154,10 @@ class SlicePublisher:
         self._generation = 0
         self._owner: dict[str, Any] | None = None
         self._owner_checked_at: float | None = None
-        self._dropped: set[str] = set()
+        self._server: ServerFeatures | None = None
+        self._said_left_out: set[tuple[str, str]] = set()
+        #: What the last sync left out, per feature the server lacks.
+        self.left_out: tuple[LeftOut, ...] = ()
         self._own_versions: set[str] = set()
         self._own_deletes: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -159,8 +172,13 @@ class SlicePublisher:
 
     @property
     def dropped_fields(self) -> frozenset[str]:
-        """Slice fields the API server dropped (their feature gate is off)."""
-        return frozenset(self._dropped)
+        """Slice fields the API server drops (their feature gate is off), as far as known."""
+        return self._server.dropped if self._server is not None else frozenset()
+
+    @property
+    def server_features(self) -> ServerFeatures | None:
+        """What the API server keeps, once asked (None before an optional field was used)."""
+        return self._server
 
     def update(self, inventory: Inventory) -> None:
         """Make ``inventory`` the desired state; the thread writes it after the debounce.
@@ -250,7 +268,7 @@ class SlicePublisher:
                 raise
             finally:
                 metrics.PUBLISH_SECONDS.observe(time.monotonic() - started)
-            metrics.PUBLISHED_DEVICES.set(len(inventory.devices))
+            metrics.PUBLISHED_DEVICES.set(result.devices)
             metrics.PUBLISHED_SLICES.set(result.slices)
             with self._cond:
                 self._synced_seq = max(self._synced_seq, seq)
@@ -264,7 +282,7 @@ class SlicePublisher:
                     self.node_name,
                     result.generation,
                     result.slices,
-                    len(inventory.devices),
+                    result.devices,
                     len(result.created),
                     len(result.updated),
                     len(result.deleted),
@@ -354,15 +372,24 @@ class SlicePublisher:
         current_generation = max((generation_of(s) for s in ours), default=0)
         self._generation = max(self._generation, current_generation)
         generation = max(self._generation, 1)
-        desired = build_slices(
-            self.driver, self.node_name, self.pool_name, inventory, generation, owner=owner
+        server = self._server_features(inventory)
+        published, self.left_out = safe_inventory(inventory, server)
+        self._report_left_out(self.left_out)
+        dropped = set(server.dropped)
+        build = partial(
+            build_slices,
+            self.driver,
+            self.node_name,
+            self.pool_name,
+            published,
+            owner=owner,
+            counters_beside_devices=server.counters_beside_devices,
         )
+        desired = build(generation)
         current = [s for s in ours if generation_of(s) == current_generation]
-        if not same_shape(desired, current, self._dropped):
+        if not same_shape(desired, current, dropped):
             generation = self._generation + 1
-            desired = build_slices(
-                self.driver, self.node_name, self.pool_name, inventory, generation, owner=owner
-            )
+            desired = build(generation)
         by_name = {s["metadata"]["name"]: s for s in existing}
         created: list[str] = []
         updated: list[str] = []
@@ -370,7 +397,7 @@ class SlicePublisher:
         for body in desired:
             name = body["metadata"]["name"]
             actual = by_name.get(name)
-            if actual is not None and owned_fields_equal(body, actual, self._dropped):
+            if actual is not None and owned_fields_equal(body, actual, dropped):
                 continue
             verb = self._write(body, actual)
             if verb == "create":
@@ -385,6 +412,7 @@ class SlicePublisher:
         return SyncResult(
             generation=generation,
             slices=len(desired),
+            devices=len(published.devices),
             created=tuple(created),
             updated=tuple(updated),
             deleted=tuple(deleted),
@@ -454,12 +482,18 @@ class SlicePublisher:
                     send = partial(self.client.request, "PUT", path, body=merged)
                 returned = self._call(send, f"{verb} ResourceSlice {name}")
             except ApiError as exc:
+                if exc.status == 422:
+                    # Refused: perhaps a server upgraded or reconfigured under us; the next
+                    # sync asks again what it keeps and which layout it accepts.
+                    self._server = None
                 if not (exc.conflict or (exc.not_found and actual is not None)):
                     raise
                 # Stale copy (409) or gone meanwhile (404): read again and decide again.
                 logger.debug("ResourceSlice {}: {}; reading it again", name, exc)
                 actual = self._get(name)
-                if actual is not None and owned_fields_equal(body, actual, self._dropped):
+                if actual is not None and owned_fields_equal(
+                    body, actual, set(self.dropped_fields)
+                ):
                     return "none"
                 continue
             self._count_write(verb)
@@ -518,17 +552,83 @@ class SlicePublisher:
     # ---------------------------------------------------------------------------- comparing
 
     def _check_dropped(self, sent: Mapping[str, Any], returned: Mapping[str, Any]) -> None:
-        """Report fields the server silently dropped because their feature gate is off."""
+        """Notice fields the server dropped although it kept them when asked (its gate was
+        turned off under a running agent): from now on they count as dropped, and the next
+        sync publishes what is safe without them."""
         missing = gated_fields(sent.get("spec", {})) - gated_fields(returned.get("spec", {}))
-        for feature in sorted(missing - self._dropped):
-            self._dropped.add(feature)
-            metrics.PUBLISH_ERRORS.inc()
-            logger.error(
-                "the API server dropped {} from ResourceSlice {}: feature gate {} is off in "
-                "kube-apiserver (and kube-scheduler). Devices are published without it, which "
-                "changes what the scheduler may allocate; enable the gate, then restart this "
-                "agent",
-                feature,
-                sent.get("metadata", {}).get("name"),
-                FEATURE_GATES[feature],
+        missing -= self.dropped_fields  # the other slices of the same sync say it again
+        if not missing:
+            return
+        metrics.PUBLISH_ERRORS.inc()
+        logger.warning(
+            "the API server dropped {} from ResourceSlice {} although it kept them when asked; "
+            "publishing again without the devices that need them",
+            ", ".join(sorted(missing)),
+            sent.get("metadata", {}).get("name"),
+        )
+        self._learned((self._server or ALL_KEPT).dropping(missing))
+        with self._cond:
+            self._drift = True
+            self._cond.notify_all()
+
+    # ---------------------------------------------------------------------------- features
+
+    def _server_features(self, inventory: Inventory) -> ServerFeatures:
+        """What the server keeps; asked once, and only when the inventory needs to know."""
+        if self._server is not None:
+            return self._server
+        if not used_fields(inventory):
+            return ALL_KEPT  # nothing optional to lose: no request
+        server = self._call(
+            lambda: probe(self.client, self.driver, self.node_name),
+            "dry-run create a ResourceSlice to learn which fields the API server keeps",
+        )
+        self._learned(server)
+        return server
+
+    def _learned(self, server: ServerFeatures) -> None:
+        self._server = server
+        for feature in FEATURES:
+            metrics.API_FEATURE_KEPT.labels(feature.gate).set(1 if server.keeps(feature) else 0)
+        lacking = [f"{f.name} (feature gate {f.gate} off)" for f in FEATURES if not server.keeps(f)]
+        layout = (
+            "counter sets beside the devices consuming them"
+            if server.counters_beside_devices
+            else "counter sets in slices of their own"
+        )
+        if lacking:
+            logger.info("the API server lacks {}; it wants {}", ", ".join(lacking), layout)
+        else:
+            logger.info(
+                "the API server keeps every optional ResourceSlice field; it wants {}", layout
             )
+
+    def _report_left_out(self, left_out: tuple[LeftOut, ...]) -> None:
+        """Count what is left out per feature; warn once per device and reason."""
+        counts = {f.gate: 0 for f in FEATURES}
+        for entry in left_out:
+            gate = entry.feature.gate
+            counts[gate] += len(entry.devices)
+            new = [
+                (what, name)
+                for what, names in (("out", entry.devices), ("exclusive", entry.exclusive))
+                for name in names
+                if (f"{gate}/{what}", name) not in self._said_left_out
+            ]
+            if not new:
+                continue
+            self._said_left_out.update((f"{gate}/{what}", name) for what, name in new)
+            out = [name for what, name in new if what == "out"]
+            exclusive = [name for what, name in new if what == "exclusive"]
+            logger.warning(
+                "feature gate {} is off in the API server ({} not kept): {}{}{}. Turn the gate "
+                "on in kube-apiserver and kube-scheduler, then restart this agent, to publish "
+                "them as the backend describes them",
+                gate,
+                entry.feature.name,
+                entry.feature.without,
+                f"; not published: {', '.join(out)}" if out else "",
+                f"; published as exclusive devices: {', '.join(exclusive)}" if exclusive else "",
+            )
+        for gate, count in counts.items():
+            metrics.DEVICES_LEFT_OUT.labels(gate).set(count)

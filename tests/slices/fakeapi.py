@@ -2,7 +2,9 @@
 
 It behaves like the real one where the publisher cares: resource versions and 409 on stale
 updates, 409 on creating an existing name, 404s, field selectors, quantities returned in
-canonical form, ``timeAdded`` stamped on taints, and gated fields dropped when a gate is off.
+canonical form, ``timeAdded`` stamped on taints, gated fields dropped when a gate is off,
+dry-run creates (logged as ``DRYRUN``, nothing stored) and the counter layout of 1.35+ or, with
+``counters_beside``, of 1.34 (counter sets in the slice of the devices that consume them).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def _canon_counters(counters):
 class FakeApi:
     """The fake server plus a KubeClient-compatible ``request``/``get``."""
 
-    def __init__(self, *, gates_off: tuple[str, ...] = ()):
+    def __init__(self, *, gates_off: tuple[str, ...] = (), counters_beside: bool = False):
         self.slices: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, str] = {}
         self.gates_off = set(gates_off)
+        self.counters_beside = counters_beside
         self.log: list[tuple[str, str]] = []
         self.failures: list[ApiError] = []
         self.before_write = None  # callable(method, name) run before a write is applied
@@ -54,6 +57,11 @@ class FakeApi:
         with self._lock:
             if self.failures:
                 raise self.failures.pop(0)
+            if (query or {}).get("dryRun") == "All":
+                self.log.append(("DRYRUN", path))
+                body = copy.deepcopy(body)
+                body["metadata"]["name"] = body["metadata"].pop("generateName") + "x"
+                return self._server_side(body, None)
             self.log.append((method, path))
             if path.startswith("/api/v1/nodes/"):
                 name = path.rsplit("/", 1)[1]
@@ -119,7 +127,19 @@ class FakeApi:
         spec = obj["spec"]
         if "DRAPartitionableDevices" in self.gates_off:
             spec.pop("sharedCounters", None)
-        if spec.get("devices") is not None and spec.get("sharedCounters") is not None:
+        if "DRAPartitionableDevices" not in self.gates_off and self.counters_beside:
+            here = {c["name"] for c in spec.get("sharedCounters") or ()}
+            for device in spec.get("devices") or ():
+                for c in device.get("consumesCounters") or ():
+                    if c["counterSet"] not in here:
+                        raise ApiError(
+                            "POST",
+                            SLICES,
+                            422,
+                            "must reference a counterSet defined in the "
+                            "ResourceSlice sharedCounters",
+                        )
+        elif spec.get("devices") is not None and spec.get("sharedCounters") is not None:
             raise ApiError("POST", SLICES, 422, "only one of sharedCounters or devices is allowed")
         for counter_set in spec.get("sharedCounters") or ():
             counter_set["counters"] = _canon_counters(counter_set["counters"])
@@ -128,6 +148,8 @@ class FakeApi:
                 device.pop("consumesCounters", None)
             if "DRAConsumableCapacity" in self.gates_off:
                 device.pop("allowMultipleAllocations", None)
+                for cap in (device.get("capacity") or {}).values():
+                    cap.pop("requestPolicy", None)
             if "DRADeviceTaints" in self.gates_off:
                 device.pop("taints", None)
             for cap in (device.get("capacity") or {}).values():

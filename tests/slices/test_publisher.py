@@ -299,26 +299,29 @@ def test_missing_node_publishes_without_owner(api, caplog_loguru):
     assert any("without an owner reference" in m for m in caplog_loguru)
 
 
-def test_dropped_fields_reported_once_and_no_write_loop(caplog_loguru):
-    api = FakeApi(gates_off=("DRAPartitionableDevices", "DRADeviceTaints"))
+def test_fields_dropped_under_a_running_agent_are_learned_without_a_write_loop(caplog_loguru):
+    """A gate turned off after the agent asked: the write's answer shows the loss, the
+    publisher leaves out what needs the field and settles, without asking again."""
+    api = FakeApi()
     api.nodes[NODE] = "uid"
     pub = publisher(api)
-    inv = sriov_inventory(pfs=1, vfs=2)
-    devices = (
-        *inv.devices[:-1],
-        dataclasses.replace(inv.devices[-1], taints=(Taint("k", "NoSchedule"),)),
-    )
-    pub.update(Inventory(devices=devices, counter_sets=inv.counter_sets))
-    before = metrics.PUBLISH_ERRORS._value.get()
+    inv = sriov_inventory(pfs=1, vfs=2)  # card0-vf0, card0-vf1, card0
+    pub.update(inv)
     pub.sync_once()
-    assert pub.dropped_fields == {"consumesCounters", "sharedCounters", "taints"}
-    errors = [m for m in caplog_loguru if "dropped" in m]
-    assert len(errors) == 3
-    assert any("DRAPartitionableDevices" in m for m in errors)
-    assert any("DRADeviceTaints" in m for m in errors)
-    assert metrics.PUBLISH_ERRORS._value.get() == before + 3
+    assert not pub.dropped_fields
+    api.gates_off = {"DRAPartitionableDevices"}
+    pub.update(Inventory(devices=inv.devices[:-1], counter_sets=inv.counter_sets))
+    before = metrics.PUBLISH_ERRORS._value.get()
+    pub.sync_once()  # the update comes back without consumesCounters
+    assert pub.dropped_fields == {"consumesCounters", "sharedCounters"}
+    assert metrics.PUBLISH_ERRORS._value.get() == before + 1
+    assert any("although it kept them when asked" in m for m in caplog_loguru)
+    pub.sync_once()  # now published as safe without counters: both VFs fit the PF's counters
+    assert names_in(api) == [["card0-vf0", "card0-vf1"]]
+    assert not any(s["spec"].get("sharedCounters") for s in api.slices.values())
     assert pub.sync_once().writes == 0
     assert pub.sync_once().writes == 0
+    assert [m for m, _ in api.log].count("DRYRUN") == 1
 
 
 def test_update_validates(api):

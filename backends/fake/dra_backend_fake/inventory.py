@@ -4,8 +4,9 @@ Sources, in order: an inventory YAML file (``--inventory``), else the ``backend`
 the agent's configuration file, plus ``--devices N`` plain devices ``dev-0`` .. ``dev-<N-1>``;
 with none of them, :data:`DEFAULT_INVENTORY`. :func:`build` turns specs into
 :class:`dra_core.Inventory`: plain devices, shared devices (``allowMultipleAllocations`` and
-request policies) and partitioned devices (partitions then the whole device, consuming one
-counter set named after the device).
+request policies) and partitioned devices (the whole device then its partitions, consuming one
+counter set named after the device: on an API server without partitionable devices the core
+keeps devices in this order while the counters allow, so the whole device stays there).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from dra_backend_fake.schema import (
     CapacitySpec,
     DeviceSpec,
     InventorySpec,
-    describe,
     is_dns_label,
     partition_name,
 )
@@ -37,6 +37,7 @@ from dra_core import (
     Inventory,
     RequestPolicy,
     ValidRange,
+    describe_validation_error,
     format_bytes,
     parse_quantity,
 )
@@ -97,7 +98,7 @@ def parse_inventory(data: object, source: str) -> list[DeviceSpec]:
     try:
         spec = InventorySpec.model_validate(data)
     except ValidationError as exc:
-        msg = f"{source}: {describe(exc)}"
+        msg = f"{source}: {describe_validation_error(exc)}"
         raise InventoryError(msg) from None
     return list(spec.devices)
 
@@ -219,7 +220,7 @@ def _devices(spec: DeviceSpec) -> tuple[list[Device], CounterSet | None]:
         capacity=capacity,
         consumes_counters=(CounterConsumption(counter_set=spec.name, counters=dict(totals)),),
     )
-    return [*devices, whole], counter_set
+    return [whole, *devices], counter_set
 
 
 def build(specs: Sequence[DeviceSpec], *, hidden: Iterable[str] = ()) -> Inventory:

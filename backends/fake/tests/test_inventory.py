@@ -38,7 +38,7 @@ def test_default_inventory_is_valid_and_has_every_kind_of_device():
     names = [d.name for d in inventory.devices]
     assert names[:4] == ["dev-0", "dev-1", "dev-2", "dev-3"]
     assert "shared-0" in names
-    assert names[-5:] == ["big-0-p0", "big-0-p1", "big-0-p2", "big-0-p3", "big-0"]
+    assert names[-5:] == ["big-0", "big-0-p0", "big-0-p1", "big-0-p2", "big-0-p3"]
     assert inventory.device("shared-0").allow_multiple_allocations
     assert [s.name for s in inventory.counter_sets] == ["big-0"]
 
@@ -123,7 +123,7 @@ def test_shared_device_with_request_policies():
     assert device.capacity["plain"] == Capacity("3")
 
 
-def test_partitions_share_a_counter_set_with_the_whole_device_listed_last():
+def test_partitions_share_a_counter_set_with_the_whole_device_listed_first():
     inventory = inventory_of(
         """
         devices:
@@ -134,7 +134,7 @@ def test_partitions_share_a_counter_set_with_the_whole_device_listed_last():
         """
     )
     names = [d.name for d in inventory.devices]
-    assert names == ["big-p0", "big-p1", "big-p2", "big-p3", "big"]
+    assert names == ["big", "big-p0", "big-p1", "big-p2", "big-p3"]
     (counter_set,) = inventory.counter_sets
     assert counter_set.name == "big"
     assert counter_set.counters == {"memory": "16Gi", "cores": "8", "partitions": "4"}

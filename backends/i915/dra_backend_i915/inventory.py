@@ -11,10 +11,12 @@ plain GPUs come before the partitionable ones):
 3. **VFs an administrator made** (``sriov_numvfs`` > 0 before this backend touched the PF):
    each VF as it is (``type: vf``), no counters; the PF itself is not published, since whole-GPU
    use would break the VFs' users.
-4. **Partitionable PFs** (SR-IOV capable, model with a profile, no admin VFs): the profile's
-   VFs, then the PF last, all consuming from one counter set per PF (``memory`` when known,
-   and ``vfs``). The PF takes everything, each VF its share, so whole-GPU and VF use exclude
-   each other. VFs need not exist yet: they are created at the first VF's prepare.
+4. **Partitionable PFs** (SR-IOV capable, model with a profile, no admin VFs): the PF and the
+   profile's VFs, all consuming from one counter set per PF (``memory`` when known, and
+   ``vfs``). The PF takes everything, each VF its share, so whole-GPU and VF use exclude
+   each other. VFs need not exist yet: they are created at the first VF's prepare. The PF
+   comes first: on an API server without partitionable devices the core keeps devices in
+   order while the counters allow, so there the whole GPU stays and the VFs go.
 """
 
 from __future__ import annotations
@@ -227,6 +229,9 @@ def _partitioned(
         )
     )
     records.append(DeviceRecord(pf.name, "pf", pf, None, None, profile, pf.address))
+    # The whole GPU first (see the module docstring).
+    devices.insert(0, devices.pop())
+    records.insert(0, records.pop())
     return CounterSet(set_name, counters), devices, records
 
 
@@ -318,7 +323,8 @@ def build(discovery: Discovery, settings: NodeSettings, state: State) -> Built:
     records = {r.name: r for _, r in first} | {r.name: r for _, r in admin}
     counter_sets = []
     for counter_set, group_devices, group_records in groups:
-        if not _publishable(group_records[-1], group_devices, counter_set):
+        pf_record = next(r for r in group_records if r.kind == "pf")
+        if not _publishable(pf_record, group_devices, counter_set):
             continue
         counter_sets.append(counter_set)
         devices.extend(group_devices)

@@ -57,8 +57,8 @@ def test_flex170_partitionable(fs):
     names = [d.name for d in built.inventory.devices]
     assert names == [
         "gpu-0000-08-00-0",  # plain GPU first
+        "gpu-0000-03-00-0",  # the PF before its VFs
         *(f"gpu-0000-03-00-0-vf{k}" for k in range(4)),
-        "gpu-0000-03-00-0",  # PF last
     ]
     (counter_set,) = built.inventory.counter_sets
     assert counter_set.name == "gpu-0000-03-00-0"
@@ -75,7 +75,7 @@ def test_flex170_partitionable(fs):
     assert pf is not None
     assert dict(pf.consumes_counters[0].counters) == {"vfs": "4", "memory": "16Gi"}
     assert pf.attributes["sriov"] is True
-    shares = [built.inventory.device(n) for n in names[1:5]]
+    shares = [built.inventory.device(n) for n in names[2:6]]
     total = sum(parse_quantity(d.consumes_counters[0].counters["memory"]) for d in shares if d)
     assert total <= parse_quantity("16Gi")
 
