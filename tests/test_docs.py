@@ -1,5 +1,6 @@
 """The docs stay true to the code: the backend author's guide documents every hook with its exact
-signature, and nothing else; every test that docs/guarantees.md cites as proof exists."""
+signature, and nothing else; every test that docs/guarantees.md and RELEASE.md cite as proof
+exists."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import ast
 import inspect
 import re
 from pathlib import Path
+
+import pytest
 
 from dra_core import hookspecs
 
@@ -54,10 +57,15 @@ def defined_tests(path: Path) -> set[str]:
     }
 
 
-def test_every_test_cited_in_the_guarantees_exists():
-    text = GUARANTEES.read_text()
+#: Each document that cites tests as proof, and how many citations it has at least.
+CITING_DOCS = {GUARANTEES: 50, ROOT / "RELEASE.md": 8}
+
+
+@pytest.mark.parametrize("doc", CITING_DOCS, ids=lambda p: p.name)
+def test_every_test_cited_in_the_guarantees_exists(doc: Path):
+    text = doc.read_text()
     cited = CITATION.findall(text)
-    assert len(cited) >= 50, "docs/guarantees.md cites its tests as `path::test_name`"
+    assert len(cited) >= CITING_DOCS[doc], f"{doc.name} cites its tests as `path::test_name`"
     unreadable = [
         span
         for span in re.findall(r"`[^`\n]*::[^`\n]*`", text)
@@ -71,7 +79,7 @@ def test_every_test_cited_in_the_guarantees_exists():
             missing.append(f"{path}::{name} (no such file)")
         elif name not in defined_tests(file):
             missing.append(f"{path}::{name} (no such test in the file)")
-    assert missing == [], "docs/guarantees.md cites tests that do not exist"
+    assert missing == [], f"{doc.name} cites tests that do not exist"
 
 
 def test_citations_are_recognised_whatever_their_form():

@@ -23,6 +23,7 @@ import atexit
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,6 +40,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dra_core import releases
+from dra_core.releases import DRA_GATE_DEFAULTS, SUPPORTED_MINORS
+
 #: A readiness check: (ready, what was seen).
 Probe = Callable[[], tuple[bool, str]]
 
@@ -49,50 +53,6 @@ BINARY_NAMES = ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-man
 #: The Kubernetes release the harness runs unless ``DRA_K8S_VERSION`` names another one (the
 #: build scripts read the same variable, and cache each release's binaries apart).
 DEFAULT_K8S_VERSION = "v1.37.2"
-#: Oldest and newest minor releases the harness knows the feature gates of.
-SUPPORTED_MINORS = range(34, 38)
-
-#: The DRA feature gates the project uses, and their defaults in each minor release
-#: (pkg/features/kube_features.go of v1.34.4, v1.35.4, v1.36.3, v1.37.2). A gate missing from
-#: a release's map does not exist there: naming it on a command line makes every binary of
-#: that release refuse to start.
-DRA_GATE_DEFAULTS: dict[int, dict[str, bool]] = {
-    34: {
-        "DRAPartitionableDevices": False,  # alpha
-        "DRAConsumableCapacity": False,  # alpha
-        "DRADeviceTaints": False,  # alpha; its DeviceTaintRule API is resource.k8s.io/v1alpha3
-        "DRADeviceBindingConditions": False,  # alpha
-        "DRAPrioritizedList": True,  # beta
-        "DRAResourceClaimDeviceStatus": True,  # beta
-    },
-    35: {
-        "DRAPartitionableDevices": False,  # alpha
-        "DRAConsumableCapacity": False,  # alpha
-        "DRADeviceTaints": False,  # alpha
-        "DRADeviceTaintRules": False,  # alpha, resource.k8s.io/v1alpha3
-        "DRADeviceBindingConditions": False,  # alpha
-        "DRAPrioritizedList": True,  # beta
-        "DRAResourceClaimDeviceStatus": True,  # beta
-    },
-    36: {
-        "DRAPartitionableDevices": True,  # beta
-        "DRAConsumableCapacity": True,  # beta
-        "DRADeviceTaints": True,  # beta
-        "DRADeviceTaintRules": False,  # beta, resource.k8s.io/v1beta2
-        "DRADeviceBindingConditions": True,  # beta
-        "DRAPrioritizedList": True,  # GA
-        "DRAResourceClaimDeviceStatus": True,  # beta
-    },
-    37: {
-        "DRAPartitionableDevices": True,  # beta
-        "DRAConsumableCapacity": True,  # beta
-        "DRADeviceTaints": True,  # GA, not locked
-        "DRADeviceTaintRules": True,  # GA
-        "DRADeviceBindingConditions": True,  # beta
-        "DRAPrioritizedList": True,  # GA, locked to true (setting true is fine)
-        "DRAResourceClaimDeviceStatus": True,  # GA, locked to true
-    },
-}
 #: The gates turned on in the ``dra`` gate set (where the release has them): every DRA feature
 #: the agent can use. DeviceTaintRules are left to the release's default, as the agent does not
 #: write them.
@@ -103,6 +63,7 @@ DRA_GATES = (
     "DRADeviceBindingConditions",
     "DRAPrioritizedList",
     "DRAResourceClaimDeviceStatus",
+    "ResourceHealthStatus",
 )
 #: ``DRA_TEST_GATES`` values: ``dra`` turns on :data:`DRA_GATES` (the default, and on 1.37 the
 #: same flags as before releases were selectable); ``default`` sets no gate, as most clusters run.
@@ -125,12 +86,9 @@ def selected_k8s_version() -> str:
 
 
 def k8s_minor(version: str) -> int:
-    """The minor release of ``version`` (``v1.34.4`` -> 34), which must be a supported one."""
-    parts = version.removeprefix("v").split(".")
-    if len(parts) != 3 or parts[0] != "1" or not all(p.isdigit() for p in parts):
-        msg = f"{version!r} is not a Kubernetes release like v1.34.4"
-        raise ValueError(msg)
-    minor = int(parts[1])
+    """The minor release of ``version`` (``v1.34.4`` -> 34), which must be one whose binaries
+    and gates the harness knows."""
+    minor = releases.k8s_minor(version)
     if minor not in SUPPORTED_MINORS:
         oldest, newest = SUPPORTED_MINORS[0], SUPPORTED_MINORS[-1]
         msg = f"Kubernetes {version}: the harness supports 1.{oldest} to 1.{newest}"
@@ -186,6 +144,8 @@ def release_runtime_config(
 
 
 DEFAULT_RUNTIME_CONFIG = ("resource.k8s.io/v1=true",)
+#: A line of the API server's /metrics: kubernetes_feature_enabled{name="X",stage="BETA"} 1
+_FEATURE_ENABLED = re.compile(r'^kubernetes_feature_enabled\{name="([^"]+)"[^}]*\} ([01])$', re.M)
 # Controllers needed for DRA tests: ResourceClaimTemplates -> claims, ServiceAccounts + tokens so
 # pods can be created in fresh namespaces, namespace deletion, garbage collection of owned claims.
 DEFAULT_CONTROLLERS = (
@@ -439,6 +399,7 @@ class ControlPlane:
         self.components: dict[str, _Component] = {}
         self._ports: dict[str, int] = {}
         self._atexit_registered = False
+        self._enabled_gates: dict[str, bool] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> ControlPlane:
@@ -682,6 +643,32 @@ class ControlPlane:
             f"--root-ca-file={self.ca_path}",
             "--use-service-account-credentials=false",
         )
+
+    def enabled_gates(self) -> dict[str, bool]:
+        """Every feature gate of the running kube-apiserver and whether it is on, as the server
+        itself reports them (its ``kubernetes_feature_enabled`` metric), read once."""
+        if self._enabled_gates is None:
+            if self.server is None:
+                raise ControlPlaneError("control plane not started")
+            ctx = ssl.create_default_context(cafile=str(self.ca_path))
+            request = urllib.request.Request(
+                f"{self.server}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+            )
+            with urllib.request.urlopen(request, timeout=10, context=ctx) as r:
+                text = r.read().decode()
+            self._enabled_gates = {
+                m.group(1): m.group(2) == "1" for m in _FEATURE_ENABLED.finditer(text)
+            }
+            if not self._enabled_gates:
+                msg = f"kube-apiserver at {self.server} reports no kubernetes_feature_enabled"
+                raise ControlPlaneError(msg)
+        return dict(self._enabled_gates)
+
+    def missing_gates(self, *gates: str) -> list[str]:
+        """Which of ``gates`` the running API server has off (or lacks): for a test to skip
+        with their names when the release or gate set it runs on does not have a feature."""
+        enabled = self.enabled_gates()
+        return [g for g in gates if not enabled.get(g, False)]
 
     # ------------------------------------------------------------------ clients
     def client_configuration(self) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from dra_core.releases import gates_on
+from dra_core.testing.controlplane import selected_k8s_version
 from tests.controlplane import helpers as h
 
 pytestmark = pytest.mark.controlplane
@@ -35,11 +37,21 @@ def _devices(n, prefix="dev"):
     ]
 
 
-def test_server_reports_pinned_version(kube_api):
+def test_server_reports_pinned_version(control_plane, kube_api):
+    """The API server is the release the harness was asked for (DRA_K8S_VERSION)."""
     v = h.get(kube_api, "/version")
-    assert v["gitVersion"] == "v1.37.2", v
+    assert v["gitVersion"] == control_plane.k8s_version == selected_k8s_version(), v
     groups = h.get(kube_api, "/apis/resource.k8s.io")
     assert "v1" in [x["version"] for x in groups["versions"]], groups
+
+
+def test_the_api_server_has_the_gates_the_harness_chose(control_plane):
+    """The release's gate table (dra_core.releases) is what the running server reports: its
+    defaults, with the gate set's choices over them."""
+    expected = gates_on(control_plane.k8s_version, control_plane.feature_gates)
+    enabled = control_plane.enabled_gates()
+    assert {gate: enabled.get(gate) for gate in expected} == expected
+    assert control_plane.missing_gates(*expected) == [g for g, on in expected.items() if not on]
 
 
 def test_valid_resource_slice_is_accepted(kube_api, fake_node):

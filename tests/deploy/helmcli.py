@@ -167,14 +167,17 @@ class Helm:
         values_files: Iterable[Path] = (),
         set_files: Mapping[str, Path] | None = None,
         chart: Path = CHART,
+        kube_version: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The objects ``helm template`` renders."""
+        """The objects ``helm template`` renders, for a cluster of ``kube_version`` (default:
+        Helm's own client version)."""
         result = self.run(
             "template",
             release,
             str(chart),
             "--namespace",
             namespace,
+            *(["--kube-version", kube_version] if kube_version else []),
             *self.values_args(values, values_files=values_files, set_files=set_files),
         )
         return [d for d in yaml.safe_load_all(result.stdout) if d is not None]

@@ -291,8 +291,8 @@ def test_the_chart_knows_every_installed_backend():
     assert chart_backends == {b.name for b in plugins.installed_backends()}
 
 
-def _render(backend: str, driver: str | None) -> list[dict[str, Any]]:
-    command = [sys.executable, "-m", "dra_core", "render", "--backend", backend]
+def _render(backend: str, driver: str | None, *args: str) -> list[dict[str, Any]]:
+    command = [sys.executable, "-m", "dra_core", "render", "--backend", backend, *args]
     if driver:
         command += ["--driver-name", driver]
     out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
@@ -312,6 +312,52 @@ def test_device_classes_are_the_backends_rendered_classes(helm, backend, driver)
     assert classes == _render(backend, driver)
     none = helm.template({"backend": backend, "deviceClasses": {"create": False}})
     assert not [o for o in none if o["kind"] == "DeviceClass"]
+
+
+#: A release of each supported minor, and a provider's build of one.
+CLUSTER_RELEASES = ["v1.34.4", "v1.35.4", "v1.36.3", "v1.37.2", "v1.35.2-gke.1100"]
+#: The cluster's gates as `deviceClasses.featureGates` and as `dra-core render --feature-gates`.
+GATE_CHOICES = {
+    "defaults": ({}, ""),
+    "capacity-on": ({"DRAConsumableCapacity": True}, "DRAConsumableCapacity=true"),
+    "capacity-off": ({"DRAConsumableCapacity": False}, "DRAConsumableCapacity=false"),
+}
+
+
+@pytest.mark.parametrize(
+    ("release", "gates"),
+    [(r, "defaults") for r in CLUSTER_RELEASES]
+    + [("v1.35.4", "capacity-on"), ("v1.37.2", "capacity-off")],
+    ids=str,
+)
+@pytest.mark.parametrize("backend", ["fake", "i915"])
+def test_device_classes_follow_the_clusters_release_and_gates(helm, backend, release, gates):
+    """On each release, and with the gates set in the values, the chart installs the classes
+    `dra-core render --kubernetes-version` prints: only those the API server accepts."""
+    feature_gates, flag = GATE_CHOICES[gates]
+    values = {"backend": backend, "deviceClasses": {"featureGates": feature_gates}}
+    classes = [o for o in helm.template(values, kube_version=release) if o["kind"] == "DeviceClass"]
+    args = ["--kubernetes-version", release, *(["--feature-gates", flag] if flag else [])]
+    assert classes == _render(backend, None, *args)
+    shared = any(o["metadata"]["name"].startswith("shared.") for o in classes)
+    on_by_default = release.startswith(("v1.36", "v1.37"))
+    assert shared == (feature_gates.get("DRAConsumableCapacity", on_by_default))
+
+
+def test_the_install_notes_name_the_classes_left_out(helm):
+    def notes(values: dict[str, Any]) -> str:
+        args = ["install", "x", str(CHART), "--dry-run=client", *helm.values_args(values)]
+        return helm.run(*args).stdout.partition("NOTES:")[2]
+
+    assert "Not installed" not in notes({"backend": "i915"})
+    off = notes(
+        {"backend": "i915", "deviceClasses": {"featureGates": {"DRAConsumableCapacity": False}}}
+    )
+    assert (
+        "Not installed: DeviceClass shared.gpu.intel.com, whose selector needs the feature gate "
+        "DRAConsumableCapacity,"
+    ) in off
+    assert "set deviceClasses.featureGates.DRAConsumableCapacity=true" in off
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -688,11 +734,16 @@ def _dry_run_all(kube_api, objects: list[dict[str, Any]]) -> None:
 
 @pytest.mark.controlplane
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_rendered_objects_pass_a_server_side_dry_run(helm, kube_api, namespace, case):
+def test_rendered_objects_pass_a_server_side_dry_run(
+    helm, control_plane, kube_api, namespace, case
+):
     """Each object is validated by the API server without being stored, and a pod made from
     each DaemonSet and Deployment passes pod admission; a cert-manager Certificate is left
     out (the test control plane has no cert-manager CRDs)."""
-    objects = helm.template(**CASES[case].kwargs(), namespace=namespace)
+    # For the harness's release, as `helm install` renders for the cluster it installs into.
+    objects = helm.template(
+        **CASES[case].kwargs(), namespace=namespace, kube_version=control_plane.k8s_version
+    )
     checked = [o for o in objects if o["apiVersion"] != "cert-manager.io/v1"]
     assert len(objects) - len(checked) == (case == "i915-driver-webhook-certmanager")
     _dry_run_all(kube_api, checked)
@@ -745,7 +796,9 @@ def test_helm_install_upgrade_and_uninstall(helm, control_plane, kube_api, names
     }
     kubeconfig = control_plane.kubeconfig_path
     common = ["--namespace", namespace, *helm.values_args(values)]
-    objects = helm.template(values, release=release, namespace=namespace)
+    objects = helm.template(
+        values, release=release, namespace=namespace, kube_version=control_plane.k8s_version
+    )
     classes = [o for o in objects if o["kind"] == "DeviceClass"]
     assert classes and all(driver in o["metadata"]["name"] for o in classes)
 

@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from dra_core.manifests import GATES_ANNOTATION
 from tests.controlplane import helpers as h
 from tests.deploy import kustomize
 from tests.deploy.test_policy_driver import policy_driver
@@ -422,9 +423,11 @@ def check_pod_template(kube_api, daemonset: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("directory", ["base", "overlays/i915", "overlays/fake", "webhook"])
-def test_every_object_passes_a_server_side_dry_run(kube_api, installed, directory):
+def test_every_object_passes_a_server_side_dry_run(control_plane, kube_api, installed, directory):
     """The API server validates each object (DaemonSet, DeviceClasses, ...) without storing it;
-    the namespace exists because ``installed`` applied it."""
+    the namespace exists because ``installed`` applied it. A DeviceClass that names a feature
+    gate this server has off is refused, as deploy/README.md says (the overlays are 1.36's)."""
+    gates = control_plane.enabled_gates()
     objects = kustomize.build(DEPLOY / directory)
     assert objects
     # A pod needs its ServiceAccount to exist: create the ones ``installed`` did not.
@@ -441,6 +444,10 @@ def test_every_object_passes_a_server_side_dry_run(kube_api, installed, director
             try:
                 result = apply(kube_api, obj, dry_run=True)
             except ApiException as e:
+                needs = obj["metadata"].get("annotations", {}).get(GATES_ANNOTATION, "")
+                off = [g for g in needs.split(",") if g and not gates.get(g)]
+                if obj["kind"] == "DeviceClass" and off and "undefined field" in e.body:
+                    continue
                 pytest.fail(f"{obj['kind']} {obj['metadata']['name']} rejected: {e.body}")
             assert result["kind"] == obj["kind"]
             if obj["kind"] in ("DaemonSet", "Deployment"):

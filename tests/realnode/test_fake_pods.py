@@ -46,6 +46,7 @@ def test_template_claim_reaches_the_container_and_is_released(
     assert pods.container_view(real_node, namespace, "second").env["DRA_FAKE_DEVICES"] == "dev-0"
 
 
+@pytest.mark.requires_feature("DRAPartitionableDevices", "DRAConsumableCapacity")
 def test_partition_share_and_two_claims_in_one_pod(fake_agent, real_node, kube_api, namespace):
     pods.create_template(
         kube_api, namespace, pods.claim_template("part", f"partition.{FAKE}", request_name="part")
@@ -114,6 +115,7 @@ def _pod_exists(api, namespace: str, name: str) -> bool:
     return True
 
 
+@pytest.mark.requires_feature("ResourceHealthStatus")
 def test_device_health_reaches_the_pod_status(fake_agent, real_node, kube_api, namespace):
     pods.create_template(
         kube_api, namespace, pods.claim_template("one", FAKE, selectors=pods.plain_fake_device(2))

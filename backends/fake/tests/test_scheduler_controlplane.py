@@ -2,9 +2,9 @@
 inventory is accepted, partitions and the whole device exclude each other through the counter
 set, and shares of the shared device get share IDs and rounded consumed capacity.
 
-Uses the session control plane of ``tests/controlplane`` when the whole suite runs, and starts
-its own (with cached binaries) when only ``backends/fake/tests`` runs. A driver name of its own
-keeps its devices away from other tests' pods.
+Uses the session control plane of dra-core's pytest plugin (``dra_control_plane``); each test
+needs its feature's gate on there. A driver name of its own keeps its devices away from other
+tests' pods.
 """
 
 from __future__ import annotations
@@ -28,23 +28,10 @@ RESOURCE_API = "/apis/resource.k8s.io/v1"
 
 
 @pytest.fixture(scope="module")
-def api(request):
-    try:
-        return request.getfixturevalue("kube_api")
-    except pytest.FixtureLookupError:
-        pass
-    from dra_core.testing.controlplane import ControlPlane, find_binaries
-
-    try:
-        binaries = find_binaries()
-    except Exception as exc:  # noqa: BLE001 - no binaries: skip outside CI
-        pytest.skip(f"control-plane binaries unavailable: {exc}")
-    plane = ControlPlane(binaries=binaries)
-    plane.start()
-    request.addfinalizer(plane.stop)
-    client = plane.api_client()
-    request.addfinalizer(client.close)
-    return client
+def api(dra_control_plane):
+    client = dra_control_plane.api_client()
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +42,16 @@ def h():
 
 
 @pytest.fixture(scope="module")
-def node(api, h):
+def node(dra_control_plane, api, h):
     """A node publishing the default fake inventory under DRIVER, with the backend's classes."""
     name = f"fake-sched-{uuid.uuid4().hex[:6]}"
     h.create_node(api, name)
-    hooks = from_objects("fake", dra_backend_fake.plugin)
+    hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
     identity = replace(hooks.backend_identity(), driver_name=DRIVER)
-    classes = device_class_manifests(hooks.device_classes(identity))
+    # Only the classes the release accepts (shared.* needs DRAConsumableCapacity).
+    classes = device_class_manifests(
+        hooks.device_classes(identity), dra_control_plane.enabled_gates()
+    )
     slices = build_slices(DRIVER, name, name, build(default_specs()), generation=1)
     for body in classes:
         h.create(api, f"{RESOURCE_API}/deviceclasses", body)
@@ -114,6 +104,7 @@ def _stays_pending(api, h, namespace, name, seconds=4.0):
     assert not claim.get("status", {}).get("allocation"), f"{name} allocated"
 
 
+@pytest.mark.requires_feature("DRAPartitionableDevices")
 def test_partitions_and_whole_device_exclude_each_other(api, h, namespace, node):
     _run(
         api,
@@ -151,6 +142,7 @@ def test_partitions_and_whole_device_exclude_each_other(api, h, namespace, node)
     assert [r["device"] for r in _results(api, h, namespace, "last")] == ["big-0-p3"]
 
 
+@pytest.mark.requires_feature("DRAConsumableCapacity")
 def test_shares_of_the_shared_device(api, h, namespace, node):
     for name in ("share-a", "share-b"):
         _run(

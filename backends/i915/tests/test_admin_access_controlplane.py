@@ -40,7 +40,10 @@ def fs(short_dir: Path) -> FakeSysfs:
 
 
 short_dir, kernel, backend, hooks, classes, agent, kubelet = cp.agent_fixtures(
-    "dra-i915-mon-", NODE, ready=lambda devices: len(devices) == 10
+    # Both GPUs; their VFs made on demand too only where partitionable devices are on.
+    "dra-i915-mon-",
+    NODE,
+    ready=lambda devices: {cp.FLEX_DEVICE, cp.A770_DEVICE} <= set(devices),
 )
 
 
@@ -142,6 +145,7 @@ def test_monitor_beside_workloads_on_the_same_gpus(
     assert sriov_writes(kernel, writes) == [] and cp.numvfs(fs) == 0
 
 
+@pytest.mark.requires_feature("DRAPartitionableDevices")
 def test_monitor_over_vfs_creates_and_removes_none(
     agent, kubelet, kube_api, namespace, admin_namespace, fs, kernel, short_dir
 ):

@@ -51,6 +51,7 @@ short_dir, kernel, backend, hooks, classes, agent, kubelet = cp.agent_fixtures(
 )
 
 
+@pytest.mark.requires_feature("DRAPartitionableDevices", "DRAConsumableCapacity")
 def test_discovery_published_and_accepted(agent, kube_api):
     slices = cp.node_slices(kube_api, NODE)
     assert all(s["spec"]["driver"] == cp.DRIVER for s in slices)
@@ -84,6 +85,7 @@ def test_discovery_published_and_accepted(agent, kube_api):
     assert not any(d.get("taints") for d in devices.values())
 
 
+@pytest.mark.requires_feature("DRAPartitionableDevices")
 def test_vf_then_whole_gpu(agent, kubelet, kube_api, namespace, fs, kernel, short_dir):
     vf_ref = cp.claim_with_pod(kube_api, namespace, cp.claim_body("vf", f"vf.{cp.DRIVER}"), NODE)
     (result,) = cp.allocation(kube_api, vf_ref)
@@ -161,6 +163,7 @@ def test_vf_then_whole_gpu(agent, kubelet, kube_api, namespace, fs, kernel, shor
     cp.release(kube_api, whole_ref)
 
 
+@pytest.mark.requires_feature("DRAConsumableCapacity")
 def test_shared_gpu(agent, kubelet, kube_api, namespace, short_dir):
     refs = [
         cp.claim_with_pod(
@@ -200,6 +203,7 @@ def test_shared_gpu(agent, kubelet, kube_api, namespace, short_dir):
         cp.release(kube_api, ref)
 
 
+@pytest.mark.requires_feature("DRADeviceTaints")
 def test_health_taint(agent, kube_api, fs):
     def taints() -> list[dict[str, Any]] | None:
         device = cp.published(kube_api, NODE).get(cp.A770_DEVICE)

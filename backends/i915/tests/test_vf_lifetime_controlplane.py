@@ -40,7 +40,8 @@ from dra_core.checkpoint import Checkpoint
 from dra_core.testing.kubelet import FakeKubelet
 from tests.controlplane import helpers
 
-pytestmark = pytest.mark.controlplane
+# VFs made on demand are published only with partitionable devices on.
+pytestmark = [pytest.mark.controlplane, pytest.mark.requires_feature("DRAPartitionableDevices")]
 pytest_plugins = ["tests.controlplane.fixtures"]
 
 NODE = "i915-vf-node"

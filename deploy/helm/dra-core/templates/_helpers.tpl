@@ -107,3 +107,61 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- /* The newline keeps a file's last one through fromYaml. */ -}}
 {{- printf "%s\n" (toYaml $files) -}}
 {{- end }}
+
+{{/*
+The feature gates a DeviceClass of the backend may need (its annotation
+dra-core.dev/feature-gates, written by `dra-core render` from the fields its CEL uses) and the
+first Kubernetes release with each on by default. A test checks the chart against `dra-core
+render --kubernetes-version` for every supported release.
+*/}}
+{{- define "dra-core.gatesOnByDefaultFrom" -}}
+DRAConsumableCapacity: "1.36.0-0"
+{{- end }}
+
+{{/*
+The backend's DeviceClasses split by whether the cluster's API server accepts them, as YAML:
+classes (the documents to install, for the chosen driver name) and leftOut (class name: the
+gates it needs that are off). A gate is on when deviceClasses.featureGates says so, else when
+the cluster's release (.Capabilities.KubeVersion) has it on by default.
+*/}}
+{{- define "dra-core.deviceClassPlan" -}}
+{{- $file := printf "files/deviceclasses-%s.yaml" .Values.backend }}
+{{- $text := .Files.Get $file }}
+{{- if not $text }}
+{{- fail (printf "the chart has no %s: generate it with `dra-core render --backend %s`" $file .Values.backend) }}
+{{- end }}
+{{- $default := (include "dra-core.backend" . | fromYaml).driverName }}
+{{- $driver := include "dra-core.driverName" . }}
+{{- $since := include "dra-core.gatesOnByDefaultFrom" . | fromYaml }}
+{{- $set := .Values.deviceClasses.featureGates | default dict }}
+{{- $kube := .Capabilities.KubeVersion.Version }}
+{{- $classes := list }}
+{{- $leftOut := dict }}
+{{- range $doc := splitList "\n---\n" $text }}
+{{- $class := fromYaml $doc }}
+{{- $annotations := $class.metadata.annotations | default dict }}
+{{- $off := list }}
+{{- range $gate := compact (splitList "," (get $annotations "dra-core.dev/feature-gates")) }}
+{{- $on := false }}
+{{- if hasKey $set $gate }}
+{{- $on = index $set $gate }}
+{{- else if hasKey $since $gate }}
+{{- $on = semverCompare (printf ">=%s" (index $since $gate)) $kube }}
+{{- else }}
+{{- fail (printf "DeviceClass %s needs the feature gate %s, which the chart does not know: set deviceClasses.featureGates.%s" $class.metadata.name $gate $gate) }}
+{{- end }}
+{{- if not $on }}
+{{- $off = append $off $gate }}
+{{- end }}
+{{- end }}
+{{- /* The file is rendered for the backend's own driver name; with another one every
+       occurrence is that name instead, as `dra-core render --driver-name` prints it. */}}
+{{- $name := replace $default $driver $class.metadata.name }}
+{{- if $off }}
+{{- $_ := set $leftOut $name (join ", " $off) }}
+{{- else }}
+{{- $classes = append $classes (replace $default $driver $doc) }}
+{{- end }}
+{{- end }}
+{{- dict "classes" $classes "leftOut" $leftOut | toYaml }}
+{{- end }}
