@@ -50,6 +50,7 @@ from run import (
     agent_dirs,
     allocate_claims,
     cluster_kubeconfig,
+    compile_bytecode,
     git_commit,
     percentile,
     rss_mib,
@@ -630,6 +631,8 @@ def run(args: argparse.Namespace, results: Results, progress: Callable[[str], No
     progress("building benchmarks/goref ...")
     go = build_go()
     results.info["goref_binary"] = str(go)
+    # The Go programs are built before they are timed; dra-core is compiled as an install is.
+    compile_bytecode()
     root = Path(tempfile.mkdtemp(prefix="dra-compare-", dir="/tmp"))  # short socket paths
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)

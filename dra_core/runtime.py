@@ -228,7 +228,6 @@ class Agent:
         """Start everything; raise with a clear message when the agent cannot serve."""
         started_at = time.monotonic()
         self._unsubscribe = self.hooks.watchdog.subscribe(self._call_timed_out, self._call_returned)
-        self._count_stuck_calls()
         make_directories(self.plugin_dir, 0o750)  # 0750 whatever the umask
         checkpoint = Checkpoint.open(self.plugin_dir / "checkpoint.json")
         health = self.board if self.hooks.implemented("dra_device_health") else None
@@ -285,6 +284,8 @@ class Agent:
         from dra_core.node.lock import DriverLock
         from dra_core.node.service import ClaimService
 
+        # The gauges of stuck calls are set once serving: the metrics module is slow to import.
+        self._count_stuck_calls()
         self.health = HealthTracker(self.driver, self.settings.node_name, self.board)
         self.hooks.start(self.context)
         self._discover()

@@ -445,3 +445,51 @@ def test_compaction_costs_a_bounded_amount_per_change(
     assert compactions >= 1, "the log was compacted"
     # A compaction writes the snapshot only after at least as many bytes were appended.
     assert full["bytes"] <= 2 * appended * cycles + 16 * 1024
+
+
+@contextmanager
+def counted_flushes() -> Iterator[list[int]]:
+    """The descriptors ``os.fdatasync`` flushes (and flushes) while the block runs."""
+    flushed: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushed.append(fd)
+        real(fd)
+
+    os.fdatasync = fdatasync  # type: ignore[assignment]
+    try:
+        yield flushed
+    finally:
+        os.fdatasync = real
+
+
+def test_changes_appended_without_a_flush_share_the_next_one(path: Path) -> None:
+    ckpt = Checkpoint.open(path, boot_id=BOOT)
+    ckpt.flush()  # what was there when it was opened: written by whom, flushed or not
+    with counted_flushes() as flushed:
+        ckpt.put(started(1), durable=False)
+        ckpt.put(completed(1), durable=False)
+        ckpt.remove(uid(1), durable=False)
+        ckpt.put(started(2), durable=False)
+        assert flushed == [], "appended, not flushed"
+        # Appended all the same: another process (and a restart after a kill) reads them.
+        assert Checkpoint.open(path, boot_id=BOOT).records() == {uid(2): started(2)}
+        ckpt.flush()
+        ckpt.flush()
+    assert len(flushed) == 1, "one flush for the four changes; none when nothing is left"
+    with counted_flushes() as flushed:
+        ckpt.put(completed(2))  # durable: flushed at once
+        ckpt.flush()
+    assert len(flushed) == 1
+
+
+def test_a_flush_covers_what_another_process_appended(path: Path) -> None:
+    ours = Checkpoint.open(path, boot_id=BOOT)
+    ours.flush()
+    other = Checkpoint.open(path, boot_id=BOOT)
+    other.put(started(1), durable=False)  # that process may die before it flushes
+    with counted_flushes() as flushed:
+        assert ours.get(uid(1)) == started(1)
+        ours.flush()
+    assert len(flushed) == 1, "what another process wrote is flushed before it is relied on"

@@ -5,6 +5,13 @@ one ``fdatasync``, whatever the number of claims recorded; the log is folded int
 snapshot (an atomic replacement of the file) once it is longer than the snapshot and at least
 `COMPACT_BYTES`, so the work of compacting is bounded by a constant per change too.
 
+Changes made one after the other may share a flush: `put` and `remove` with ``durable=False``
+append without flushing, and `flush` makes every change appended so far durable with one
+``fdatasync`` (the caller flushes before it acts on them: before the backend touches a device,
+before it answers the kubelet). Until then the change is only in the page cache, which a
+killed process does not lose; only a power cut could. `flush` also flushes what another process
+appended, since this one cannot know whether that process has flushed it yet.
+
 Several processes may use the file (two agent instances during a rolling update): every
 change is made under an exclusive ``flock`` of the file, after reading what others appended,
 and a compaction locks the new file before renaming it into place. Readers compare the file's
@@ -47,8 +54,10 @@ from dra_core.fileio import atomic_write_locked, make_directories, remove_stale_
 
 __all__ = ("COMPACT_BYTES", "Checkpoint", "exclusive", "read_bounded")
 
-#: The log is compacted once it is longer than both this and the snapshot.
-COMPACT_BYTES = 256 * 1024
+#: The log is compacted once it is longer than both this and the snapshot: the file stays
+#: within twice the snapshot or the snapshot and 64 KiB (about 50 prepares and unprepares),
+#: and a compaction (one rewrite, two flushes) comes at most every 64 KiB of changes.
+COMPACT_BYTES = 64 * 1024
 
 # O_NONBLOCK: opening a FIFO put in the checkpoint's place must not wait for a writer.
 _OPEN_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
@@ -177,6 +186,8 @@ class Checkpoint:
         self._identity: tuple[int, int] = (0, 0)
         self._seen: tuple[int, int] = (-1, -1)
         self._state = state
+        #: Whether changes in the file may not be on disk yet (see `flush`).
+        self._unflushed = True
         self._adopt(fd, state)
 
     # -- opening and reading -------------------------------------------------------------------
@@ -292,6 +303,9 @@ class Checkpoint:
         self._state = state
         # Only what was parsed counts as seen: a stat that differs makes the next read look.
         self._seen = (state.end + state.torn, info.st_mtime_ns)
+        # Whoever wrote what was read (a process that died, another instance) may not have
+        # flushed all of it.
+        self._unflushed = True
 
     def _reload(self) -> None:
         loaded = self._load(self._path)
@@ -321,6 +335,7 @@ class Checkpoint:
         if state.problems:
             raise _damaged(self._path, _summary(state.problems))
         self._seen = (info.st_size, info.st_mtime_ns)
+        self._unflushed = True  # another process appended: it may not have flushed yet
 
     def _refresh(self) -> None:
         """Read what another process appended, or reload a file it replaced."""
@@ -362,8 +377,9 @@ class Checkpoint:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _append(self, line: Callable[[int], bytes]) -> None:
-        """Append entry ``line(seq)`` and flush it (file locked); CheckpointError on failure."""
+    def _append(self, line: Callable[[int], bytes], *, durable: bool = True) -> None:
+        """Append entry ``line(seq)`` and, when ``durable``, flush it (file locked);
+        CheckpointError on failure."""
         state = self._state
         if not state.appendable:
             self._compact()  # a version 1 file (or a snapshot over several lines) first
@@ -400,7 +416,8 @@ class Checkpoint:
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
-            os.fdatasync(self._fd)
+            if durable:
+                os.fdatasync(self._fd)
         except OSError as exc:
             # Take back what may have reached the file; if even that fails, the next read
             # looks at the file again rather than trusting memory.
@@ -413,6 +430,8 @@ class Checkpoint:
         state.newline = True
         info = os.fstat(self._fd)
         self._seen = (info.st_size, info.st_mtime_ns)
+        # A flush covers every change before it, this process's and others'.
+        self._unflushed = not durable
 
     def _compact(self) -> None:
         """Replace the file with a snapshot of the records (file locked)."""
@@ -431,8 +450,9 @@ class Checkpoint:
             appendable=True,
         )
         # The old file's lock goes with its descriptor; the new one stays locked until the
-        # caller's `_locked` releases it.
+        # caller's `_locked` releases it. The snapshot was flushed: everything is on disk.
         self._adopt(fd, state)
+        self._unflushed = False
 
     def _maybe_compact(self) -> None:
         state = self._state
@@ -444,8 +464,9 @@ class Checkpoint:
         except CheckpointError as exc:
             logger.warning("{}; the change itself is recorded, compaction is retried later", exc)
 
-    def put(self, record: ClaimRecord) -> None:
-        """Add or replace the record of ``record.uid`` durably."""
+    def put(self, record: ClaimRecord, *, durable: bool = True) -> None:
+        """Add or replace the record of ``record.uid``: durably, or with ``durable=False``
+        appended to the file but on disk only after the next `flush`."""
         uid = record.uid
         if record.phase not in _PHASES:
             msg = f"checkpoint {self._path}: claim {uid}: phase {record.phase!r} is not valid"
@@ -470,12 +491,13 @@ class Checkpoint:
             )
             raise CheckpointError(msg) from exc
         with self._lock, self._locked():
-            self._append(lambda seq: fileformat.put_line(seq, uid, canon))
+            self._append(lambda seq: fileformat.put_line(seq, uid, canon), durable=durable)
             self._state.put(uid, decoded, canon)
             self._maybe_compact()
 
-    def remove(self, uid: str) -> None:
-        """Forget claim ``uid`` durably; unknown UIDs are fine."""
+    def remove(self, uid: str, *, durable: bool = True) -> None:
+        """Forget claim ``uid`` (durably, or at the next `flush` as for `put`); unknown UIDs
+        are fine."""
         with self._lock:
             self._refresh()
             if uid not in self._state.canon:
@@ -483,9 +505,28 @@ class Checkpoint:
             with self._locked():
                 if uid not in self._state.canon:
                     return
-                self._append(lambda seq: fileformat.remove_line(seq, uid))
+                self._append(lambda seq: fileformat.remove_line(seq, uid), durable=durable)
                 self._state.remove(uid)
                 self._maybe_compact()
+
+    def flush(self) -> None:
+        """Make every change in the file durable (one ``fdatasync``; none when all are).
+
+        CheckpointError when the flush fails: the changes since the last flush may or may not
+        be on disk, so the caller must not act on them (it undoes them or fails).
+        """
+        with self._lock:
+            if not self._unflushed:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                msg = (
+                    f"checkpoint {self._path}: cannot flush it to disk: {exc}; check the disk "
+                    f"holding {self._path.parent} (the last changes may be lost on a power cut)"
+                )
+                raise CheckpointError(msg) from exc
+            self._unflushed = False
 
     def compact(self) -> None:
         """Fold the log into a new snapshot now (it happens by itself as the log grows)."""

@@ -65,8 +65,7 @@ class DriverLock:
         started = time.monotonic()
         timeout = -1.0 if deadline is None else max(0.0, deadline - started)
         if not self._thread_lock.acquire(timeout=timeout):
-            holder = f"{self._purpose or 'another call'} in this agent, pid {os.getpid()}"
-            raise DriverLockBusy(self.path, holder, time.monotonic() - started)
+            raise self.busy(time.monotonic() - started)
         try:
             make_directories(self.path.parent, 0o750)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -86,6 +85,11 @@ class DriverLock:
                 os.close(fd)  # closing releases the flock
         finally:
             self._thread_lock.release()
+
+    def busy(self, waited: float) -> DriverLockBusy:
+        """The error of a call of this agent that waited ``waited`` seconds in vain."""
+        holder = f"{self._purpose or 'another call'} in this agent, pid {os.getpid()}"
+        return DriverLockBusy(self.path, holder, waited)
 
     def _other_holder(self) -> str:
         """What another process holds the lock for, as it wrote it (if it did)."""

@@ -2,7 +2,8 @@
 
 Run as ``python tests/node/crash_agent.py ROOT KUBECONFIG [CRASH_AT]``. The backend's side
 effects are files in ROOT/effects (one per prepared device), so a test can see leaks.
-CRASH_AT is one of: backend-prepare, after-cdi-write, before-complete, during-unprepare.
+CRASH_AT is one of: backend-prepare, after-cdi-write, before-complete,
+before-completed-flush, during-unprepare.
 """
 
 from __future__ import annotations
@@ -70,12 +71,23 @@ def main() -> None:
     CdiSpecs.write = write_then_crash  # type: ignore[method-assign]
     put = Checkpoint.put
 
-    def put_then_crash(self, record):  # type: ignore[no-untyped-def]
+    last_phase = []
+
+    def put_then_crash(self, record, **options):  # type: ignore[no-untyped-def]
         if record.phase == "completed":
             crash("before-complete")
-        put(self, record)
+        put(self, record, **options)
+        last_phase[:] = [record.phase]
 
     Checkpoint.put = put_then_crash  # type: ignore[method-assign]
+    flush = Checkpoint.flush
+
+    def crash_then_flush(self):  # type: ignore[no-untyped-def]
+        if last_phase == ["completed"]:
+            crash("before-completed-flush")
+        flush(self)
+
+    Checkpoint.flush = crash_then_flush  # type: ignore[method-assign]
     (root / "boot_id").write_text(os.environ.get("BOOT_ID", "boot-1"))
     hooks = from_objects("files", FileBackend(root / "effects"))
     settings = AgentSettings(

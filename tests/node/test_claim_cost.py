@@ -7,6 +7,8 @@ asks for, for one prepare and one unprepare with no other claim prepared and wit
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +20,7 @@ from dra_core.cdi import CdiSpecs
 from dra_core.checkpoint import Checkpoint
 from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import claim_path
-from dra_core.model import ClaimRef
+from dra_core.model import ClaimRef, ClaimResult
 from dra_core.node.lock import DriverLock
 from dra_core.node.service import ClaimService
 from dra_core.plugins import from_objects
@@ -96,12 +98,12 @@ def counting() -> Iterator[dict[str, int]]:
         Path.unlink = real_unlink  # type: ignore[method-assign]
 
 
-def _service(root: Path, claims: Claims) -> ClaimService:
+def _service(root: Path, claims: Claims, backend: object | None = None) -> ClaimService:
     identity = Backend().dra_backend_identity()
     devices = tuple(Device(f"dev-{i}") for i in range(HELD + 10))
     context = NodeContext(node_name=NODE, driver_name=DRIVER)
     return ClaimService(
-        hooks=from_objects("cost", Backend()),
+        hooks=from_objects("cost", backend or Backend()),
         context=context,
         client=claims,  # type: ignore[arg-type]
         checkpoint=Checkpoint.open(root / "plugin" / "checkpoint.json", boot_id=BOOT),
@@ -159,3 +161,105 @@ def test_unprepare_of_an_unknown_claim_still_removes_an_orphaned_spec(tmp_path: 
     spec.write_text("{}")
     assert service.unprepare([ref]) == {ref.uid: ""}
     assert not spec.exists()
+
+
+def test_prepares_waiting_for_the_lock_together_share_flushes(tmp_path: Path) -> None:
+    """Calls that wait for the driver lock at the same time are prepared together: one flush
+    per claim (its started record with the completed record of the one before) and one at the
+    end, not two per claim; each call returns once its claim is on disk."""
+    calls = 20
+    claims = Claims()
+    service = _service(tmp_path, claims)
+    refs = [claims.add(i) for i in range(calls)]
+    results: dict[str, ClaimResult] = {}
+    threads = [
+        threading.Thread(target=lambda ref=ref: results.update(service.prepare([ref])))
+        for ref in refs
+    ]
+    with counting() as prepare:
+        with service.lock.held(purpose="a test"):
+            for thread in threads:
+                thread.start()
+            waited_until = time.monotonic() + 10
+            while service.queued < calls and time.monotonic() < waited_until:
+                time.sleep(0.005)
+            assert service.queued == calls, "every call waits for the lock"
+        for thread in threads:
+            thread.join(timeout=10)
+    assert {uid: r.error for uid, r in results.items()} == {r.uid: "" for r in refs}
+    assert prepare["syncs"] == calls + 1
+    reopened = Checkpoint.open(service.checkpoint.path, boot_id=BOOT)
+    assert {uid: r.phase for uid, r in reopened.records().items()} == {
+        r.uid: "completed" for r in refs
+    }
+    with counting() as unprepare:
+        assert service.unprepare(refs) == {r.uid: "" for r in refs}
+    assert unprepare["syncs"] == 1, "the removals of one call share one flush"
+    assert len(Checkpoint.open(service.checkpoint.path, boot_id=BOOT)) == 0
+
+
+def test_a_call_that_waits_for_the_lock_past_its_deadline_fails_and_is_not_prepared(
+    tmp_path: Path,
+) -> None:
+    claims = Claims()
+    service = _service(tmp_path, claims)
+    ref = claims.add(1)
+    with service.lock.held(purpose="prepare of claim default/other (1234)"):
+        started = time.monotonic()
+        (result,) = service.prepare([ref], deadline=started + 0.3).values()
+        assert time.monotonic() - started < 5
+    assert "holds the driver lock" in result.error and "default/other (1234)" in result.error
+    assert "the kubelet will retry" in result.error
+    assert service.queued == 0 and service.checkpoint.get(ref.uid) is None
+    (result,) = service.prepare([ref]).values()
+    assert not result.error, "free again: the retry prepares it"
+
+
+class HeldBackend(Backend):
+    """Prepares the first claim only once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.waiting = threading.Event()
+        self.prepared: list[str] = []
+
+    @hookimpl
+    def dra_prepare(self, claim: Any) -> list[PreparedDevice]:
+        if not self.prepared:
+            self.waiting.set()
+            assert self.release.wait(10)
+        self.prepared.append(claim.ref.uid)
+        return super().dra_prepare(claim)
+
+
+def test_a_call_whose_claim_waits_behind_a_slow_one_in_the_same_batch_answers_by_its_deadline(
+    tmp_path: Path,
+) -> None:
+    claims = Claims()
+    backend = HeldBackend()
+    service = _service(tmp_path, claims, backend)
+    slow, quick = claims.add(1), claims.add(2)
+    results: dict[str, ClaimResult] = {}
+    first = threading.Thread(target=lambda: results.update(service.prepare([slow])))
+    with service.lock.held(purpose="a test"):
+        first.start()
+        waited_until = time.monotonic() + 10
+        while service.queued < 1 and time.monotonic() < waited_until:
+            time.sleep(0.005)
+        late = threading.Thread(
+            target=lambda: results.update(service.prepare([quick], time.monotonic() + 1.0))
+        )
+        late.start()
+        while service.queued < 2 and time.monotonic() < waited_until:
+            time.sleep(0.005)
+        assert service.queued == 2, "both calls wait for the lock: one batch takes both"
+    assert backend.waiting.wait(10), "the batch began with the slow claim"
+    late.join(timeout=5)
+    assert not late.is_alive(), "answered by its deadline, not after the slow claim"
+    assert "holds the driver lock" in results[quick.uid].error
+    assert "the kubelet will retry" in results[quick.uid].error
+    backend.release.set()
+    first.join(timeout=10)
+    assert not results[slow.uid].error
+    assert backend.prepared == [slow.uid], "the claim given up on is not prepared"
+    assert service.checkpoint.get(quick.uid) is None

@@ -136,6 +136,29 @@ def test_crash_during_prepare_is_rolled_back(agent, kube_api, namespace, crash_a
     assert agent.state() == ({}, [], [])
 
 
+def test_crash_before_the_completed_record_is_flushed_keeps_the_claim_prepared(
+    agent, kube_api, namespace
+):
+    """Killed with the completed record appended but not flushed (the kubelet got no answer):
+    the file keeps it (a killed process loses no page cache), and the retry is answered from
+    the checkpoint, flushed first, without preparing again."""
+    agent.start("before-completed-flush")
+    ref = allocated_claim(kube_api, namespace, "f")
+    with agent.kubelet() as kubelet, pytest.raises(Exception):  # noqa: B017 - the agent died
+        kubelet.prepare([ref])
+    assert agent.wait_exit() == 137
+    records, specs, effects = agent.state()
+    assert records[ref.uid].phase == "completed" and specs and len(effects) == 1
+
+    agent.start()
+    with agent.kubelet() as kubelet:
+        result = kubelet.prepare([ref])[ref.uid]
+        assert result.error == ""
+        assert agent.state() == (records, specs, effects), "answered from the checkpoint"
+        assert kubelet.unprepare([ref]) == {ref.uid: ""}
+    assert agent.state() == ({}, [], [])
+
+
 def test_crash_during_unprepare_completes_on_retry(agent, kube_api, namespace):
     agent.start("during-unprepare")
     ref = allocated_claim(kube_api, namespace, "u")
