@@ -5,16 +5,25 @@ use, and never by the modules the start-up path needs before the API is used.
 
 Every request goes through the client's `TokenBucket` (a bounded rate with bursts, as
 client-go's QPS/burst) and is counted by Kubernetes verb and resource in `KubeClient.requests`.
+
+Connections: HTTP/1.1 carries one request at a time per connection, and a watch is a response
+that never ends, so the requests an agent sends while its watch streams take a second
+connection (client-go has the one connection only because it speaks HTTP/2 to the API server
+and multiplexes the watch and the requests as streams). That second connection is kept for the
+next request (a burst of prepares), and closed once no request has been sent for
+``idle_timeout`` (`IdleCloser`), so that at rest an agent holds only its watch's connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -26,9 +35,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = (
     "BURST_ENV",
+    "IDLE_CONNECTION_SECONDS",
     "QPS_ENV",
     "ApiError",
+    "IdleCloser",
     "KubeClient",
+    "close_idle_connections",
     "load_client",
     "parse_retry_after",
     "request_verb",
@@ -40,6 +52,9 @@ QPS_ENV = "DRA_KUBE_API_QPS"
 BURST_ENV = "DRA_KUBE_API_BURST"
 #: The shortest time a request bounded by its caller's deadline is given.
 _MIN_REQUEST_SECONDS = 0.05
+#: Seconds a pooled connection may stay unused before it is closed (shorter than the API
+#: server's own 90 s, so the client closes it rather than finding it closed).
+IDLE_CONNECTION_SECONDS = 30.0
 
 
 class ApiError(Exception):
@@ -94,21 +109,96 @@ def _resource_of(path: str) -> str:
     return rest[0] if rest else ""
 
 
+class IdleCloser:
+    """Calls ``close`` once no request has been in flight for ``seconds``.
+
+    A thread of its own starts with the first request; it waits without a timeout while nothing
+    is to be closed, so an agent at rest wakes for nothing. Closing while a request starts is
+    harmless: `close_idle_connections` only closes connections that sit in the pool, and a
+    closed one is reopened by its next request.
+    """
+
+    def __init__(self, close: Callable[[], None], seconds: float) -> None:
+        self._close = close
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._last_used = 0.0
+        self._used = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Mark a request in flight for the duration of the block."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._last_used = time.monotonic()
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="kube-idle-connections", daemon=True
+                    )
+                    self._thread.start()
+            self._used.set()
+
+    def _run(self) -> None:
+        while True:
+            self._used.wait()
+            self._used.clear()
+            while True:
+                with self._lock:
+                    left = self._last_used + self._seconds - time.monotonic()
+                    busy = self._in_flight > 0
+                if busy:  # the request in flight marks the client used when it ends
+                    break
+                if left <= 0:
+                    self._close()
+                    break
+                time.sleep(left)
+
+
+def close_idle_connections(api: ApiClient) -> None:
+    """Close the connections of ``api`` that sit unused in its pools; those in use (a watch's,
+    a request's) are not touched, and a closed one is reopened by the request that takes it."""
+    pools = api.rest_client.pool_manager.pools
+    for key in list(pools.keys()):
+        pool = pools.get(key)
+        queue = getattr(pool, "pool", None)  # urllib3's LifoQueue of idle connections
+        if queue is None:
+            continue
+        with queue.mutex:
+            for conn in queue.queue:
+                if conn is not None:
+                    conn.close()
+
+
 @dataclass
 class KubeClient:
     """A thin JSON client over ``kubernetes.client.ApiClient``.
 
     ``limiter`` paces every request (watches included), as client-go does; None sends them
     unpaced. ``requests`` counts the requests sent, by (verb, resource), e.g.
-    ``("list", "resourceslices")``, failed ones included.
+    ``("list", "resourceslices")``, failed ones included. Connections unused for
+    ``idle_timeout`` seconds are closed (None keeps them).
     """
 
     api: ApiClient
     #: Seconds one request may take; the kubelet gives a whole prepare call 45 s.
     timeout: float = 10.0
     limiter: TokenBucket | None = None
+    idle_timeout: float | None = IDLE_CONNECTION_SECONDS
     requests: Counter[tuple[str, str]] = field(default_factory=Counter, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _idle: IdleCloser | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout is not None:
+            api = self.api
+            self._idle = IdleCloser(lambda: close_idle_connections(api), self.idle_timeout)
 
     def requests_by_verb(self) -> dict[str, int]:
         """The requests sent so far, summed by verb."""
@@ -138,22 +228,27 @@ class KubeClient:
         timeout: float | None = None,
     ) -> Any:
         """Send one request and return the decoded JSON response (None for an empty body)."""
-        response = self._send(
-            method,
-            path,
-            body=body,
-            query=query,
-            content_type=content_type,
-            timeout=self.timeout if timeout is None else timeout,
-        )
-        raw = response.read()
+        with self._in_use():
+            response = self._send(
+                method,
+                path,
+                body=body,
+                query=query,
+                content_type=content_type,
+                timeout=self.timeout if timeout is None else timeout,
+            )
+            raw = response.read()
         return json.loads(raw) if raw else None
 
     def stream(self, path: str, query: Mapping[str, str], *, read_timeout: float) -> Any:
         """Start a streaming GET (a watch) and return the open urllib3 response, unread."""
-        return self._send(
-            "GET", path, query=query, timeout=(self.timeout, read_timeout), stream=True
-        )
+        with self._in_use():  # until the response starts; then the stream holds its connection
+            return self._send(
+                "GET", path, query=query, timeout=(self.timeout, read_timeout), stream=True
+            )
+
+    def _in_use(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext() if self._idle is None else self._idle.in_use()
 
     def _send(
         self,
@@ -298,4 +393,38 @@ def load_client(
     else:
         config.load_incluster_config(client_configuration=configuration)
     configuration.retries = 0  # retries are ours, with backoff and Retry-After
+    _refresh_at_most_every(configuration, _REFRESH_SECONDS)
     return KubeClient(client.ApiClient(configuration), timeout=timeout, limiter=limiter)
+
+
+#: How often the token refresh hook of a kubeconfig or in-cluster configuration may run.
+_REFRESH_SECONDS = 1.0
+
+
+def _refresh_at_most_every(configuration: Any, seconds: float) -> None:
+    """Run the configuration's token refresh hook at most once every ``seconds``.
+
+    The hooks of the kubernetes client re-apply the whole configuration at each request (the
+    host, which reads the proxy environment again): a third of the CPU of reading a claim. They
+    refresh tokens well before they expire (in-cluster: every minute; kubeconfig: five minutes
+    before the expiry), so a second later changes nothing.
+    """
+    hook = configuration.refresh_api_key_hook
+    if hook is None:
+        return
+    last = -math.inf
+    lock = threading.Lock()
+
+    def refresh(target: Any) -> None:
+        nonlocal hook, last
+        now = time.monotonic()
+        with lock:
+            if now - last < seconds:
+                return
+            last = now
+        hook(target)
+        if target.refresh_api_key_hook is not refresh:  # the hook installs itself again
+            hook = target.refresh_api_key_hook
+            target.refresh_api_key_hook = refresh
+
+    configuration.refresh_api_key_hook = refresh
