@@ -50,9 +50,10 @@ from dra_core.kube.client import ApiError, KubeClient, load_client
 from dra_core.plugins import Hooks, PluginLoadError, from_objects, load
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.slices.publisher import PublisherSettings, SlicePublisher
+from dra_core.testing import scenario
 from dra_core.testing.kubelet import FakeKubelet
 
-RESOURCE_API = "/apis/resource.k8s.io/v1"
+RESOURCE_API = scenario.RESOURCE_API
 I915_DRIVER = "gpu.intel.com"
 MAX_1100 = "0x0bd9"  # Intel Data Center GPU Max 1100: profile max_48g_c63 splits it in 63 VFs
 GIB = 1 << 30
@@ -339,65 +340,16 @@ class Cluster:
                 logger.warning("cleanup: {}", exc)
 
     def create_node(self, name: str, pods: int) -> None:
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        resources = {"cpu": "256", "memory": "1Ti", "pods": str(pods)}
-        status = {
-            "capacity": resources,
-            "allocatable": resources,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "KubeletReady",
-                    "message": "benchmark node, no kubelet",
-                    "lastHeartbeatTime": now,
-                    "lastTransitionTime": now,
-                }
-            ],
-        }
-        labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}
-        self.create(
-            "/api/v1/nodes",
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}},
-        )
-        self.client.request(
-            "PATCH",
-            f"/api/v1/nodes/{name}/status",
-            body={"status": status},
-            content_type="application/merge-patch+json",
-        )
-        # No node-lifecycle controller runs to lift the not-ready taint admission added.
-        self.client.request(
-            "PATCH",
-            f"/api/v1/nodes/{name}",
-            body={"spec": {"taints": None}},
-            content_type="application/merge-patch+json",
-        )
+        scenario.create_ready_node(self.client, name, cpu="256", memory="1Ti", pods=str(pods))
 
     def create_namespace(self, stack: ExitStack, name: str) -> None:
         """A namespace, deleted when ``stack`` closes; returns once its ServiceAccount exists."""
-        self.create(
-            "/api/v1/namespaces",
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
-        )
+        scenario.create_namespace(self.client, name)
         stack.callback(self.delete, f"/api/v1/namespaces/{name}")
-        self.wait(
-            f"ServiceAccount {name}/default",
-            lambda: bool(self.client.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")),
-            60,
-        )
 
     def create_device_class(self, stack: ExitStack, name: str, driver: str) -> None:
         """A DeviceClass of every device of ``driver``, deleted when ``stack`` closes."""
-        self.create(
-            f"{RESOURCE_API}/deviceclasses",
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "DeviceClass",
-                "metadata": {"name": name},
-                "spec": {"selectors": [{"cel": {"expression": f'device.driver == "{driver}"'}}]},
-            },
-        )
+        self.create(f"{RESOURCE_API}/deviceclasses", scenario.device_class_body(name, driver))
         stack.callback(self.delete, f"{RESOURCE_API}/deviceclasses/{name}")
 
     def delete_node(self, name: str) -> None:
@@ -406,17 +358,7 @@ class Cluster:
         self.delete(f"/api/v1/nodes/{name}")
 
     def wait(self, what: str, condition: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if condition():
-                    return
-            except ApiError:
-                pass
-            if time.monotonic() > deadline:
-                msg = f"timed out after {timeout} s waiting for {what}"
-                raise TimeoutError(msg)
-            time.sleep(0.2)
+        scenario.wait_for(what, condition, timeout)
 
 
 def wait_for_api(client: KubeClient, timeout: float = 60.0) -> None:
@@ -551,56 +493,8 @@ def allocate_claims(
     cluster: Cluster, namespace: str, device_class: str, node: str, names: Sequence[str]
 ) -> list[ClaimRef]:
     """One-device claims, each used by a pod pinned to ``node``; wait until all are allocated."""
-    refs = []
-    for name in names:
-        claim = cluster.create(
-            f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims",
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceClaim",
-                "metadata": {"name": name},
-                "spec": {
-                    "devices": {
-                        "requests": [
-                            {
-                                "name": "dev",
-                                "exactly": {"deviceClassName": device_class, "count": 1},
-                            }
-                        ]
-                    }
-                },
-            },
-        )
-        refs.append(ClaimRef(namespace, name, claim["metadata"]["uid"]))
-        cluster.create(
-            f"/api/v1/namespaces/{namespace}/pods",
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": f"pod-{name}"},
-                "spec": {
-                    "nodeSelector": {"kubernetes.io/hostname": node},
-                    "automountServiceAccountToken": False,
-                    "terminationGracePeriodSeconds": 0,
-                    "resourceClaims": [{"name": "dev", "resourceClaimName": name}],
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "registry.k8s.io/pause:3.10",
-                            "resources": {"claims": [{"name": "dev"}]},
-                        }
-                    ],
-                },
-            },
-        )
-    wanted = set(names)
-
-    def all_allocated() -> bool:
-        items = cluster.client.get(f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims")["items"]
-        done = {c["metadata"]["name"] for c in items if (c.get("status") or {}).get("allocation")}
-        return wanted <= done
-
-    cluster.wait(f"{len(names)} claims to be allocated", all_allocated, 120 + len(names))
+    refs = scenario.create_claims_for_node(cluster.client, namespace, device_class, node, names)
+    scenario.wait_for_allocation(cluster.client, namespace, names, timeout=120 + len(names))
     return refs
 
 
@@ -807,9 +701,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--held", type=int, default=500, help="claims held for the cost-in-claims-held figures"
     )
+    add_cluster_options(parser)
+    return parser.parse_args(argv)
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """``--kubeconfig`` (a running cluster instead of the test control plane) and ``--json``."""
     parser.add_argument("--kubeconfig", help="use this cluster instead of the test control plane")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    return parser.parse_args(argv)
 
 
 def git_commit() -> str:
@@ -826,16 +725,33 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def warnings_only() -> None:
+    """Log only warnings and errors (on stderr): the figures go to stdout."""
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
+
+
+def progress(text: str) -> None:
+    """Say on stderr what the benchmark does now."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark ran on: date, commit, CPUs, Python."""
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings_only()
     report = Report()
     report.info.update(
-        date=time.strftime("%Y-%m-%d"),
-        commit=git_commit(),
-        cpus=os.cpu_count(),
-        python=sys.version.split()[0],
+        machine_info(),
         claims=args.claims,
         gpus=args.gpus,
         vfs=args.vfs,

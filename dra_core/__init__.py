@@ -44,6 +44,7 @@ from dra_core.model import (
     validate_inventory,
 )
 from dra_core.quantity import QuantityError, format_bytes, parse_quantity
+from dra_core.validation import describe_validation_error
 
 __all__ = (
     "LIMITS",
@@ -80,6 +81,7 @@ __all__ = (
     "ValidRange",
     "Version",
     "__version__",
+    "describe_validation_error",
     "format_bytes",
     "hookimpl",
     "parse_quantity",

@@ -21,17 +21,24 @@ from typing import Any, TypeVar
 
 from dra_core.kube.client import KubeClient, load_client
 from dra_core.manifests import device_class_manifests
-from dra_core.model import ClaimRef
 from dra_core.plugins import Hooks
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.controlplane import BUILD_SCRIPT, ControlPlane, run_build_script
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import (
+    RESOURCE_API,
+    claim_body,
+    claim_ref,
+    create_ready_node,
+    pod_body,
+    published_slices,
+    wait_for,
+)
 
 __all__ = ("DemoError", "provide_binaries", "run_demo")
 
 NODE = "demo-node"
 NAMESPACE = "default"
-RESOURCE_API = "/apis/resource.k8s.io/v1"
 T = TypeVar("T")
 #: Seconds without a line from the build script after which the demo says it is still building.
 QUIET_BUILD_INTERVAL = 30.0
@@ -42,52 +49,10 @@ class DemoError(Exception):
 
 
 def _wait(what: str, check: Callable[[], T | None], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    msg = f"timed out after {timeout:.0f} s waiting for {what}"
-    raise DemoError(msg)
-
-
-def _node() -> dict[str, Any]:
-    capacity = {"cpu": "8", "memory": "32Gi", "pods": "110"}
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
-        "status": {
-            "capacity": capacity,
-            "allocatable": capacity,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True",
-                    "reason": "Demo",
-                    "message": "no kubelet: the demo plays its part",
-                }
-            ],
-        },
-    }
-
-
-def _create_node(client: KubeClient) -> None:
-    """A Node with no kubelet behind it, Ready and schedulable.
-
-    Without the node-lifecycle controller nothing lifts the not-ready taint every new node
-    gets, so the demo reports the node Ready itself and clears the taints.
-    """
-    body = _node()
-    client.request("POST", "/api/v1/nodes", body=body)
-    merge = "application/merge-patch+json"
-    client.request(
-        "PATCH", f"/api/v1/nodes/{NODE}/status", body={"status": body["status"]}, content_type=merge
-    )
-    client.request(
-        "PATCH", f"/api/v1/nodes/{NODE}", body={"spec": {"taints": None}}, content_type=merge
-    )
+    try:
+        return wait_for(what, check, timeout)
+    except TimeoutError as exc:
+        raise DemoError(str(exc)) from None
 
 
 def _clock(seconds: float) -> str:
@@ -159,34 +124,12 @@ def run_demo(
         say(f"      API server {plane.server} ready in {time.monotonic() - started:.1f} s")
         client = load_client(str(plane.kubeconfig_path))
         try:
-            _demo_with_cluster(hooks, client, work, dict(backend_options or {}), step, say)
+            options = dict(backend_options or {})
+            gates = plane.enabled_gates()  # only the classes this release accepts
+            _demo_with_cluster(hooks, client, gates, work, options, step, say)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     say("done: control plane stopped, temporary files removed")
-
-
-def _published_pools(client: KubeClient, driver: str) -> list[dict[str, Any]] | None:
-    """The driver's slices on the demo node once every pool is complete, else None.
-
-    A pool is complete when it has ``resourceSliceCount`` slices of its newest generation; the
-    agent writes them one after another, and slices of an older generation may still be there
-    while it replaces them.
-    """
-    listed = client.get(
-        f"{RESOURCE_API}/resourceslices",
-        query={"fieldSelector": f"spec.nodeName={NODE},spec.driver={driver}"},
-    )["items"]
-    by_pool: dict[str, list[dict[str, Any]]] = {}
-    for item in listed:
-        by_pool.setdefault(item["spec"]["pool"]["name"], []).append(item)
-    published: list[dict[str, Any]] = []
-    for pool_slices in by_pool.values():
-        newest = max(int(s["spec"]["pool"]["generation"]) for s in pool_slices)
-        current = [s for s in pool_slices if int(s["spec"]["pool"]["generation"]) == newest]
-        if len(current) != int(current[0]["spec"]["pool"]["resourceSliceCount"]):
-            return None
-        published.extend(current)
-    return published or None
 
 
 def _describe_slices(slices: list[dict[str, Any]]) -> str:
@@ -210,13 +153,14 @@ def _describe_slices(slices: list[dict[str, Any]]) -> str:
 def _demo_with_cluster(
     hooks: Hooks,
     client: KubeClient,
+    gates: dict[str, bool],
     work: Path,
     backend_options: dict[str, str | None],
     step: Callable[[int, str], None],
     say: Callable[[str], None],
 ) -> None:
     identity = hooks.backend_identity()
-    classes = device_class_manifests(hooks.device_classes(identity))
+    classes = device_class_manifests(hooks.device_classes(identity), gates)
     if not classes:
         msg = f"backend {hooks.backend!r} declares no DeviceClass to request a device with"
         raise DemoError(msg)
@@ -225,7 +169,7 @@ def _demo_with_cluster(
         f"node {NODE!r} and the backend's DeviceClasses: "
         f"{', '.join(c['metadata']['name'] for c in classes)}",
     )
-    _create_node(client)
+    create_ready_node(client, NODE)
     for body in classes:
         client.request("POST", f"{RESOURCE_API}/deviceclasses", body=body)
 
@@ -254,7 +198,7 @@ def _demo_with_cluster(
             )
             slices = _wait(
                 "the agent's ResourceSlices",
-                lambda: _published_pools(client, identity.driver_name),
+                lambda: published_slices(client, NODE, identity.driver_name),
             )
             say(f"      {_describe_slices(slices)}")
             _claim_and_prepare(
@@ -274,40 +218,9 @@ def _claim_and_prepare(
 ) -> None:
     claims = f"{RESOURCE_API}/namespaces/{NAMESPACE}/resourceclaims"
     step(5, f"a pod with a ResourceClaim for one device of class {device_class!r} ...")
-    claim = client.request(
-        "POST",
-        claims,
-        body={
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"name": "demo-claim"},
-            "spec": {
-                "devices": {
-                    "requests": [{"name": "device", "exactly": {"deviceClassName": device_class}}]
-                }
-            },
-        },
-    )
-    client.request(
-        "POST",
-        f"/api/v1/namespaces/{NAMESPACE}/pods",
-        body={
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "demo-pod"},
-            "spec": {
-                "automountServiceAccountToken": False,
-                "containers": [
-                    {
-                        "name": "app",
-                        "image": "registry.k8s.io/pause:3.10",
-                        "resources": {"claims": [{"name": "device"}]},
-                    }
-                ],
-                "resourceClaims": [{"name": "device", "resourceClaimName": "demo-claim"}],
-            },
-        },
-    )
+    claim = client.request("POST", claims, body=claim_body("demo-claim", device_class))
+    pod_spec = pod_body("demo-pod", [{"name": "device", "resourceClaimName": "demo-claim"}])
+    client.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", body=pod_spec)
     pod = _wait(
         "the scheduler to bind the pod",
         lambda: client.get(f"/api/v1/namespaces/{NAMESPACE}/pods/demo-pod")["spec"].get("nodeName"),
@@ -320,7 +233,7 @@ def _claim_and_prepare(
     say(f"      scheduled on {pod}; allocated device {result['device']} of pool {result['pool']}")
 
     step(6, "the kubelet asks the agent to prepare the claim ...")
-    ref = ClaimRef(NAMESPACE, "demo-claim", claim["metadata"]["uid"])
+    ref = claim_ref(claim)
     prepared = kubelet.prepare([ref])[ref.uid]
     if prepared.error:
         raise DemoError(prepared.error)

@@ -10,6 +10,7 @@ hardware or files are bounded in time by the watchdog of `dra_core.watchdog`.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -98,13 +99,21 @@ def _describe(ep: importlib_metadata.EntryPoint) -> EntryPointInfo:
 
 def _with_hooks(info: EntryPointInfo, ep: importlib_metadata.EntryPoint) -> EntryPointInfo:
     try:
-        module = ep.load()
+        plugin = ep.load()  # a class lists its hook methods without being instantiated
     except Exception as exc:  # noqa: BLE001 - listing must show a broken plugin, not die of it
         return replace(info, error=f"{type(exc).__name__}: {exc}")
-    hooks = tuple(
-        sorted(n for n in dir(module) if n.startswith("dra_") and callable(getattr(module, n)))
-    )
-    return replace(info, hooks=hooks)
+    return replace(info, hooks=hook_names(plugin))
+
+
+def hook_names(plugin: object) -> tuple[str, ...]:
+    """The hooks ``plugin`` (a module, class or object) implements, by their spec names."""
+    marker = f"{hookspecs.PROJECT}_impl"  # what ``@hookimpl`` sets on a function
+    names = set()
+    for attribute in dir(plugin):
+        options = getattr(getattr(plugin, attribute, None), marker, None)
+        if isinstance(options, dict):
+            names.add(options.get("specname") or attribute)
+    return tuple(sorted(names))
 
 
 def installed_backends(*, with_hooks: bool = False) -> list[EntryPointInfo]:
@@ -127,14 +136,33 @@ def _installed_names() -> str:
 
 
 def _load_entry_point(ep: importlib_metadata.EntryPoint, kind: str) -> object:
+    """The plugin object an entry point names: a module or an object with hook methods as it
+    is, a class or a factory function called (without arguments) for a new instance, so that
+    each :class:`Hooks` (one per agent) has plugin objects of its own."""
     try:
-        return ep.load()
+        target = ep.load()
     except Exception as exc:
         info = _describe(ep)  # reads the distribution's metadata: only for the message
         msg = (
             f"{kind} {ep.name!r} from {info.origin} cannot be imported ({ep.value}): "
             f"{type(exc).__name__}: {exc}. Reinstall it, or choose another; installed backends: "
             f"{_installed_names()}"
+        )
+        raise PluginLoadError(msg) from exc
+    return instantiate(target, f"{kind} {ep.name!r} ({ep.value})")
+
+
+def instantiate(target: object, what: str) -> object:
+    """``target`` itself, or a new instance when it is a class or a factory function."""
+    if not (inspect.isclass(target) or inspect.isfunction(target)):
+        return target
+    try:
+        return target()
+    except Exception as exc:
+        msg = (
+            f"{what} could not be created: {type(exc).__name__}: {exc} (the core calls a "
+            "backend's class or factory without arguments; the node's settings come with "
+            "dra_start(context))"
         )
         raise PluginLoadError(msg) from exc
 
@@ -199,16 +227,17 @@ def load(
                     "{} (loading without it; set {}=1 to make this fatal)", exc, STRICT_PLUGINS_ENV
                 )
     for name, obj in extra:
-        _register(pm, name, obj)
+        _register(pm, name, instantiate(obj, f"plugin {name!r}"))
     return Hooks(pm, backend)
 
 
-def from_objects(backend: str, module: object, *extras: tuple[str, object]) -> Hooks:
-    """Hooks over plugin objects given directly, without entry points (tests, embedding)."""
+def from_objects(backend: str, plugin: object, *extras: tuple[str, object]) -> Hooks:
+    """Hooks over plugins given directly, without entry points (tests, embedding): modules,
+    objects with hook methods, or classes and factories (instantiated as :func:`load` does)."""
     pm = _plugin_manager()
-    _register(pm, backend, module)
+    _register(pm, backend, instantiate(plugin, f"backend {backend!r}"))
     for name, obj in extras:
-        _register(pm, name, obj)
+        _register(pm, name, instantiate(obj, f"plugin {name!r}"))
     return Hooks(pm, backend)
 
 

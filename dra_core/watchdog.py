@@ -30,6 +30,7 @@ from typing import Any, Final, Generic, TypeVar
 from loguru import logger
 
 from dra_core.model import ClaimRef
+from dra_core.validation import describe_validation_error
 
 __all__ = (
     "MAX_STUCK_CALLS",
@@ -51,7 +52,14 @@ class HookError(Exception):
     def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
         self.plugin = plugin
         self.hook = hook
-        super().__init__(f"plugin {plugin!r} hook {hook!r} failed: {cause}")
+        super().__init__(f"plugin {plugin!r} hook {hook!r} failed: {describe(cause)}")
+
+
+def describe(error: BaseException) -> str:
+    """What a hook's exception says, pydantic's validation errors in plain words."""
+    if type(error).__module__.startswith("pydantic") and hasattr(error, "errors"):
+        return describe_validation_error(error)
+    return str(error)
 
 
 class HookTimeout(HookError):

@@ -515,7 +515,8 @@ def test_warnings_do_not_fail_the_report():
 
 def test_api_checks_are_skipped_without_a_kubeconfig(no_cluster, node_dirs):
     report = run_doctor(
-        DoctorSettings(node_name="node-1", **node_dirs), from_objects("fake", fake_plugin)
+        DoctorSettings(node_name="node-1", **node_dirs),
+        from_objects("fake", fake_plugin.FakePlugin),
     )
     api, kubelet = report.sections[0], report.sections[1]
     assert [c.status for c in api.checks] == ["skip"]
@@ -551,7 +552,7 @@ def test_unreachable_api_server_fails_once(no_cluster, node_dirs, tmp_path):
     settings = DoctorSettings(
         node_name="node-1", kubeconfig=str(kubeconfig), timeout=3, **node_dirs
     )
-    report = run_doctor(settings, from_objects("fake", fake_plugin))
+    report = run_doctor(settings, from_objects("fake", fake_plugin.FakePlugin))
     api = report.sections[0].checks
     assert [(c.name, c.status) for c in api] == [("API server", "fail")]
     assert api[0].found.startswith(f"unreachable at https://127.0.0.1:{port}: ")
@@ -560,7 +561,7 @@ def test_unreachable_api_server_fails_once(no_cluster, node_dirs, tmp_path):
 
 def test_unreadable_kubeconfig_fails(no_cluster, node_dirs, tmp_path):
     settings = DoctorSettings(node_name="node-1", kubeconfig=str(tmp_path / "missing"), **node_dirs)
-    check = run_doctor(settings, from_objects("fake", fake_plugin)).sections[0].checks[0]
+    check = run_doctor(settings, from_objects("fake", fake_plugin.FakePlugin)).sections[0].checks[0]
     assert check.status == "fail"
     assert check.found.startswith(f"cannot load kubeconfig {tmp_path / 'missing'}: ")
 
@@ -582,7 +583,7 @@ class WrongPlugin:
 
 def test_a_plugin_whose_checks_raise_gets_a_failed_check_naming_it():
     hooks = from_objects(
-        "fake", fake_plugin, ("sensors", RaisingPlugin()), ("wrong", WrongPlugin())
+        "fake", fake_plugin.FakePlugin, ("sensors", RaisingPlugin()), ("wrong", WrongPlugin())
     )
     context = NodeContext(node_name="node-1", driver_name=FAKE)
     checks = {plugin: c for plugin, c in hooks.doctor_checks(context) if plugin != "fake"}
@@ -595,7 +596,7 @@ def test_a_plugin_whose_checks_raise_gets_a_failed_check_naming_it():
 
 
 def test_plugins_other_than_the_backend_get_their_own_section(no_cluster, node_dirs):
-    hooks = from_objects("fake", fake_plugin, ("sensors", RaisingPlugin()))
+    hooks = from_objects("fake", fake_plugin.FakePlugin, ("sensors", RaisingPlugin()))
     report = run_doctor(DoctorSettings(node_name="node-1", **node_dirs), hooks)
     assert [s.title for s in report.sections][-2:] == ["backend fake", "plugin sensors"]
     assert report.failed
@@ -605,7 +606,7 @@ def test_plugins_other_than_the_backend_get_their_own_section(no_cluster, node_d
 
 
 def fake_checks(tmp_path: Path, **options: str):
-    hooks = from_objects("fake", fake_plugin)
+    hooks = from_objects("fake", fake_plugin.FakePlugin)
     context = NodeContext(node_name="node-1", driver_name=FAKE, options=options)
     return [c for _, c in hooks.doctor_checks(context)]
 

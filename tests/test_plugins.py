@@ -166,3 +166,89 @@ def test_load_finds_installed_fake_backend():
     assert hooks.implemented("dra_prepare")
     with pytest.raises(PluginLoadError, match="installed backends: fake, i915"):
         load("nonesuch")
+
+
+CLASS_BACKEND = """
+import itertools
+from dra_core import BackendIdentity, Device, Inventory, hookimpl
+
+_made = itertools.count()
+
+
+class Widgets:
+    '''One instance per agent: the state lives on the instance, not in the module.'''
+
+    def __init__(self):
+        self.number = next(_made)
+        self.node = None
+
+    @hookimpl
+    def dra_backend_identity(self):
+        return BackendIdentity("widget.example.com", "example.com", "widget")
+
+    @hookimpl
+    def dra_start(self, context):
+        self.node = context.node_name
+
+    @hookimpl
+    def dra_discover(self, context):
+        return Inventory(devices=(Device(f"{self.node}-instance-{self.number}"),))
+
+
+def make_widgets():
+    return Widgets()
+
+
+class Broken:
+    def __init__(self):
+        raise RuntimeError("no widget bus")
+"""
+
+
+def test_an_entry_point_naming_a_class_or_factory_gets_an_instance_per_agent(tmp_path):
+    make_distribution(
+        tmp_path,
+        "widget-backend",
+        "1.0",
+        {
+            "dra_core.backends": {
+                "widget": "widget_backend:Widgets",
+                "widget-factory": "widget_backend:make_widgets",
+            }
+        },
+        {"widget_backend": CLASS_BACKEND},
+    )
+    for name in ("widget", "widget-factory"):
+        result = run_cli(tmp_path, "discover", "--backend", name, "--node-name", "n1")
+        assert result.returncode == 0, result.stderr
+        assert "name: n1-instance-0" in result.stdout
+    listed = run_cli(tmp_path, "backends")
+    assert "dra_discover" in next(line for line in listed.stdout.splitlines() if " widget " in line)
+    program = (
+        "from dra_core.plugins import load\n"
+        "from dra_core import NodeContext\n"
+        "for node in ('a', 'b'):\n"
+        "    hooks = load('widget', plugins=False)\n"
+        "    context = NodeContext(node_name=node, driver_name='widget.example.com')\n"
+        "    hooks.start(context)\n"
+        "    print(hooks.discover(context).devices[0].name)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    two = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+    )
+    assert two.stdout.split() == ["a-instance-0", "b-instance-1"]
+
+
+def test_a_backend_class_that_cannot_be_created_is_named(tmp_path):
+    make_distribution(
+        tmp_path,
+        "widget-backend",
+        "1.0",
+        {"dra_core.backends": {"broken": "widget_backend:Broken"}},
+        {"widget_backend": CLASS_BACKEND},
+    )
+    result = run_cli(tmp_path, "discover", "--backend", "broken")
+    assert result.returncode == 2
+    assert "backend 'broken' (widget_backend:Broken) could not be created" in result.stderr
+    assert "RuntimeError: no widget bus" in result.stderr

@@ -8,12 +8,14 @@ notes"). Errors are ``kubernetes.client.exceptions.ApiException`` with ``.status
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-RESOURCE_API = "/apis/resource.k8s.io/v1"
+from dra_core.testing import scenario
+from dra_core.testing.controlplane import selected_k8s_version
+
+RESOURCE_API = scenario.RESOURCE_API
 TEST_DRIVER = "test.dra-core.example.com"
 
 
@@ -81,30 +83,8 @@ def wait_for(
     description: str = "condition",
     interval: float = 0.2,
 ) -> Any:
-    """Poll ``condition_fn`` until it returns a truthy value, and return that value.
-
-    Exceptions raised by ``condition_fn`` count as "not yet" and the last one is reported.
-    Raises ``TimeoutError`` naming ``description`` after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    last_exc: BaseException | None = None
-    last_val: Any = None
-    while True:
-        try:
-            last_val = condition_fn()
-            last_exc = None
-            if last_val:
-                return last_val
-        except Exception as e:  # noqa: BLE001
-            last_exc = e
-        if time.monotonic() >= deadline:
-            detail = (
-                f"last error: {type(last_exc).__name__}: {last_exc}"
-                if last_exc is not None
-                else f"last value: {last_val!r}"
-            )
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {description} ({detail})")
-        time.sleep(interval)
+    """Poll ``condition_fn`` until it returns a truthy value (:func:`scenario.wait_for`)."""
+    return scenario.wait_for(description, condition_fn, timeout, interval)
 
 
 # ---------------------------------------------------------------------------- core objects
@@ -145,58 +125,9 @@ def wait_for_default_service_account(api, namespace: str, timeout: float = 30.0)
     )
 
 
-def node_body(
-    name: str,
-    labels: dict[str, str] | None = None,
-    cpu: str = "64",
-    memory: str = "256Gi",
-    pods: str = "250",
-) -> dict[str, Any]:
-    all_labels = {
-        "kubernetes.io/hostname": name,
-        "kubernetes.io/os": "linux",
-        "kubernetes.io/arch": "amd64",
-    }
-    all_labels.update(labels or {})
-    resources = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "1Ti"}
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name, "labels": all_labels},
-        "spec": {},
-        "status": _node_status(resources),
-    }
-
-
-def _node_status(resources: dict[str, str]) -> dict[str, Any]:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return {
-        "capacity": dict(resources),
-        "allocatable": dict(resources),
-        "conditions": [
-            {
-                "type": "Ready",
-                "status": "True",
-                "reason": "KubeletReady",
-                "message": "fake node for dra-core tests",
-                "lastHeartbeatTime": now,
-                "lastTransitionTime": now,
-            }
-        ],
-        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-        "nodeInfo": {
-            "architecture": "amd64",
-            "operatingSystem": "linux",
-            "kubeletVersion": "v1.37.2",
-            "kubeProxyVersion": "",
-            "containerRuntimeVersion": "fake://1.0",
-            "kernelVersion": "",
-            "osImage": "fake",
-            "bootID": "",
-            "machineID": "",
-            "systemUUID": "",
-        },
-    }
+def node_body(name: str, labels: dict[str, str] | None = None, **resources: str) -> dict[str, Any]:
+    """A Ready Node of the harness's release (a newer kubelet would be skew); no kubelet."""
+    return scenario.node_body(name, labels, kubelet_version=selected_k8s_version(), **resources)
 
 
 def create_node(
@@ -228,32 +159,7 @@ def delete_node(api, name: str) -> None:
     delete(api, f"/api/v1/nodes/{name}")
 
 
-def pod_body(
-    name: str,
-    claims: Iterable[dict[str, Any]] = (),
-    *,
-    node_name: str | None = None,
-    image: str = "registry.k8s.io/pause:3.10",
-) -> dict[str, Any]:
-    """A pod with one container using every entry of ``claims``.
-
-    ``claims`` are pod-level entries: ``{"name": "gpu", "resourceClaimName": "c1"}`` or
-    ``{"name": "gpu", "resourceClaimTemplateName": "t1"}``.
-    """
-    claims = list(claims)
-    container: dict[str, Any] = {"name": "main", "image": image}
-    if claims:
-        container["resources"] = {"claims": [{"name": c["name"]} for c in claims]}
-    spec: dict[str, Any] = {
-        "containers": [container],
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": 0,
-    }
-    if claims:
-        spec["resourceClaims"] = claims
-    if node_name:
-        spec["nodeName"] = node_name
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
+pod_body = scenario.pod_body
 
 
 def create_pod(api, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -285,14 +191,7 @@ def wait_for_pod_scheduled(api, namespace: str, name: str, timeout: float = 60.0
 def device_class_body(
     name: str, driver: str = TEST_DRIVER, extra_selectors: Iterable[str] = ()
 ) -> dict[str, Any]:
-    selectors = [{"cel": {"expression": f'device.driver == "{driver}"'}}]
-    selectors += [{"cel": {"expression": e}} for e in extra_selectors]
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "DeviceClass",
-        "metadata": {"name": name},
-        "spec": {"selectors": selectors},
-    }
+    return scenario.device_class_body(name, driver, extra_selectors)
 
 
 def create_device_class(
@@ -376,20 +275,9 @@ def resource_claim_body(
     count: int = 1,
     selectors: Iterable[str] = (),
 ) -> dict[str, Any]:
-    exactly: dict[str, Any] = {
-        "deviceClassName": device_class,
-        "allocationMode": "ExactCount",
-        "count": count,
-    }
-    sel = [{"cel": {"expression": e}} for e in selectors]
-    if sel:
-        exactly["selectors"] = sel
-    return {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name},
-        "spec": {"devices": {"requests": [{"name": request_name, "exactly": exactly}]}},
-    }
+    return scenario.claim_body(
+        name, device_class, request=request_name, count=count, selectors=selectors
+    )
 
 
 def create_resource_claim(api, namespace: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def backend() -> RecordingBackend:
 def agent(control_plane, kube_api, short_dir, backend) -> Iterator[Agent]:
     helpers.create_node(kube_api, NODE)
     hooks = from_objects("recording", backend)
-    for body in device_class_manifests(hooks.device_classes(hooks.backend_identity())):
+    classes = hooks.device_classes(hooks.backend_identity())
+    for body in device_class_manifests(classes, control_plane.enabled_gates()):
         helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)
     client = load_client(str(control_plane.kubeconfig_path))
     running = Agent(agent_settings(short_dir), hooks, client=client)

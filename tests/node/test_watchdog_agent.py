@@ -317,7 +317,7 @@ def test_fake_control_file_that_is_not_a_file_is_refused_and_the_agent_serves(
         backend_options={"control_file": str(control), "control_interval": "0.1"},
     )
     rss_before = _rss_kib()
-    hooks = from_objects("fake", dra_backend_fake.plugin)
+    hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
     agent = Agent(settings, hooks, client=claims.client())
     started = time.monotonic()
     agent.start()

@@ -183,10 +183,12 @@ class AgentProcess:
 
 
 @pytest.fixture
-def fake_device_classes(kube_api) -> Iterator[None]:
-    from dra_backend_fake import plugin
+def fake_device_classes(control_plane, kube_api) -> Iterator[None]:
+    from dra_backend_fake import DRIVER_NAME, plugin
 
-    classes = device_class_manifests(plugin.dra_device_classes(plugin.dra_backend_identity()))
+    every = plugin.device_classes(DRIVER_NAME)
+    # Only the classes the release accepts: shared.* needs DRAConsumableCapacity.
+    classes = device_class_manifests(every, control_plane.enabled_gates())
     created: list[str] = []
     try:
         # A class the release refuses must not leave the ones created before it behind.

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dra_backend_fake.schema import describe
+from dra_core import describe_validation_error
 
 __all__ = ("MAX_SLEEP_SECONDS", "FakeConfig", "decode", "merge")
 
@@ -64,7 +64,7 @@ def decode(parameters: Mapping[str, Any]) -> FakeConfig:
     try:
         return FakeConfig.model_validate(dict(parameters))
     except ValidationError as exc:
-        msg = f"invalid FakeConfig: {describe(exc)}"
+        msg = f"invalid FakeConfig: {describe_validation_error(exc)}"
         raise ValueError(msg) from None
 
 

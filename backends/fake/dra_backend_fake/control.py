@@ -34,7 +34,8 @@ from loguru import logger
 from pydantic import ValidationError
 
 from dra_backend_fake.files import load_yaml_file
-from dra_backend_fake.schema import ControlSpec, describe
+from dra_backend_fake.schema import ControlSpec
+from dra_core import describe_validation_error
 
 __all__ = (
     "MAX_BYTES",
@@ -70,7 +71,7 @@ def parse_control(data: object, source: str) -> ControlSpec:
     try:
         return ControlSpec.model_validate(data)
     except ValidationError as exc:
-        msg = f"control file {source}: {describe(exc)}"
+        msg = f"control file {source}: {describe_validation_error(exc)}"
         raise ControlError(msg) from None
 
 

@@ -1,10 +1,10 @@
-"""The fake backend's hook implementations (entry point ``fake`` in ``dra_core.backends``).
+"""The fake backend (entry point ``fake`` in ``dra_core.backends``: :class:`FakePlugin`).
 
-The module-level ``dra_*`` functions are what pluggy registers. ``dra_start`` creates a fresh
-:class:`FakeBackend` for its :class:`~dra_core.NodeContext` (so tests can start several, one
-after another or side by side) and every other hook delegates to the backend of the context
-it is given. Hooks called without a started backend (``dra-core render``, the webhook) need
-none, or get one built from their context on first use.
+The core creates one :class:`FakePlugin` per agent and registers it with pluggy; its
+``dra_start`` builds a :class:`FakeBackend` from the node's settings (so a process may run
+several agents side by side, each with its own), and the other hooks use it. Hooks called
+without a started backend (``dra-core render``, the webhook) need none, or get one built from
+their context on first use.
 """
 
 from __future__ import annotations
@@ -48,24 +48,7 @@ if TYPE_CHECKING:
 # The inventory, control file and opaque config modules (pydantic models) are imported when
 # first used, so loading the backend to name its driver stays cheap.
 
-__all__ = (
-    "OPTIONS",
-    "FakeBackend",
-    "Settings",
-    "backend_for",
-    "dra_backend_identity",
-    "dra_backend_options",
-    "dra_check_allocation",
-    "dra_decode_config",
-    "dra_device_classes",
-    "dra_device_health",
-    "dra_discover",
-    "dra_doctor_checks",
-    "dra_prepare",
-    "dra_start",
-    "dra_stop",
-    "dra_unprepare",
-)
+__all__ = ("OPTIONS", "FakeBackend", "FakePlugin", "Settings", "device_classes", "doctor_checks")
 
 #: The backend's command-line options; each also reads the environment variable named.
 OPTIONS: tuple[BackendOption, ...] = (
@@ -314,31 +297,25 @@ class FakeBackend:
         A partition is unhealthy with its whole device.
         """
         self._refresh()
+        return [self._health_of(device) for device in inventory.devices]
+
+    def _health_of(self, device: Device) -> DeviceHealth:
         unhealthy = self.control_spec.unhealthy
-        reports = []
-        for device in inventory.devices:
-            parent = device.attributes.get("parent")
-            entry = unhealthy.get(device.name)
-            message = entry.message if entry is not None else ""
-            if entry is None and isinstance(parent, str) and parent in unhealthy:
-                entry = unhealthy[parent]
-                message = f"whole device {parent}: {entry.message}"
-            if entry is None:
-                reports.append(DeviceHealth(device=device.name, healthy=True))
-            else:
-                reports.append(
-                    DeviceHealth(
-                        device=device.name, healthy=False, message=message, effect=entry.effect
-                    )
-                )
-        return reports
+        parent = device.attributes.get("parent")
+        entry = unhealthy.get(device.name)
+        message = entry.message if entry is not None else ""
+        if entry is None and isinstance(parent, str) and parent in unhealthy:
+            entry = unhealthy[parent]
+            message = f"whole device {parent}: {entry.message}"
+        if entry is None:
+            return DeviceHealth(device=device.name, healthy=True)
+        return DeviceHealth(device=device.name, healthy=False, message=message, effect=entry.effect)
 
     # -- allocation ----------------------------------------------------------------------------
 
     def check_allocation(self, claim: AllocatedClaim) -> None:
         """Refuse devices that are gone, unhealthy, or held by another claim."""
         inventory = self.inventory()
-        sick = {h.device: h.message for h in self.health(inventory) if not h.healthy}
         uid = claim.ref.uid
         for allocated in claim.devices:
             name = allocated.device
@@ -349,10 +326,12 @@ class FakeBackend:
                     "(removed through the control file?); the claim must be allocated again"
                 )
                 raise AllocationError(msg)
-            if name in sick:
+            # Only the claim's devices: a prepare's cost must not grow with the inventory.
+            health = self._health_of(device)
+            if not health.healthy:
                 msg = (
-                    f"claim {claim.ref}: device {name!r} is unhealthy ({sick[name]}); clear its "
-                    "'unhealthy' entry in the control file or allocate another device"
+                    f"claim {claim.ref}: device {name!r} is unhealthy ({health.message}); clear "
+                    "its 'unhealthy' entry in the control file or allocate another device"
                 )
                 raise AllocationError(msg)
             if allocated.admin_access or device.allow_multiple_allocations:
@@ -510,83 +489,100 @@ class FakeBackend:
 
 
 # ---------------------------------------------------------------------------------------------
-# Module-level state: the backends started in this process, by context.
-# ---------------------------------------------------------------------------------------------
-
-_registry_lock = threading.Lock()
-_backends: dict[int, FakeBackend] = {}
-_latest: FakeBackend | None = None
-
-
-def backend_for(context: NodeContext) -> FakeBackend:
-    """The backend started with ``context`` (else the latest started, else a new one)."""
-    global _latest
-    with _registry_lock:
-        backend = _backends.get(id(context))
-        if backend is not None and backend.context is context:
-            return backend
-        if _latest is not None:
-            return _latest
-        _latest = FakeBackend(context)
-        return _latest
-
-
-# ---------------------------------------------------------------------------------------------
 # Hooks
 # ---------------------------------------------------------------------------------------------
 
 
-@hookimpl
-def dra_backend_identity() -> BackendIdentity:
-    """Driver ``fake.dra-core.dev``, CDI kind ``dra-core.dev/fake``."""
-    return BackendIdentity(driver_name=DRIVER_NAME, cdi_vendor=CDI_VENDOR, cdi_class=CDI_CLASS)
+class FakePlugin:
+    """The fake backend as the core loads it (the entry point names this class): one per agent,
+    holding the :class:`FakeBackend` that ``dra_start`` builds from the node's settings."""
+
+    def __init__(self) -> None:
+        self._backend: FakeBackend | None = None
+
+    def backend(self, context: NodeContext) -> FakeBackend:
+        """The started backend; hooks called without ``dra_start`` (a test's discovery) get one
+        built from their context."""
+        if self._backend is None:
+            self._backend = FakeBackend(context)
+        return self._backend
+
+    @hookimpl
+    def dra_backend_identity(self) -> BackendIdentity:
+        """Driver ``fake.dra-core.dev``, CDI kind ``dra-core.dev/fake``."""
+        return BackendIdentity(driver_name=DRIVER_NAME, cdi_vendor=CDI_VENDOR, cdi_class=CDI_CLASS)
+
+    @hookimpl
+    def dra_backend_options(self) -> Sequence[BackendOption]:
+        """``--inventory``, ``--devices``, ``--control-file``, ``--control-interval``,
+        ``--device-nodes-dir``."""
+        return OPTIONS
+
+    @hookimpl
+    def dra_start(self, context: NodeContext) -> None:
+        """Build the backend from the options, check device nodes work, watch the control file."""
+        try:
+            backend = FakeBackend(context)
+        except ValueError as exc:  # InventoryError and bad options
+            msg = f"fake backend cannot start: {exc}"
+            raise RuntimeError(msg) from None
+        backend.start()
+        self._backend = backend
+
+    @hookimpl
+    def dra_stop(self) -> None:
+        """Stop the control-file watcher; prepared devices (and their nodes) stay."""
+        if self._backend is not None:
+            self._backend.stop()
+
+    @hookimpl
+    def dra_discover(self, context: NodeContext) -> Inventory:
+        """The configured devices with the control file's additions and removals."""
+        return self.backend(context).inventory()
+
+    @hookimpl
+    def dra_device_classes(self, identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
+        """All fake devices; partitions only; shared devices only."""
+        return device_classes(identity.driver_name)
+
+    @hookimpl
+    def dra_decode_config(self, parameters: Mapping[str, Any]) -> object:
+        """Decode a ``FakeConfig`` strictly; ValueError names each bad field."""
+        from dra_backend_fake import config
+
+        return config.decode(parameters)
+
+    @hookimpl
+    def dra_check_allocation(self, claim: AllocatedClaim, context: NodeContext) -> None:
+        """Devices must exist in the current inventory, be healthy and not held by another
+        claim (the backend's own view, with the control file re-read, is the freshest)."""
+        self.backend(context).check_allocation(claim)
+
+    @hookimpl
+    def dra_prepare(self, claim: AllocatedClaim, context: NodeContext) -> Sequence[PreparedDevice]:
+        """Environment (and device nodes) per device, after injected delays and failures."""
+        return self.backend(context).prepare(claim)
+
+    @hookimpl
+    def dra_unprepare(self, claim: PreparedClaim, context: NodeContext) -> bool:
+        """Remove the claim's device nodes; idempotent."""
+        return self.backend(context).unprepare(claim)
+
+    @hookimpl
+    def dra_device_health(
+        self, inventory: Inventory, context: NodeContext
+    ) -> Sequence[DeviceHealth]:
+        """Devices listed under ``unhealthy`` in the control file (and their partitions)."""
+        return self.backend(context).health(inventory)
+
+    @hookimpl
+    def dra_doctor_checks(self, context: NodeContext) -> Sequence[DoctorCheck]:
+        """The options, the inventory and the control file valid, device nodes possible."""
+        return doctor_checks(context)
 
 
-@hookimpl
-def dra_backend_options() -> Sequence[BackendOption]:
-    """``--inventory``, ``--devices``, ``--control-file``, ``--control-interval``,
-    ``--device-nodes-dir``."""
-    return OPTIONS
-
-
-@hookimpl
-def dra_start(context: NodeContext) -> None:
-    """Build a fresh backend from the options, check device nodes work, watch the control file."""
-    global _latest
-    try:
-        backend = FakeBackend(context)
-    except ValueError as exc:  # InventoryError and bad options
-        msg = f"fake backend cannot start: {exc}"
-        raise RuntimeError(msg) from None
-    backend.start()
-    with _registry_lock:
-        _backends[id(context)] = backend
-        _latest = backend
-
-
-@hookimpl
-def dra_stop(context: NodeContext) -> None:
-    """Stop the control-file watcher; prepared devices (and their nodes) stay."""
-    global _latest
-    with _registry_lock:
-        backend = _backends.pop(id(context), None)
-        if backend is None or backend.context is not context:
-            return
-        if _latest is backend:
-            _latest = next(reversed(_backends.values()), None)
-    backend.stop()
-
-
-@hookimpl
-def dra_discover(context: NodeContext) -> Inventory:
-    """The configured devices with the control file's additions and removals."""
-    return backend_for(context).inventory()
-
-
-@hookimpl
-def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
-    """All fake devices; partitions only; shared devices only."""
-    driver = identity.driver_name
+def device_classes(driver: str) -> tuple[DeviceClassSpec, ...]:
+    """The fake backend's DeviceClasses for ``driver``."""
     on_driver = f'device.driver == "{driver}"'
     return (
         DeviceClassSpec(
@@ -607,42 +603,7 @@ def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
     )
 
 
-@hookimpl
-def dra_decode_config(parameters: Mapping[str, Any], context: NodeContext) -> object:
-    """Decode a ``FakeConfig`` strictly; ValueError names each bad field."""
-    from dra_backend_fake import config
-
-    del context
-    return config.decode(parameters)
-
-
-@hookimpl
-def dra_check_allocation(claim: AllocatedClaim, inventory: Inventory, context: NodeContext) -> None:
-    """Devices must exist in the current inventory, be healthy and not held by another claim."""
-    del inventory  # the backend's own view, with the control file re-read, is fresher
-    backend_for(context).check_allocation(claim)
-
-
-@hookimpl
-def dra_prepare(claim: AllocatedClaim, context: NodeContext) -> Sequence[PreparedDevice]:
-    """Environment (and device nodes) per device, after injected delays and failures."""
-    return backend_for(context).prepare(claim)
-
-
-@hookimpl
-def dra_unprepare(claim: PreparedClaim, context: NodeContext) -> bool:
-    """Remove the claim's device nodes; idempotent."""
-    return backend_for(context).unprepare(claim)
-
-
-@hookimpl
-def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[DeviceHealth]:
-    """Devices listed under ``unhealthy`` in the control file (and their partitions)."""
-    return backend_for(context).health(inventory)
-
-
-@hookimpl
-def dra_doctor_checks(context: NodeContext) -> Sequence[DoctorCheck]:
+def doctor_checks(context: NodeContext) -> list[DoctorCheck]:
     """The options, the inventory and the control file valid, device nodes possible."""
     try:
         backend = FakeBackend(context)

@@ -2,13 +2,13 @@
 
 Every model forbids unknown fields and does not coerce types (``"4"`` is not an int), so a
 typo in an inventory or control file is an error naming the field path
-(``devices[1].capacity.memory.requestPolicy.default``) instead of a silently ignored key.
-:func:`describe` turns pydantic's ``ValidationError`` into that one-line message.
+(``devices[1].capacity.memory.requestPolicy.default``) instead of a silently ignored key
+(``dra_core.describe_validation_error`` turns pydantic's ``ValidationError`` into that
+one-line message).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -17,7 +17,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -36,7 +35,6 @@ __all__ = (
     "RequestPolicySpec",
     "UnhealthySpec",
     "ValidRangeSpec",
-    "describe",
     "is_dns_label",
     "partition_name",
 )
@@ -57,46 +55,6 @@ _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
 )
-
-
-def _key(part: str) -> str:
-    """A field name as a message shows it: bare, or quoted and escaped as JSON when it is empty
-    or holds characters that would break the line (control characters, lone surrogates)."""
-    return part if part and part.isprintable() else json.dumps(part)
-
-
-def _printable(text: str) -> str:
-    """``text`` with each character that would break the line escaped (``\\n``)."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-def _not_unicode(text: object) -> str:
-    """Text holding a lone surrogate (JSON's ``\\ud800`` escape): a field name or value that no
-    UTF-8 file, environment or API object can carry. Pydantic cannot even read such a field
-    name and fails the whole object, so the text itself is shown."""
-    shown = json.dumps(text)
-    shown = shown if len(shown) <= 80 else f'{shown[:76]}..."'
-    return f"text {shown} is not valid Unicode (it holds a lone surrogate such as \\ud800)"
-
-
-def describe(exc: ValidationError) -> str:
-    """One line per problem: the field path (``devices[0].name``) and what is wrong with it,
-    in plain words (pydantic's prefixes and links removed, odd field names quoted)."""
-    problems = []
-    for error in exc.errors(include_url=False):
-        path = ""
-        for part in error["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            else:
-                path += f".{_key(part)}" if path else _key(part)
-        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; unknown fields are not allowed)"
-        elif error["type"] == "string_unicode":
-            message = _not_unicode(error.get("input"))
-        problems.append(f"{path or '(top level)'}: {_printable(message)}")
-    return "; ".join(problems)
 
 
 def partition_name(device: str, index: int) -> str:

@@ -39,23 +39,26 @@ class Running:
 
 @pytest.fixture
 def hooks() -> Hooks:
-    return from_objects("fake", dra_backend_fake.plugin)
+    return from_objects("fake", dra_backend_fake.plugin.FakePlugin)
 
 
 @pytest.fixture
-def start(hooks):
-    """start(**options) -> Running; every backend started is stopped at teardown."""
-    started = []
+def start():
+    """start(**options) -> Running, each with a backend of its own (as each agent has); every
+    backend started is stopped at teardown."""
+    started: list[Running] = []
 
     def _start(**options) -> Running:
-        context = node_context(**options)
-        hooks.start(context)
-        started.append(context)
-        return Running(hooks, context)
+        running = Running(
+            from_objects("fake", dra_backend_fake.plugin.FakePlugin), node_context(**options)
+        )
+        running.hooks.start(running.context)
+        started.append(running)
+        return running
 
     yield _start
-    for context in reversed(started):
-        hooks.stop(context)
+    for running in reversed(started):
+        running.hooks.stop(running.context)
 
 
 @pytest.fixture

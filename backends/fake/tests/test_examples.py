@@ -56,7 +56,7 @@ def test_example_control_file_applies_to_the_example_inventory(start, tmp_path, 
 
 
 def test_rendered_device_classes_are_current():
-    hooks = from_objects("fake", dra_backend_fake.plugin)
+    hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
     rendered = device_class_manifests(hooks.device_classes(hooks.backend_identity()))
     assert _documents(OVERLAY / "deviceclasses.yaml") == rendered, (
         "re-render: dra-core render --backend fake (below the header of "

@@ -12,7 +12,7 @@ from dra_backend_fake.testing import allocated_claim
 
 from dra_core import AllocationError, PrepareError
 from dra_core.model import validate_driver_name, validate_inventory
-from dra_core.plugins import HookError, load
+from dra_core.plugins import HookError, from_objects, load
 
 CONFIG = {"apiVersion": "fake.dra-core.dev/v1", "kind": "FakeConfig"}
 
@@ -167,12 +167,26 @@ def test_prepare_rejects_a_uid_that_is_no_uuid(start):
         start().prepare(allocated_claim("dev-0", uid="../../etc"))
 
 
-def test_hooks_work_without_start(monkeypatch):
+def test_hooks_work_without_start():
     """The webhook and ``render`` call hooks in a process that never started the backend."""
     from dra_backend_fake.testing import node_context
 
-    monkeypatch.setattr(dra_backend_fake.plugin, "_backends", {})
-    monkeypatch.setattr(dra_backend_fake.plugin, "_latest", None)
-    context = node_context(devices=1)
-    inventory = dra_backend_fake.plugin.dra_discover(context=context)
+    hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
+    inventory = hooks.discover(node_context(devices=1))
     assert [d.name for d in inventory.devices] == ["dev-0"]
+
+
+def test_each_agent_has_a_backend_of_its_own():
+    """Two agents in one process (tests, embedding): their backends do not share devices."""
+    from dra_backend_fake.testing import node_context
+
+    first, second = (from_objects("fake", dra_backend_fake.plugin.FakePlugin) for _ in "ab")
+    one, two = node_context(devices=1), node_context(devices=3)
+    first.start(one)
+    second.start(two)
+    try:
+        assert len(first.discover(one).devices) == 1
+        assert len(second.discover(two).devices) == 3
+    finally:
+        first.stop(one)
+        second.stop(two)

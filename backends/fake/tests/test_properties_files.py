@@ -117,7 +117,7 @@ def encodings(documents: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
 def test_any_control_file_is_used_whole_or_refused_with_its_name(content: bytes) -> None:
     with tempfile.TemporaryDirectory() as directory:
         control = Path(directory) / "control.yaml"
-        hooks = from_objects("fake", dra_backend_fake.plugin)
+        hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
         context = node_context(control_file=control, devices=2)
         hooks.start(context)
         try:
@@ -148,7 +148,7 @@ def test_any_inventory_file_starts_valid_or_is_refused_with_a_clear_error(conten
             load_file(path)
         except InventoryError as exc:
             assert str(exc).startswith(f"inventory file {path}: "), exc
-        hooks = from_objects("fake", dra_backend_fake.plugin)
+        hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
         context = node_context(inventory=path)
         try:
             hooks.start(context)

@@ -22,19 +22,20 @@ __all__ = ("main",)
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the backend's options, discover, print the inventory and health as YAML."""
     parser = argparse.ArgumentParser(prog="python -m dra_backend_i915", description=__doc__)
-    for option in plugin.dra_backend_options():
+    backend = plugin.I915Backend()
+    for option in plugin.OPTIONS:
         parser.add_argument(f"--{option.name}", default=option.default, help=option.help)
     parser.add_argument("--node-name", default="node-1")
     args = vars(parser.parse_args(argv))
     node = args.pop("node_name")
     context = NodeContext(node_name=node, driver_name=DRIVER_NAME, options=args)
     try:
-        plugin.dra_start(context=context)
-        inventory = plugin.dra_discover(context=context)
+        backend.start(context)
+        inventory = backend.discover(context)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    health = plugin.dra_device_health(inventory=inventory, context=context)
+    health = backend.health(inventory, context)
     document = {
         "devices": [_plain(d) for d in inventory.devices],
         "counterSets": [_plain(s) for s in inventory.counter_sets],

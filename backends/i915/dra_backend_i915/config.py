@@ -19,7 +19,6 @@ Unknown fields and wrong types are errors naming the field.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dra_backend_i915.profiles import PROFILES, ProfileError, parse_overrides
+from dra_core import describe_validation_error
 
 __all__ = (
     "API_VERSION",
@@ -61,35 +61,6 @@ class GpuConfig(BaseModel):
         return value
 
 
-def _key(part: str | int) -> str:
-    """A field name as a message shows it: bare, or quoted and escaped as JSON when it is empty
-    or holds characters that would break the line (control characters, lone surrogates)."""
-    text = str(part)
-    return text if text and text.isprintable() else json.dumps(text)
-
-
-def _describe(exc: ValidationError, what: str) -> str:
-    """``invalid <what>: `` and one ``field: problem`` per error, in plain words on one line
-    (pydantic's prefixes and links removed, odd field names quoted)."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        location = ".".join(_key(p) for p in error["loc"]) or "(top level)"
-        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; unknown fields are not allowed)"
-        elif error["type"] == "string_unicode":
-            # Text with a lone surrogate (JSON's \ud800 escape); pydantic cannot even read such
-            # a field name and fails the whole object, so the text itself is shown.
-            shown = json.dumps(error.get("input"))
-            shown = shown if len(shown) <= 80 else f'{shown[:76]}..."'
-            message = (
-                f"text {shown} is not valid Unicode (it holds a lone surrogate such as \\ud800)"
-            )
-        printable = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in message)
-        parts.append(f"{location}: {printable}")
-    return f"invalid {what}: " + "; ".join(parts)
-
-
 def decode_opaque(parameters: Mapping[str, Any]) -> GpuConfig:
     """Decode one opaque config; ``ValueError`` naming every bad field."""
     if not isinstance(parameters, Mapping):
@@ -98,7 +69,9 @@ def decode_opaque(parameters: Mapping[str, Any]) -> GpuConfig:
     try:
         return GpuConfig.model_validate(dict(parameters))
     except ValidationError as exc:
-        raise ValueError(_describe(exc, f"GpuConfig (apiVersion {API_VERSION})")) from None
+        raise ValueError(
+            describe_validation_error(exc, f"GpuConfig (apiVersion {API_VERSION})")
+        ) from None
 
 
 class BackendSettings(BaseModel):
@@ -172,7 +145,7 @@ def settings_from(options: Mapping[str, str | None], config: Mapping[str, Any]) 
     try:
         section = BackendSettings.model_validate(dict(config or {}))
     except ValidationError as exc:
-        raise ValueError(_describe(exc, "i915 backend configuration")) from None
+        raise ValueError(describe_validation_error(exc, "i915 backend configuration")) from None
     try:
         profiles = parse_overrides(",".join(f"{k}={v}" for k, v in section.vf_profiles.items()))
         profiles.update(parse_overrides(_option(options, "vf-profile")))

@@ -1,8 +1,9 @@
-"""The i915 backend's hook implementations (entry point ``i915`` in ``dra_core.backends``).
+"""The i915 backend (entry point ``i915`` in ``dra_core.backends``: :class:`I915Backend`).
 
-The module-level ``dra_*`` functions are what pluggy registers; each delegates to one
-:class:`I915Backend`, which holds the seams (sysfs writer, DRM memory query) and the caches.
-Tests and demos swap it with :func:`use`, e.g. ``use(I915Backend(writer=fs.kernel()))``.
+The core creates one :class:`I915Backend` per agent and registers it with pluggy; its methods
+marked ``@hookimpl`` are the hooks. It holds the seams (sysfs writer, DRM memory query) and the
+caches, so tests register one made with fakes:
+``from_objects("i915", I915Backend(writer=fs.kernel()))``.
 """
 
 from __future__ import annotations
@@ -43,26 +44,11 @@ from dra_core import (
     hookimpl,
 )
 
-__all__ = (
-    "I915Backend",
-    "backend",
-    "dra_backend_identity",
-    "dra_backend_options",
-    "dra_check_allocation",
-    "dra_decode_config",
-    "dra_device_classes",
-    "dra_device_health",
-    "dra_discover",
-    "dra_doctor_checks",
-    "dra_prepare",
-    "dra_start",
-    "dra_unprepare",
-    "use",
-)
+__all__ = ("OPTIONS", "I915Backend", "device_classes")
 
 
 class I915Backend:
-    """The backend's behaviour; one per process, replaceable in tests."""
+    """The backend: one per agent, its hook methods registered with pluggy."""
 
     def __init__(
         self,
@@ -120,6 +106,38 @@ class I915Backend:
 
     # -- hooks ---------------------------------------------------------------------------------
 
+    @hookimpl
+    def dra_backend_identity(self) -> BackendIdentity:
+        """Driver ``gpu.intel.com``; CDI devices ``intel.com/gpu=...``."""
+        return BackendIdentity(driver_name=DRIVER_NAME, cdi_vendor=CDI_VENDOR, cdi_class=CDI_CLASS)
+
+    @hookimpl
+    def dra_backend_options(self) -> Sequence[BackendOption]:
+        """``--sysfs-root``, ``--devfs-root``, ``--vf-profile``, ``--shared-gpus``."""
+        return OPTIONS
+
+    @hookimpl
+    def dra_device_classes(self, identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
+        """Whole GPUs, VFs, shared GPUs, and every GPU for monitoring (admin access)."""
+        return device_classes(identity.driver_name)
+
+    @hookimpl
+    def dra_decode_config(self, parameters: Mapping[str, Any]) -> object:
+        """Strict ``GpuConfig`` decoding; ``ValueError`` naming the field."""
+        return decode_opaque(parameters)
+
+    @hookimpl
+    def dra_doctor_checks(self, context: NodeContext) -> Sequence[DoctorCheck]:
+        """GPUs bound to i915 or xe, SR-IOV capable functions, render nodes and their modes."""
+        from dra_backend_i915 import doctor
+
+        try:
+            settings = self.settings(context)
+        except ValueError as exc:
+            return [DoctorCheck.fail("options", str(exc), "correct the option the message names")]
+        return doctor.checks(settings)
+
+    @hookimpl(specname="dra_start")
     def start(self, context: NodeContext) -> None:
         """Check the settings and the sysfs root before the first discovery."""
         settings = self.settings(context)
@@ -132,11 +150,13 @@ class I915Backend:
             raise RuntimeError(msg)
         self.store(context).load()
 
+    @hookimpl(specname="dra_discover")
     def discover(self, context: NodeContext) -> Inventory:
         """The inventory of this node."""
         built, _, _ = self.built(context)
         return built.inventory
 
+    @hookimpl(specname="dra_check_allocation")
     def check_allocation(self, claim: AllocatedClaim, context: NodeContext) -> None:
         """Refuse an allocation the node cannot honour, before anything changes."""
         with self._lock:
@@ -225,6 +245,7 @@ class I915Backend:
             )
             raise AllocationError(msg)
 
+    @hookimpl(specname="dra_prepare")
     def prepare(self, claim: AllocatedClaim, context: NodeContext) -> list[PreparedDevice]:
         """Create VFs if needed and return each device's container edits and state."""
         with self._lock:
@@ -520,6 +541,7 @@ class I915Backend:
             pf.address,
         )
 
+    @hookimpl(specname="dra_unprepare")
     def unprepare(self, claim: PreparedClaim, context: NodeContext) -> bool:
         """Release the claim's devices; tear down backend-made VFs nobody holds."""
         if claim.devices and all(d.allocation.admin_access for d in claim.devices):
@@ -583,6 +605,7 @@ class I915Backend:
                 exc,
             )
 
+    @hookimpl(specname="dra_device_health")
     def health(self, inventory: Inventory, context: NodeContext) -> list[DeviceHealth]:
         """Health of every published device from sysfs."""
         return self.monitor(self.settings(context)).report(inventory)
@@ -596,66 +619,28 @@ def _lost(record: DeviceRecord) -> str:
     return ""
 
 
-#: The instance the hooks use; replace with :func:`use`.
-backend = I915Backend()
+OPTIONS = (
+    BackendOption("sysfs-root", "root of the host's sysfs", "/sys", "SYSFS_ROOT", path=True),
+    BackendOption(
+        "devfs-root", "root of the host's /dev (CDI host paths)", "/dev", "DEVFS_ROOT", path=True
+    ),
+    BackendOption(
+        "vf-profile",
+        "VF profile per model, e.g. flex170=flex170_m4,max_48g=none",
+        None,
+        "I915_VF_PROFILE",
+    ),
+    BackendOption(
+        "shared-gpus",
+        "GPUs shared by several claims: none, all, or PCI addresses / PCI IDs (comma list)",
+        None,
+        "I915_SHARED_GPUS",
+    ),
+)
 
 
-def use(instance: I915Backend) -> I915Backend:
-    """Make the hooks use ``instance`` (tests, demos); returns the previous one."""
-    global backend
-    previous, backend = backend, instance
-    return previous
-
-
-@hookimpl
-def dra_backend_identity() -> BackendIdentity:
-    """Driver ``gpu.intel.com``; CDI devices ``intel.com/gpu=...``."""
-    return BackendIdentity(driver_name=DRIVER_NAME, cdi_vendor=CDI_VENDOR, cdi_class=CDI_CLASS)
-
-
-@hookimpl
-def dra_backend_options() -> Sequence[BackendOption]:
-    """``--sysfs-root``, ``--devfs-root``, ``--vf-profile``, ``--shared-gpus``."""
-    return (
-        BackendOption("sysfs-root", "root of the host's sysfs", "/sys", "SYSFS_ROOT", path=True),
-        BackendOption(
-            "devfs-root",
-            "root of the host's /dev (CDI host paths)",
-            "/dev",
-            "DEVFS_ROOT",
-            path=True,
-        ),
-        BackendOption(
-            "vf-profile",
-            "VF profile per model, e.g. flex170=flex170_m4,max_48g=none",
-            None,
-            "I915_VF_PROFILE",
-        ),
-        BackendOption(
-            "shared-gpus",
-            "GPUs shared by several claims: none, all, or PCI addresses / PCI IDs (comma list)",
-            None,
-            "I915_SHARED_GPUS",
-        ),
-    )
-
-
-@hookimpl
-def dra_start(context: NodeContext) -> None:
-    """Check the settings and that the sysfs root is there."""
-    backend.start(context)
-
-
-@hookimpl
-def dra_discover(context: NodeContext) -> Inventory:
-    """Whole GPUs, shared GPUs, admin-made VFs and partitionable PFs with their VFs."""
-    return backend.discover(context)
-
-
-@hookimpl
-def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
-    """Whole GPUs, VFs, shared GPUs, and every GPU for monitoring (admin access)."""
-    d = identity.driver_name
+def device_classes(d: str) -> tuple[DeviceClassSpec, ...]:
+    """The DeviceClasses of driver ``d``."""
     return (
         DeviceClassSpec(
             name=d,
@@ -682,47 +667,3 @@ def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
             "their management engines (/dev/meiN)",
         ),
     )
-
-
-@hookimpl
-def dra_decode_config(parameters: Mapping[str, Any], context: NodeContext) -> object:
-    """Strict ``GpuConfig`` decoding; ``ValueError`` naming the field."""
-    del context
-    return decode_opaque(parameters)
-
-
-@hookimpl
-def dra_check_allocation(claim: AllocatedClaim, inventory: Inventory, context: NodeContext) -> None:
-    """Device present and healthy, not held by another claim, partition creatable."""
-    del inventory  # rediscovered: the node's view now, not the published one
-    backend.check_allocation(claim, context)
-
-
-@hookimpl
-def dra_prepare(claim: AllocatedClaim, context: NodeContext) -> Sequence[PreparedDevice]:
-    """Create VFs on first use; DRM nodes, by-path links and env per device."""
-    return backend.prepare(claim, context)
-
-
-@hookimpl
-def dra_unprepare(claim: PreparedClaim, context: NodeContext) -> bool:
-    """Release; remove backend-made VFs once none is held."""
-    return backend.unprepare(claim, context)
-
-
-@hookimpl
-def dra_device_health(inventory: Inventory, context: NodeContext) -> Sequence[DeviceHealth]:
-    """Health from sysfs signals."""
-    return backend.health(inventory, context)
-
-
-@hookimpl
-def dra_doctor_checks(context: NodeContext) -> Sequence[DoctorCheck]:
-    """GPUs bound to i915 or xe, SR-IOV capable functions, render nodes and their modes."""
-    from dra_backend_i915 import doctor
-
-    try:
-        settings = I915Backend.settings(context)
-    except ValueError as exc:
-        return [DoctorCheck.fail("options", str(exc), "correct the option the message names")]
-    return doctor.checks(settings)

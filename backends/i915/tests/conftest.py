@@ -45,18 +45,13 @@ def kernel(fs: FakeSysfs) -> Iterator[FakeKernel]:
 
 
 @pytest.fixture
-def backend(kernel: FakeKernel, ioctl: FakeDrmIoctl) -> Iterator[plugin.I915Backend]:
-    instance = plugin.I915Backend(
-        writer=kernel, memory_query=DrmMemoryQuery(ioctl=ioctl), poll=0.01
-    )
-    previous = plugin.use(instance)
-    yield instance
-    plugin.use(previous)
+def backend(kernel: FakeKernel, ioctl: FakeDrmIoctl) -> plugin.I915Backend:
+    return plugin.I915Backend(writer=kernel, memory_query=DrmMemoryQuery(ioctl=ioctl), poll=0.01)
 
 
 @pytest.fixture
 def hooks(backend: plugin.I915Backend) -> Hooks:
-    return from_objects("i915", plugin)
+    return from_objects("i915", backend)
 
 
 @pytest.fixture

@@ -64,21 +64,20 @@ def agent_fixtures(
         fake.join()
 
     @pytest.fixture(scope="module")
-    def backend(kernel: FakeKernel) -> Iterator[plugin.I915Backend]:
-        instance = plugin.I915Backend(
+    def backend(kernel: FakeKernel) -> plugin.I915Backend:
+        return plugin.I915Backend(
             writer=kernel, memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})), poll=0.01
         )
-        previous = plugin.use(instance)
-        yield instance
-        plugin.use(previous)
 
     @pytest.fixture(scope="module")
     def hooks(backend: plugin.I915Backend) -> Hooks:
-        return from_objects("i915", plugin)
+        return from_objects("i915", backend)
 
     @pytest.fixture(scope="module")
-    def classes(kube_api, hooks: Hooks) -> Iterator[None]:
-        bodies = device_class_manifests(hooks.device_classes(hooks.backend_identity()))
+    def classes(control_plane, kube_api, hooks: Hooks) -> Iterator[None]:
+        bodies = device_class_manifests(
+            hooks.device_classes(hooks.backend_identity()), control_plane.enabled_gates()
+        )
         for body in bodies:
             helpers.delete_device_class(kube_api, body["metadata"]["name"])
             helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)

@@ -49,7 +49,7 @@ def test_demo_node_has_everything(tmp_path):
 
 def test_the_hook_checks_the_tree_its_options_name_and_refuses_bad_options(tmp_path):
     fs = build_demo(tmp_path / "node")
-    hooks = from_objects("i915", plugin)
+    hooks = from_objects("i915", plugin.I915Backend)
     checks = [c for _, c in hooks.doctor_checks(node_context(fs))]
     assert checks[0] == DoctorCheck.ok(
         "Intel GPUs", "4 of 4 Intel display functions bound to i915 or xe"

@@ -129,17 +129,14 @@ def check(fs: FakeSysfs, contents: dict[str, object]) -> None:
     not_ours = "vendor" in contents or "class" in contents
     assert SUBJECT in addresses or skipped.get(SUBJECT) or not_ours, (addresses, skipped)
 
-    previous = plugin.use(plugin.I915Backend(memory_query=DrmMemoryQuery(FakeDrmIoctl({}))))
-    try:
-        with tempfile.TemporaryDirectory() as state:
-            hooks = from_objects("i915", plugin)
-            context = node_context(fs, Path(state))
-            inventory = bounded(lambda: hooks.discover(context))
-            validate_inventory(inventory)  # type: ignore[arg-type]
-            names = [d.name for d in inventory.devices]  # type: ignore[attr-defined]
-            assert GOOD_DEVICE in names
-            health = bounded(lambda: hooks.device_health(inventory, context))  # type: ignore[arg-type]
-            assert {h.device for h in health} == set(names)  # type: ignore[attr-defined]
-            assert next(h for h in health if h.device == GOOD_DEVICE).healthy  # type: ignore[attr-defined]
-    finally:
-        plugin.use(previous)
+    backend = plugin.I915Backend(memory_query=DrmMemoryQuery(FakeDrmIoctl({})))
+    with tempfile.TemporaryDirectory() as state:
+        hooks = from_objects("i915", backend)
+        context = node_context(fs, Path(state))
+        inventory = bounded(lambda: hooks.discover(context))
+        validate_inventory(inventory)  # type: ignore[arg-type]
+        names = [d.name for d in inventory.devices]  # type: ignore[attr-defined]
+        assert GOOD_DEVICE in names
+        health = bounded(lambda: hooks.device_health(inventory, context))  # type: ignore[arg-type]
+        assert {h.device for h in health} == set(names)  # type: ignore[attr-defined]
+        assert next(h for h in health if h.device == GOOD_DEVICE).healthy  # type: ignore[attr-defined]

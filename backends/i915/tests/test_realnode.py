@@ -56,9 +56,10 @@ def i915_agent(real_node, control_plane, kube_api, fs) -> Iterator[Agent]:
     backend = plugin.I915Backend(
         writer=kernel, memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})), poll=0.01
     )
-    previous = plugin.use(backend)
-    hooks = from_objects("i915", plugin)
-    classes = device_class_manifests(hooks.device_classes(hooks.backend_identity()))
+    hooks = from_objects("i915", backend)
+    classes = device_class_manifests(
+        hooks.device_classes(hooks.backend_identity()), control_plane.enabled_gates()
+    )
     for body in classes:
         helpers.delete_device_class(kube_api, body["metadata"]["name"])
         helpers.create(kube_api, f"{helpers.RESOURCE_API}/deviceclasses", body)
@@ -83,7 +84,6 @@ def i915_agent(real_node, control_plane, kube_api, fs) -> Iterator[Agent]:
     finally:
         agent.stop()
         kernel.join()
-        plugin.use(previous)
         for body in classes:
             helpers.delete_device_class(kube_api, body["metadata"]["name"])
 
@@ -132,6 +132,7 @@ def test_whole_gpu(i915_agent, real_node, fs, kube_api, namespace):
     assert_gpu(view, fs, B580)
 
 
+@pytest.mark.requires_feature("DRAPartitionableDevices")
 def test_vf_created_on_demand(i915_agent, real_node, fs, kube_api, namespace):
     assert int((fs.gpus[FLEX].path / "sriov_numvfs").read_text()) == 0
     view = run(kube_api, namespace, real_node, "vf", "vf.gpu.intel.com")
@@ -141,6 +142,7 @@ def test_vf_created_on_demand(i915_agent, real_node, fs, kube_api, namespace):
     assert_gpu(view, fs, address)
 
 
+@pytest.mark.requires_feature("DRAConsumableCapacity")
 def test_shared_gpu(i915_agent, real_node, fs, kube_api, namespace):
     capacity = {"requests": {"memory": "2Gi", "millicores": "500"}}
     first = run(
@@ -154,7 +156,7 @@ def test_shared_gpu(i915_agent, real_node, fs, kube_api, namespace):
 
 
 def test_monitoring_sees_every_gpu_beside_a_workload(
-    i915_agent, real_node, fs, kube_api, namespace
+    i915_agent, real_node, control_plane, fs, kube_api, namespace
 ):
     from dra_backend_i915.testing import MEI_MAJOR
 
@@ -181,16 +183,19 @@ def test_monitoring_sees_every_gpu_beside_a_workload(
         assert_gpu(workload, fs, B580)
         assert pods.phase(kube_api, admin, "monitor")[0] == "Running"
 
+        # The shared A770 is published (and monitored) only with consumable capacity on; the
+        # agent leaves it out otherwise. Each GPU keeps its management engine's number.
+        gpus = {FLEX: 0, A770: 1, B580: 2}
+        if control_plane.missing_gates("DRAConsumableCapacity"):
+            del gpus[A770]
         expected = {
-            path: numbers
-            for address in (FLEX, A770, B580)
-            for path, numbers in dri_numbers(fs, address).items()
+            path: numbers for address in gpus for path, numbers in dri_numbers(fs, address).items()
         }
         dri = {p: n for p, n in monitor.devices.items() if p.startswith("/dev/dri/")}
-        assert dri == expected, "the card and render nodes of every GPU, and no VF's"
+        assert dri == expected, f"the card and render nodes of {sorted(gpus)}, and no VF's"
         meis = {p: n for p, n in monitor.devices.items() if p.startswith("/dev/mei")}
-        assert meis == {f"/dev/mei{k}": (MEI_MAJOR, k) for k in range(3)}
-        for k, address in enumerate((FLEX, A770, B580)):
+        assert meis == {f"/dev/mei{k}": (MEI_MAJOR, k) for k in gpus.values()}
+        for address, k in gpus.items():
             assert monitor.env[f"MEI_NODE_{address.replace(':', '_').replace('.', '_')}"] == (
                 f"/dev/mei{k}"
             )

@@ -296,7 +296,7 @@ def test_xe_sriov_admin_profile(fs, kernel, tmp_path):
     backend = plugin.I915Backend(writer=kernel, poll=0.01)
     ctx = node_context(fs, tmp_path / "state")
     inventory = backend.discover(ctx)
-    assert [d.name for d in inventory.devices][-1] == "gpu-0000-05-00-0"
+    assert inventory.devices[0].name == "gpu-0000-05-00-0"  # the PF first
     backend.prepare(allocated_claim("gpu-0000-05-00-0-vf0"), ctx)
     quota = int((pf / "sriov_admin/vf4/profile/vram_quota").read_text())
     assert quota == 25367150592 // 4 // (1 << 20) * (1 << 20)  # 24 GiB >= pool: ECC off
@@ -314,8 +314,8 @@ def test_provisioner_refuses_dirty_pf(fs, flex, kernel):
     assert numvfs(flex) == 1
 
 
-def test_hooks_from_entry_module(backend):
-    hooks = from_objects("i915", plugin)
+def test_hooks_from_the_entry_point_class():
+    hooks = from_objects("i915", plugin.I915Backend)
     assert hooks.backend_identity().driver_name == "gpu.intel.com"
 
 

@@ -48,12 +48,8 @@ class RemoteKernel:
 def main() -> None:
     root, kubeconfig, node, sysfs, devfs, kernel = sys.argv[1:7]
     configure_logging("DEBUG")
-    plugin.use(
-        plugin.I915Backend(
-            writer=RemoteKernel(kernel),
-            memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})),
-            poll=0.01,
-        )
+    backend = plugin.I915Backend(
+        writer=RemoteKernel(kernel), memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})), poll=0.01
     )
     settings = AgentSettings(
         node_name=node,
@@ -64,7 +60,7 @@ def main() -> None:
         poll_interval=0.5,
         backend_options={"sysfs_root": sysfs, "devfs_root": devfs},
     )
-    Agent(settings, from_objects("i915", plugin), client=load_client(kubeconfig)).run()
+    Agent(settings, from_objects("i915", backend), client=load_client(kubeconfig)).run()
 
 
 if __name__ == "__main__":
