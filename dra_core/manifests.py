@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dra_core.model import DeviceClassSpec
+from dra_core.releases import GATES_ANNOTATION
 
 __all__ = (
     "CEL_FIELD_GATES",
@@ -22,8 +23,6 @@ __all__ = (
 #: gate on (k8s.io/dynamic-resource-allocation/cel, ``Features``); with it off a DeviceClass
 #: using one is refused: ``undefined field 'allowMultipleAllocations'``.
 CEL_FIELD_GATES: Mapping[str, str] = {"allowMultipleAllocations": "DRAConsumableCapacity"}
-#: Names the gates a class needs, on the class itself (comma-separated); the chart reads it.
-GATES_ANNOTATION = "dra-core.dev/feature-gates"
 
 _DEVICE_FIELD = re.compile(r"\bdevice\s*\.\s*([A-Za-z_]\w*)")
 

@@ -20,6 +20,9 @@ __all__ = (
     "parse_feature_gates",
 )
 
+#: Names the gates a DeviceClass needs, on the class itself (comma-separated); the chart and
+#: the conformance suite read it.
+GATES_ANNOTATION = "dra-core.dev/feature-gates"
 #: Oldest and newest minor releases whose feature gates are known here.
 SUPPORTED_MINORS = range(34, 38)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dra_core.testing.conformance import KUBERNETES_APIS, check_example
 from tests.controlplane import helpers
 
 pytestmark = pytest.mark.controlplane
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-KUBERNETES_APIS = {"v1", "apps/v1", "resource.k8s.io/v1"}
 ADMIN_ACCESS_LABEL = "resource.kubernetes.io/admin-access"
 
 
@@ -26,13 +26,6 @@ def objects(path: Path) -> list[dict]:
 
 
 FILES = sorted(p for p in EXAMPLES.glob("*/*.yaml") if objects(p))
-PATHS = {
-    "ResourceClaimTemplate": f"{helpers.RESOURCE_API}/namespaces/{{ns}}/resourceclaimtemplates",
-    "ResourceClaim": f"{helpers.RESOURCE_API}/namespaces/{{ns}}/resourceclaims",
-    "Pod": "/api/v1/namespaces/{ns}/pods",
-    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
-    "DaemonSet": "/apis/apps/v1/namespaces/{ns}/daemonsets",
-}
 
 
 def own_namespace(path: Path, bodies: list[dict]) -> dict | None:
@@ -52,29 +45,9 @@ def own_namespace(path: Path, bodies: list[dict]) -> dict | None:
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_example_is_accepted(path, kube_api, namespace):
-    bodies = objects(path)
-    brought = own_namespace(path, bodies)
-    if brought is not None:
-        # Created for real under a unique name: admission of what goes into it (admin-access
-        # claims) reads the namespace's labels.
-        namespace = helpers.create_namespace(
-            kube_api, helpers.unique_name("example"), brought["metadata"].get("labels")
-        )
-    try:
-        for body in bodies:
-            kind = body["kind"]
-            if kind == "Namespace":
-                continue
-            assert kind in PATHS, f"{path}: no test path for kind {kind}"
-            body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
-            created = helpers.create(
-                kube_api, PATHS[kind].format(ns=namespace), body, query={"dryRun": "All"}
-            )
-            assert created["metadata"]["name"] == body["metadata"]["name"]
-    finally:
-        if brought is not None:
-            helpers.delete_namespace(kube_api, namespace)
+def test_example_is_accepted(path, dra_kube_client, namespace):
+    own_namespace(path, objects(path))  # every object in the file's own Namespace, if any
+    check_example(dra_kube_client, path, namespace)
 
 
 def test_admin_access_needs_the_labelled_namespace(kube_api, namespace):
@@ -88,7 +61,7 @@ def test_admin_access_needs_the_labelled_namespace(kube_api, namespace):
     with pytest.raises(ApiException) as refused:
         helpers.create(
             kube_api,
-            PATHS["ResourceClaimTemplate"].format(ns=namespace),
+            f"{helpers.RESOURCE_API}/namespaces/{namespace}/resourceclaimtemplates",
             template,
             query={"dryRun": "All"},
         )

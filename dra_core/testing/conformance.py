@@ -58,6 +58,7 @@ import grpc
 import pytest
 import yaml
 
+from dra_core.releases import GATES_ANNOTATION
 from dra_core.testing.kubelet import FakeKubelet
 from dra_core.testing.scenario import (
     RESOURCE_API,
@@ -76,7 +77,7 @@ if TYPE_CHECKING:
     from dra_core.model import ClaimRef, ClaimResult
     from dra_core.testing.controlplane import ControlPlane
 
-__all__ = ("AgentUnderTest", "BackendConformance")
+__all__ = ("AgentUnderTest", "BackendConformance", "check_example")
 
 #: ``python -c`` program: ``dra-core`` whose process dies right after the backend's prepare
 #: returns, before the core records the claim as prepared (the worst moment for a crash).
@@ -107,7 +108,6 @@ NAMESPACED_PATHS = {
     "Deployment": "/apis/apps/v1/namespaces/{ns}/deployments",
 }
 CLUSTER_PATHS = {"DeviceClass": f"{RESOURCE_API}/deviceclasses"}
-GATES_ANNOTATION = "dra-core.dev/feature-gates"
 
 
 def _dra_core(*args: str) -> str:
@@ -479,11 +479,11 @@ class BackendConformance:
         if not self.examples:
             pytest.skip("no `examples` given for this backend")
         for path in self.examples:
-            _check_example(dra_kube_client, Path(path), dra_namespace)
+            check_example(dra_kube_client, Path(path), dra_namespace)
 
 
 # ---------------------------------------------------------------------------- steps
-def _check_example(client: KubeClient, path: Path, namespace: str) -> None:
+def check_example(client: KubeClient, path: Path, namespace: str) -> None:
     """Create the Kubernetes objects of ``path`` with a server-side dry run, in ``namespace``
     or in the file's own Namespace (created for real under a unique name with its labels, as
     admission reads them, e.g. for admin access), which is deleted afterwards."""
@@ -520,10 +520,11 @@ def _check_example(client: KubeClient, path: Path, namespace: str) -> None:
             else:
                 pytest.fail(f"{path}: the suite does not know where to create a {kind}")
             try:
-                client.request("POST", where, body=body, query={"dryRun": "All"})
+                created = client.request("POST", where, body=body, query={"dryRun": "All"})
             except ApiError as exc:
                 msg = f"{path}: {kind} {body['metadata'].get('name')} refused: {exc}"
                 raise AssertionError(msg) from None
+            assert created["metadata"]["name"] == body["metadata"]["name"], created
     finally:
         if own:
             _delete(client, f"/api/v1/namespaces/{namespace}")
