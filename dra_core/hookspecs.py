@@ -6,8 +6,9 @@ exactly one is active, chosen with ``--backend``. *Extension plugins* (group
 
 Hooks come in the groups the product promises, in the order a node agent calls them:
 lifecycle, discovery, allocation, prepare, health; and diagnostics, which ``dra-core doctor``
-calls. Implement them with :data:`dra_core.hookimpl`
-and call only with keyword arguments (pluggy's rule). An implementation may accept a subset of
+calls. Implement them with :data:`dra_core.hookimpl`, as methods of a class the entry point
+names (the core makes one instance per agent) or functions of a module; the core calls them
+only with keyword arguments (pluggy's rule). An implementation may accept a subset of
 a spec's arguments, so new arguments never break an existing backend.
 
 Raising from a hook is allowed and meaningful: the core reports the exception with the plugin
