@@ -356,7 +356,12 @@ class _Component:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver (+ kube-scheduler, kube-controller-manager) on 127.0.0.1."""
+    """etcd + kube-apiserver (+ kube-scheduler, kube-controller-manager) on 127.0.0.1.
+
+    ``bind_address`` moves the API server alone to another address of the host, e.g. the
+    gateway of a test node's :class:`~dra_core.testing.node.PodNetwork`, so that pods reach it;
+    its serving certificate names that address, and :attr:`server` and the kubeconfig use it.
+    """
 
     def __init__(
         self,
@@ -370,6 +375,7 @@ class ControlPlane:
         runtime_config: Sequence[str] = DEFAULT_RUNTIME_CONFIG,
         controllers: Sequence[str] = DEFAULT_CONTROLLERS,
         extra_apiserver_args: Sequence[str] = (),
+        bind_address: str = "127.0.0.1",
         start_timeout: float = 120.0,
         keep_dir_on_failure: bool | None = None,
     ) -> None:
@@ -386,6 +392,9 @@ class ControlPlane:
         )
         self.controllers = list(controllers)
         self.extra_apiserver_args = list(extra_apiserver_args)
+        # The API server's only address: loopback, or one that pods of a test node reach
+        # (the gateway of its pod network), which its serving certificate then names.
+        self.bind_address = bind_address
         self.start_timeout = start_timeout
         if keep_dir_on_failure is None:  # DRA_TEST_KEEP_DIRS=1 keeps logs of a failed start
             keep_dir_on_failure = os.environ.get("DRA_TEST_KEEP_DIRS", "") not in ("", "0", "false")
@@ -533,14 +542,15 @@ class ControlPlane:
         assert wd is not None and self.binaries is not None
         port = free_port()
         self._ports["kube-apiserver"] = port
-        self.server = f"https://127.0.0.1:{port}"
+        self.server = f"https://{self.bind_address}:{port}"
         argv = [
             str(self.binaries / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
             "--etcd-prefix=/registry",
             f"--cert-dir={wd / 'certs'}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            # The self-signed serving certificate names the bind address.
+            f"--bind-address={self.bind_address}",
+            f"--advertise-address={self.bind_address}",
             f"--secure-port={port}",
             f"--token-auth-file={wd / 'tokens.csv'}",
             "--authorization-mode=Node,RBAC",

@@ -18,20 +18,30 @@ Usage::
         # run the DRA driver with node.registration_dir, node.plugins_dir, node.cdi_dir
         ...
 
-Pods run with ``hostNetwork: true`` (the node has no pod network, so that it puts no bridge
-or address on the host), the test image :data:`TEST_IMAGE` (busybox: ``sh``, ``ls``,
+Pods run with ``hostNetwork: true`` (by default the node has no pod network, so that it puts
+no bridge or address on the host), the test image :data:`TEST_IMAGE` (busybox: ``sh``, ``ls``,
 ``stat``, ``env``...) and ``imagePullPolicy: Never``. :meth:`Node.container_log` reads what a
 container printed from the kubelet's log files (the API server cannot reach a kubelet whose
 only address is loopback). The node is schedulable once :meth:`Node.start` returns
 (it lifts the ``node.kubernetes.io/not-ready`` taint the API server puts on new Nodes, as the
 node lifecycle controller does once the node is Ready).
+
+A node given a :class:`PodNetwork` runs pods in network namespaces of their own, on a bridge
+of the host; they reach the host, and only the host, at the network's gateway, where the
+control plane then listens::
+
+    with PodNetwork() as net, ControlPlane(bind_address=net.gateway) as cp:
+        with Node(cp, pod_network=net) as node:
+            ...  # pods reach the API server at net.gateway; the host reaches them at their IPs
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import ssl
@@ -59,6 +69,7 @@ __all__ = (
     "HostState",
     "Node",
     "NodeError",
+    "PodNetwork",
     "find_node_binaries",
 )
 
@@ -86,6 +97,7 @@ _FIXED_PATHS = (
     "/opt/containerd",
     "/opt/cni",
     "/etc/cni",
+    "/var/lib/cni",
     "/usr/libexec/kubernetes",
 )
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -111,6 +123,14 @@ def _mount_points() -> list[str]:
 
 def _links() -> set[str]:
     return {link.name for link in Path("/sys/class/net").iterdir()}
+
+
+def _of_another_pod_network(link: str, own_bridge: str | None) -> bool:
+    """Whether ``link`` is the bridge of another :class:`PodNetwork` than ``own_bridge`` or a
+    pod's veth on one: left to its owner, which may be a test run beside this one."""
+    master = Path("/sys/class/net", link, "master")
+    bridge = master.resolve().name if master.exists() else link
+    return bridge.startswith(PodNetwork.BRIDGE_PREFIX) and bridge != own_bridge
 
 
 def _cgroup_dirs() -> set[Path]:
@@ -175,12 +195,15 @@ class HostState:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(entry.name), signal.SIGKILL)
 
-    def restore(self, workdir: Path, containers: Collection[str] = ()) -> list[str]:
+    def restore(
+        self, workdir: Path, containers: Collection[str] = (), bridge: str | None = None
+    ) -> list[str]:
         """Undo the changes; return what could not be undone (empty when all is clean).
 
         Mounts go that are new under ``workdir`` (the node's directory) or under the fixed
         paths the node created; ``containers`` are the IDs of its containers, whose cgroups
-        must go. What another node running beside it made is left alone."""
+        must go; pods' veths on ``bridge`` (the node's pod network) go. What another node
+        running beside it made is left alone."""
         problems: list[str] = []
         ours = (str(workdir), *(p for p in _FIXED_PATHS if p not in self.paths))
         new_mounts = [
@@ -200,8 +223,11 @@ class HostState:
                 f"cgroup {d} still in use" for c in containers for d in hierarchy.glob(f"*/{c}")
             ]
         for link in _links() - self.links:
+            if _of_another_pod_network(link, bridge):
+                continue
             proc = subprocess.run(["ip", "link", "delete", link], capture_output=True, text=True)
-            if proc.returncode != 0:
+            # A pod's veth goes by itself once its network namespace is unmounted.
+            if proc.returncode != 0 and link in _links():
                 problems.append(f"network link {link}: {proc.stderr.strip()}")
         for key, value in self.sysctls.items():
             path = Path("/proc/sys", key)
@@ -218,8 +244,106 @@ class HostState:
         return problems
 
 
+class PodNetwork:
+    """A pod network for one test node: a Linux bridge holding :attr:`gateway`, the first
+    address of a private /24 that no route of the host overlaps; the CNI ``bridge`` plugin
+    puts each pod on it with an address from ``host-local``.
+
+    Pods reach the host, and only the host, at :attr:`gateway`: the bridge is no default
+    gateway, nothing is forwarded or masqueraded (``ip_forward`` and iptables are left alone),
+    so no pod traffic leaves the machine. The host reaches the pods at their IPs, as the
+    kubelet's probes do. It is made before the control plane (which may then listen on the
+    gateway) and removed after it; :meth:`remove` deletes the bridge, and the node's pods' veths
+    go with their network namespaces."""
+
+    BRIDGE_PREFIX = "dra-pod-"
+    #: Subnets are /24s drawn from here at random, so that test runs side by side differ.
+    POOL = ipaddress.IPv4Network("10.240.0.0/12")
+
+    def __init__(self) -> None:
+        self.bridge = self.BRIDGE_PREFIX + secrets.token_hex(3)  # at most 15 characters
+        self.subnet = self._free_subnet()
+
+    @property
+    def gateway(self) -> str:
+        return str(self.subnet.network_address + 1)
+
+    def _free_subnet(self) -> ipaddress.IPv4Network:
+        routes = subprocess.run(
+            ["ip", "-4", "-j", "route", "show", "table", "all"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        taken = [
+            ipaddress.IPv4Network(r["dst"], strict=False)
+            for r in json.loads(routes)
+            if r.get("dst", "default") != "default"
+        ]
+        subnets = list(self.POOL.subnets(new_prefix=24))
+        for _ in range(100):
+            subnet = subnets[secrets.randbelow(len(subnets))]
+            if not any(subnet.overlaps(t) for t in taken):
+                return subnet
+        msg = f"no /24 of {self.POOL} is free of the host's routes: remove stale routes there"
+        raise NodeError(msg)
+
+    def __enter__(self) -> PodNetwork:
+        return self.create()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def create(self) -> PodNetwork:
+        """Create the bridge with the gateway address, up (pods are plugged in as they come)."""
+        try:
+            address = f"{self.gateway}/{self.subnet.prefixlen}"
+            for argv in (
+                ["ip", "link", "add", "name", self.bridge, "type", "bridge"],
+                ["ip", "addr", "add", address, "dev", self.bridge],
+                ["ip", "link", "set", self.bridge, "up"],
+            ):
+                proc = subprocess.run(argv, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    msg = f"pod network {self.subnet}: {' '.join(argv)} failed: "
+                    raise NodeError(msg + proc.stderr.strip())
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        if self.bridge in _links():
+            subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
+        if self.bridge in _links():
+            msg = f"pod network {self.subnet}: bridge {self.bridge} could not be deleted"
+            raise NodeError(msg)
+
+    def cni_config(self, ipam_dir: Path) -> dict[str, Any]:
+        """The CNI configuration of the network, with ``host-local``'s state in ``ipam_dir``."""
+        return {
+            "cniVersion": "1.0.0",
+            "name": self.bridge,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    # The gateway is already on the bridge; with isGateway the plugin would
+                    # also turn on ip_forward for the whole host.
+                    "isGateway": False,
+                    "ipMasq": False,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": str(self.subnet), "gateway": self.gateway}]],
+                        "dataDir": str(ipam_dir),
+                    },
+                },
+                {"type": "loopback"},
+            ],
+        }
+
+
 class Node:
-    """containerd + kubelet on 127.0.0.1, registered with ``control_plane`` as ``name``."""
+    """containerd + kubelet on 127.0.0.1, registered with ``control_plane`` as ``name``; pods
+    run in the host's network unless ``pod_network`` is given."""
 
     def __init__(
         self,
@@ -228,9 +352,11 @@ class Node:
         *,
         name: str = "dra-test-node",
         feature_gates: Mapping[str, bool] | None = None,
+        pod_network: PodNetwork | None = None,
         start_timeout: float = 120.0,
     ) -> None:
         self.control_plane = control_plane
+        self.pod_network = pod_network
         self.binaries = binaries
         self.name = name
         # The kubelet runs the control plane's release and, unless told otherwise, its gates.
@@ -337,7 +463,8 @@ class Node:
         problems: list[str] = []
         if self.host is not None and self.workdir is not None:
             self.host.kill_processes(str(self.workdir))
-            problems = self.host.restore(self.workdir, containers)
+            bridge = self.pod_network.bridge if self.pod_network else None
+            problems = self.host.restore(self.workdir, containers, bridge)
             self.host = None
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -428,14 +555,18 @@ temp = "{wd}/containerd/tmp"
         assert self.binaries is not None
         config = self._path("containerd", "config.toml")
         config.write_text(self._containerd_config())
-        # The runtime reports the network ready with any valid configuration. This one gives
-        # pods no address, so only ``hostNetwork`` pods start, and the node never puts a
-        # bridge or an address on the host.
-        self._path("cni", "net.d", "10-loopback.conflist").write_text(
-            json.dumps(
-                {"cniVersion": "1.0.0", "name": "dra-core-test", "plugins": [{"type": "loopback"}]}
-            )
-        )
+        # The runtime reports the network ready with any valid configuration. Without a pod
+        # network this one gives pods no address, so only ``hostNetwork`` pods start, and the
+        # node never puts a bridge or an address on the host.
+        if self.pod_network is not None:
+            cni = self.pod_network.cni_config(self._path("cni", "ipam"))
+        else:
+            cni = {
+                "cniVersion": "1.0.0",
+                "name": "dra-core-test",
+                "plugins": [{"type": "loopback"}],
+            }
+        self._path("cni", "net.d", "10-pods.conflist").write_text(json.dumps(cni))
         env = dict(os.environ, PATH=f"{self.binaries}:{os.environ.get('PATH', '/usr/bin:/bin')}")
         comp = self._component(
             "containerd", [str(self.binaries / "containerd"), "--config", str(config)], env=env

@@ -4,6 +4,9 @@ Registered from ``tests/conftest.py``. Fixtures:
   * ``real_node_binaries`` (session): the directory of the node's binaries.
   * ``real_node`` (session): a started :class:`dra_core.testing.node.Node` registered with the
     session's control plane, stopped at the end (which fails if the host is left changed).
+  * ``pod_network_node`` (session): a node with a pod network (pods in their own network
+    namespaces) and a control plane of its own, listening on the network's gateway where the
+    pods reach it (``node.control_plane``); made only for the tests that ask for it.
   * ``fake_agent`` (function): ``dra-core run --backend fake`` on that node, as an operator runs
     it, with a control file and device nodes; the fake DeviceClasses exist.
 
@@ -15,6 +18,7 @@ is of the release ``DRA_K8S_VERSION`` selects, as the control plane is, with the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -29,8 +33,12 @@ import pytest
 import yaml
 
 from dra_core.manifests import device_class_manifests
-from dra_core.testing.controlplane import BinariesUnavailable, selected_k8s_version
-from dra_core.testing.node import Node, find_node_binaries
+from dra_core.testing.controlplane import (
+    BinariesUnavailable,
+    ControlPlane,
+    selected_k8s_version,
+)
+from dra_core.testing.node import Node, PodNetwork, find_node_binaries
 from tests.controlplane import helpers
 from tests.realnode.agent_image import AgentImage, ImageUnavailable, build_agent_image
 
@@ -118,6 +126,29 @@ def real_node(control_plane, real_node_binaries) -> Iterator[Node]:
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def pod_network_node(control_plane, real_node_binaries) -> Iterator[Node]:
+    # The session's control plane listens on loopback, which pods in their own network cannot
+    # reach: this node gets one of its own, of the same release and gates, on its gateway.
+    with contextlib.ExitStack() as stack:
+        try:
+            network = stack.enter_context(PodNetwork())
+            plane = stack.enter_context(
+                ControlPlane(
+                    control_plane.binaries,
+                    k8s_version=control_plane.k8s_version,
+                    gates=control_plane.gates,
+                    bind_address=network.gateway,
+                )
+            )
+            node = stack.enter_context(
+                Node(plane, real_node_binaries, name="dra-pod-network-node", pod_network=network)
+            )
+        except Exception as e:  # noqa: BLE001 - a clear failure for the test that needs it
+            pytest.fail(f"the node with a pod network failed to start: {e}", pytrace=False)
+        yield node
 
 
 class AgentProcess:

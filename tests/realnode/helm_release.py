@@ -11,28 +11,32 @@ from tests.realnode import pods
 
 
 def values(image, node, control_plane, backend: str = "fake") -> dict[str, Any]:
-    """Values that run ``image`` on ``node`` with ``backend``."""
+    """Values that run ``image`` on ``node`` with ``backend``: in the node's pod network when
+    it has one, else in the host's network."""
     repository, tag = image.name.rsplit(":", 1)
-    return {
+    server = urlparse(control_plane.server)
+    chosen: dict[str, Any] = {
         "backend": backend,
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "kubeletDir": str(node.root_dir),
         "cdiDir": str(node.cdi_dir),
         "nodeSelector": {"kubernetes.io/hostname": node.name},
-        # The test node has no pod network and no Service proxy: the agent reaches the API
-        # server on the host's loopback address.
-        "hostNetwork": True,
-        # Two agents in the host's network would share the status port: no surge here.
-        "updateStrategy": {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
-        },
+        # The test node has no Service proxy: the agent reaches the API server at its own
+        # address (loopback, or the gateway of the node's pod network).
         "extraEnv": [
-            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-            {"name": "KUBERNETES_SERVICE_PORT", "value": str(urlparse(control_plane.server).port)},
+            {"name": "KUBERNETES_SERVICE_HOST", "value": server.hostname},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": str(server.port)},
         ],
         "logFormat": "text",
     }
+    if node.pod_network is None:
+        # Two agents in the host's network would share the status port: no surge here.
+        chosen["hostNetwork"] = True
+        chosen["updateStrategy"] = {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        }
+    return chosen
 
 
 def agent_pods(api, namespace: str) -> list[dict]:
