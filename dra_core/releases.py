@@ -13,11 +13,14 @@ __all__ = (
     "DRA_GATE_DEFAULTS",
     "SUPPORTED_MINORS",
     "ReleaseError",
+    "counter_sets_beside_devices",
     "default_on_since",
     "gate_defaults",
     "gates_on",
     "k8s_minor",
     "parse_feature_gates",
+    "shared_devices_first",
+    "taints_per_device",
 )
 
 #: Names the gates a DeviceClass needs, on the class itself (comma-separated); the chart and
@@ -73,6 +76,17 @@ DRA_GATE_DEFAULTS: dict[int, dict[str, bool]] = {
     },
 }
 
+#: Releases whose API server wants a counter set in the ResourceSlice of the devices consuming
+#: it (DRAPartitionableDevices' first design); from 1.35 counter sets go in slices of their own.
+_COUNTER_SETS_BESIDE_DEVICES = frozenset({34})
+#: Taints per device where fewer than 16 (k8s.io/api resource/v1 DeviceTaintsMaxLength).
+_TAINTS_PER_DEVICE = {34: 4}
+#: Releases whose scheduler checks a request's capacity against the device at the request's
+#: device index in the chosen device's slice, not the chosen device (1.34.4's allocator,
+#: ``CmpRequestOverCapacity(..., device.slice, r.deviceIndex)``; fixed in 1.35): a share of a
+#: shared device is allocated only when the device is the first of its slice.
+_SHARES_CHECKED_AGAINST_FIRST_DEVICE = frozenset({34})
+
 # v1.34.4, 1.34, v1.36.0-gke.1200 (a provider's build), 1.36+ (a provider's minor).
 _VERSION = re.compile(r"v?1\.(\d+)\+?(\.\d+)?([-+].*)?")
 
@@ -102,6 +116,23 @@ def gate_defaults(version: str) -> dict[str, bool]:
     newest gets the newest's: a gate, once on by default, stays on."""
     minor = min(k8s_minor(version), SUPPORTED_MINORS[-1])
     return dict(DRA_GATE_DEFAULTS[minor])
+
+
+def counter_sets_beside_devices(version: str) -> bool:
+    """Whether an API server of ``version`` wants counter sets beside their devices (1.34)."""
+    return k8s_minor(version) in _COUNTER_SETS_BESIDE_DEVICES
+
+
+def shared_devices_first(version: str) -> bool:
+    """Whether each shared device must be the first of its slice for the scheduler of
+    ``version`` to allocate shares of it (1.34)."""
+    return k8s_minor(version) in _SHARES_CHECKED_AGAINST_FIRST_DEVICE
+
+
+def taints_per_device(version: str) -> int | None:
+    """The most taints an API server of ``version`` accepts on one device where that is fewer
+    than `dra_core.model.LIMITS` allows (4 in 1.34), else None."""
+    return _TAINTS_PER_DEVICE.get(k8s_minor(version))
 
 
 def default_on_since(gate: str) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,55 @@ def test_discover_fake_prints_valid_resource_slices():
         assert body["spec"]["pool"]["resourceSliceCount"] == len(slices)
     devices = [d["name"] for s in slices for d in s["spec"].get("devices", [])]
     assert len(devices) == len(set(devices)) > 0
+
+
+ALL_DRA_GATES = "DRAPartitionableDevices=true,DRAConsumableCapacity=true,DRADeviceTaints=true"
+
+
+@pytest.mark.parametrize(
+    ("release", "slices", "left_out"),
+    [
+        ((), 2, set()),  # every field, counter sets in slices of their own
+        (("--kubernetes-version", "v1.37.2"), 2, set()),
+        # 1.34 with the gates on: counter sets beside their devices, shared-0 heading a slice.
+        (("--kubernetes-version", "v1.34.4", "--feature-gates", ALL_DRA_GATES), 2, set()),
+        (
+            ("--kubernetes-version", "v1.34.4"),  # its default gates: the three features off
+            1,
+            {"big-0-p0", "big-0-p1", "big-0-p2", "big-0-p3", "shared-0", "dev-2"},
+        ),
+    ],
+)
+def test_discover_prints_what_the_agent_publishes_to_a_release(tmp_path, release, slices, left_out):
+    control = tmp_path / "control.yaml"
+    control.write_text("unhealthy: {dev-2: fan on fire}\n")
+    out = dra_core(
+        "discover", "--backend", "fake", "--node-name", "node-a",
+        "--control-file", str(control), *release,
+    ).stdout  # fmt: skip
+    bodies = list(yaml.safe_load_all(out))
+    assert len(bodies) == slices
+    devices = {d["name"]: d for s in bodies for d in s["spec"].get("devices", [])}
+    assert not left_out & set(devices)
+    for name in left_out:
+        assert re.search(rf"^# Left out: .*not published: .*\b{name}\b", out, re.MULTILINE), out
+    if "dev-2" in devices:  # the health hook's verdict, as the agent publishes it
+        (taint,) = devices["dev-2"]["taints"]
+        assert taint == {"key": "fake.dra-core.dev/unhealthy", "effect": "NoSchedule"}
+    if "v1.34.4" in release and not left_out:
+        first, second = bodies
+        assert second["spec"]["devices"][0]["name"] == "shared-0"
+        assert [c["name"] for c in second["spec"]["sharedCounters"]] == ["big-0"]
+        assert "sharedCounters" not in first["spec"]
+
+
+def test_discover_names_a_release_it_cannot_use():
+    result = dra_core(
+        "discover", "--backend", "fake", "--node-name", "node-a",
+        "--kubernetes-version", "v1.31.0", check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "dra-core needs 1.34 or later" in result.stderr
 
 
 def test_render_prints_device_classes():

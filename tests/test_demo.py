@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from dra_backend_fake.inventory import build, default_specs
 
 from dra_core.demo import provide_binaries
+from dra_core.slices.build import build_slices
+from dra_core.slices.features import release_features, safe_inventory
 
 # A progress line of the build script as the demo shows it: indented, the elapsed m:ss first.
 BUILD_LINE = re.compile(r"^ {6}\d+:\d\d \[build\.sh\] ", re.MULTILINE)
@@ -61,15 +64,19 @@ def test_demo_runs_end_to_end(control_plane):  # the fixture provides the built 
     for step in range(1, 8):
         assert f"[{step}/7]" in out
     assert BUILD_LINE.search(out), out[:2000]  # the build script's lines, with elapsed time
-    # The built-in inventory: ten devices, and the counters of the partitionable one in a
-    # slice of their own; without their gates the agent leaves out the four partitions and the
-    # shared device (tests/slices/test_features_controlplane.py).
-    if control_plane.missing_gates("DRAPartitionableDevices", "DRAConsumableCapacity"):
-        partitions = not control_plane.missing_gates("DRAPartitionableDevices")
-        shared = not control_plane.missing_gates("DRAConsumableCapacity")
-        assert f"published {5 + 4 * partitions + shared} devices" in out
-    else:
-        assert "published 10 devices and 1 counter set in 2 ResourceSlices" in out
+    # The built-in inventory (ten devices, a counter set) as the agent publishes it on this
+    # API server: its release's counter layout, without what a gate that is off leaves out.
+    server = release_features(control_plane.k8s_version, control_plane.enabled_gates())
+    published, _ = safe_inventory(build(default_specs()), server)
+    slices = build_slices(
+        "fake.dra-core.dev", "demo-node", "demo-node", published, 1,
+        **server.layout,
+    )  # fmt: skip
+    sets = len(published.counter_sets)
+    counted = f"{len(published.devices)} devices" + (
+        f" and {sets} counter set{'s' * (sets != 1)}" if sets else ""
+    )
+    assert f"published {counted} in {len(slices)} ResourceSlice" in out, out
     assert "allocated device" in out and "CDI devices dra-core.dev/fake=" in out
     assert '"kind": "dra-core.dev/fake"' in out
     assert out.rstrip().endswith("done: control plane stopped, temporary files removed")

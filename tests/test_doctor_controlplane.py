@@ -16,10 +16,12 @@ from dra_core.doctor import FEATURES, DoctorSettings, api_checks, run_doctor
 from dra_core.kube.client import KubeClient, load_client
 from dra_core.model import Inventory
 from dra_core.plugins import from_objects
+from dra_core.slices.features import release_features
 from dra_core.slices.watch import SLICES_PATH
-from dra_core.testing.controlplane import ControlPlane, k8s_minor
+from dra_core.testing.controlplane import ControlPlane
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
-from tests.slices.test_features_controlplane import GATES_OFF, gate_on
+from tests.slices.test_features_controlplane import GATES_OFF
 
 pytestmark = pytest.mark.controlplane
 
@@ -55,7 +57,7 @@ def statuses(checks) -> dict[str, str]:
 def test_the_session_api_server_features_are_found_with_one_dry_run(control_plane):
     client = client_of(control_plane)
     checks = api_checks(client, FAKE, "doctor-node", build(default_specs()))
-    kept = {f.name: gate_on(control_plane, f.gate) for f in FEATURES}
+    kept = {f.name: control_plane.enabled_gates().get(f.gate, False) for f in FEATURES}
     assert statuses(checks) == {
         "API server": "ok",
         "resource.k8s.io/v1": "ok",
@@ -72,7 +74,8 @@ def test_the_session_api_server_features_are_found_with_one_dry_run(control_plan
             "DRAPartitionableDevices is on)"
         )
     # One dry run; two on 1.34 with partitionable devices on (counters beside devices).
-    beside = k8s_minor(control_plane.k8s_version) == 34 and kept["partitionable devices"]
+    server = release_features(control_plane.k8s_version, control_plane.enabled_gates())
+    beside = server.counters_beside_devices
     assert ("beside the devices" in found["ResourceSlice of this node"]) == beside
     assert client.request_count("create", "resourceslices") == (2 if beside else 1)
     stored = client.get(SLICES_PATH, {"fieldSelector": "spec.nodeName=doctor-node"})
@@ -132,10 +135,10 @@ def node_dirs(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_kubelet_and_runtime_versions_come_from_the_node(
-    control_plane, kube_api, node_dirs, tmp_path
+    control_plane, kube_api, dra_kube_client, node_dirs, tmp_path
 ):
     name = helpers.unique_name("doctor-node")
-    helpers.create_node(kube_api, name)
+    create_ready_node(dra_kube_client, name)
     info = {"kubeletVersion": "v1.33.4", "containerRuntimeVersion": "containerd://1.7.20"}
     helpers.merge_patch(kube_api, f"/api/v1/nodes/{name}/status", {"status": {"nodeInfo": info}})
     try:

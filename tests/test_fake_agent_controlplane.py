@@ -16,8 +16,8 @@ import yaml
 
 from dra_core import ClaimRef
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
-from tests.slices.test_features_controlplane import gate_on
 
 pytestmark = pytest.mark.controlplane
 
@@ -43,8 +43,8 @@ class RunningAgent:
 
 
 @pytest.fixture
-def agent(control_plane, kube_api) -> Iterator[RunningAgent]:
-    helpers.create_node(kube_api, NODE)
+def agent(control_plane, kube_api, dra_kube_client) -> Iterator[RunningAgent]:
+    create_ready_node(dra_kube_client, NODE)
     helpers.create_device_class(kube_api, DRIVER, driver=DRIVER)
     root = Path(tempfile.mkdtemp(prefix="dra-fake-", dir="/tmp"))
     control = root / "control.yaml"
@@ -123,8 +123,9 @@ def test_control_file_drives_slices_health_and_failures(agent, control_plane, ku
         "dev-0..dev-3 published",
     )
 
-    agent.set_control({"unhealthy": {"dev-1": "fan on fire"}})
-    if gate_on(control_plane, "DRADeviceTaints"):
+    hot = {"message": "too hot", "effect": "NoExecute", "reason": "Overheating", "taint": "thermal"}
+    agent.set_control({"unhealthy": {"dev-1": "fan on fire", "dev-2": hot}})
+    if control_plane.enabled_gates().get("DRADeviceTaints", False):
         helpers.wait_for(
             lambda: any(
                 t["key"] == TAINT and t["effect"] == "NoSchedule"
@@ -132,6 +133,13 @@ def test_control_file_drives_slices_health_and_failures(agent, control_plane, ku
             ),
             20,
             "the unhealthy device tainted in its ResourceSlice",
+        )
+        # the backend's taint name and reason, accepted by the API server as published
+        (taint,) = published(kube_api)["dev-2"]["taints"]
+        assert (taint["key"], taint.get("value"), taint["effect"]) == (
+            f"{DRIVER}/thermal",
+            "Overheating",
+            "NoExecute",
         )
     else:  # no taint would keep the scheduler away: the agent leaves the device out
         helpers.wait_for(

@@ -128,8 +128,21 @@ def api_checks(
         f"with {layout}"
     )
     checks.append(DoctorCheck.ok(slice_check, found))
-    left_out = {e.feature: e for e in safe_inventory(inventory, server)[1]} if inventory else {}
-    return checks + [_feature_check(server, f, inventory, left_out.get(f)) for f in FEATURES]
+    entries = safe_inventory(inventory, server)[1] if inventory else ()
+    left_out = {e.feature: e for e in entries}
+    # Left out for a limit of the release (1.34's), not for a gate that is off.
+    limits = [
+        DoctorCheck.warn(
+            f"{e.feature.name} within the API server's limits",
+            f"{e.feature.why}: {_left_out_text(e)}",
+            e.feature.fix,
+        )
+        for e in entries
+        if e.feature not in FEATURES
+    ]
+    return (
+        checks + [_feature_check(server, f, inventory, left_out.get(f)) for f in FEATURES] + limits
+    )
 
 
 def _skip_features(why: str) -> list[DoctorCheck]:

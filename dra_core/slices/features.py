@@ -21,7 +21,13 @@ holds devices or counter sets, never both.
   PF); the others are left out, so any two published devices can be allocated together;
 * without consumable capacity: shared devices are left out, or published as ordinary
   exclusive devices when the backend sets ``Device.exclusive_without_sharing``;
-* without device taints: unhealthy devices (a NoSchedule or NoExecute taint) are left out.
+* without device taints: unhealthy devices (a NoSchedule or NoExecute taint) are left out;
+* on a 1.34 server: devices with more taints than it takes (4) are left out, and so are the
+  devices of a counter group (devices linked by counter sets, which 1.34 wants in one slice
+  with the sets) beyond one slice's limits, in inventory order, so the rest still publish.
+
+`release_features` says the same from a release and its gates, without asking a server
+(``dra-core discover --kubernetes-version``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dra_core.kube.client import ApiError, KubeClient
 from dra_core.model import (
     Capacity,
     CounterConsumption,
+    CounterSet,
     Device,
     Inventory,
     RequestPolicy,
@@ -42,7 +49,24 @@ from dra_core.model import (
     ValidRange,
 )
 from dra_core.quantity import parse_quantity
-from dra_core.slices.build import API_VERSION, KIND, MANAGED_BY, MANAGED_BY_LABEL, encode_device
+from dra_core.releases import (
+    ReleaseError,
+    counter_sets_beside_devices,
+    k8s_minor,
+    shared_devices_first,
+    taints_per_device,
+)
+from dra_core.slices.build import (
+    API_VERSION,
+    BESIDE_LIMITS,
+    KIND,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    Layout,
+    counter_groups,
+    encode_device,
+    fits_beside,
+)
 from dra_core.slices.compare import gated_fields
 from dra_core.slices.watch import SLICES_PATH
 
@@ -54,6 +78,7 @@ __all__ = (
     "LeftOut",
     "ServerFeatures",
     "probe",
+    "release_features",
     "safe_inventory",
     "used_fields",
 )
@@ -79,10 +104,27 @@ class Feature:
     without: str
     #: Whether the core uses it whatever the inventory (device taints mark unhealthy devices).
     used_by_core: bool = False
+    #: Why devices are left out and how to publish them, where not because the gate is off.
+    cause: str = ""
+    remedy: str = ""
 
     @property
     def gate(self) -> str:
         return FEATURE_GATES[self.fields[0]]
+
+    @property
+    def why(self) -> str:
+        """What the API server lacks, for the warning about what is left out."""
+        off = f"feature gate {self.gate} is off in the API server ({self.name} not kept)"
+        return self.cause or off
+
+    @property
+    def fix(self) -> str:
+        """What publishes the devices left out."""
+        return self.remedy or (
+            "Turn the gate on in kube-apiserver and kube-scheduler, then restart this agent, to "
+            "publish them as the backend describes them"
+        )
 
 
 PARTITIONABLE = Feature(
@@ -104,6 +146,26 @@ TAINTS = Feature(
     used_by_core=True,
 )
 FEATURES = (PARTITIONABLE, CONSUMABLE, TAINTS)
+#: What Kubernetes 1.34 cannot take with the gates on: its limits are tighter than later ones.
+BIG_COUNTER_GROUPS = replace(
+    PARTITIONABLE,
+    without="devices of a counter group beyond what one ResourceSlice holds are left out",
+    cause=(
+        "the API server (Kubernetes 1.34) wants devices that share counter sets in one "
+        "ResourceSlice with the sets, within {} devices, {} counters in the sets and {} "
+        "consumed counters".format(*BESIDE_LIMITS)
+    ),
+    remedy=(
+        "Publish fewer partitions per device, or upgrade to Kubernetes 1.35 or later, which "
+        "keeps counter sets in slices of their own"
+    ),
+)
+MANY_TAINTS = replace(
+    TAINTS,
+    without="devices with more taints than it takes are left out",
+    cause="the API server (Kubernetes 1.34) takes at most {} taints per device",
+    remedy="Upgrade to Kubernetes 1.35 or later, which takes 16",
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +176,19 @@ class ServerFeatures:
     dropped: frozenset[str] = frozenset()
     #: Counter sets go in the slice of the devices that consume them (1.34), not in their own.
     counters_beside_devices: bool = False
+    #: The most taints it takes on one device, where fewer than the model allows (1.34: 4).
+    taints_per_device: int | None = None
+    #: Each shared device first in its slice, where the scheduler checks a share against the
+    #: slice's first device (1.34).
+    shared_devices_first: bool = False
+
+    @property
+    def layout(self) -> Layout:
+        """The `dra_core.slices.build.build_slices` arguments of the layout this server wants."""
+        return Layout(
+            counters_beside_devices=self.counters_beside_devices,
+            shared_devices_first=self.shared_devices_first,
+        )
 
     def keeps(self, feature: Feature) -> bool:
         return not self.dropped & set(feature.fields)
@@ -127,6 +202,19 @@ class ServerFeatures:
 
 #: A server that keeps every optional field, with counter sets in slices of their own (1.35+).
 ALL_KEPT = ServerFeatures()
+
+
+def release_features(version: str, gates: Mapping[str, bool]) -> ServerFeatures:
+    """What an API server of ``version`` keeps with its DRA feature ``gates`` on or off (as
+    `dra_core.releases.gates_on` gives them): for saying what the agent would publish there
+    without asking a server. Raises `ReleaseError` for a version it cannot read."""
+    server = ServerFeatures(
+        counters_beside_devices=gates.get(PARTITIONABLE.gate, False)
+        and counter_sets_beside_devices(version),
+        taints_per_device=taints_per_device(version) if gates.get(TAINTS.gate) else None,
+        shared_devices_first=gates.get(CONSUMABLE.gate, False) and shared_devices_first(version),
+    )
+    return server.dropping(f for f, gate in FEATURE_GATES.items() if not gates.get(gate, False))
 
 
 def used_fields(inventory: Inventory) -> set[str]:
@@ -176,7 +264,8 @@ def _probe_body(driver: str, node_name: str, counters_beside: bool) -> dict[str,
 
 def probe(client: KubeClient, driver: str, node_name: str) -> ServerFeatures:
     """What the API server keeps: one dry-run create, two on a server wanting counters beside
-    devices. Raises `ApiError` when the server refuses both layouts or cannot be asked."""
+    devices, and its version where it keeps taints or shares (their 1.34 limits). Raises
+    `ApiError` when the server refuses both layouts or cannot be asked."""
     beside = False
     body = _probe_body(driver, node_name, counters_beside=False)
     try:
@@ -194,7 +283,21 @@ def probe(client: KubeClient, driver: str, node_name: str) -> ServerFeatures:
                 raise exc from second  # the first refusal names the problem of the usual layout
             raise
     dropped = gated_fields(body["spec"]) - gated_fields((returned or {}).get("spec") or {})
-    return ServerFeatures(counters_beside_devices=beside).dropping(dropped)
+    server = ServerFeatures(counters_beside_devices=beside).dropping(dropped)
+    if not (server.keeps(TAINTS) or server.keeps(CONSUMABLE)):
+        return server
+    # The taint limit shows only as a refusal, the share check only in the scheduler: both
+    # come from the release.
+    version = str((client.get("/version") or {}).get("gitVersion", ""))
+    try:
+        k8s_minor(version)
+    except ReleaseError:
+        return server  # a build naming no release: take it for 1.35 or later
+    return replace(
+        server,
+        taints_per_device=taints_per_device(version) if server.keeps(TAINTS) else None,
+        shared_devices_first=server.keeps(CONSUMABLE) and shared_devices_first(version),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +338,10 @@ def safe_inventory(
         counter_sets = ()
     if not server.keeps(TAINTS):
         _without_taints(selection)
+    elif server.taints_per_device is not None:
+        _within_taint_limit(selection, server.taints_per_device)
+    if server.counters_beside_devices:
+        counter_sets = _within_slice_limits(selection, counter_sets)
     return Inventory(tuple(selection.devices), counter_sets), tuple(selection.left_out)
 
 
@@ -292,3 +399,40 @@ def _without_taints(selection: _Selection) -> None:
     selection.devices = kept
     if dropped:
         selection.left_out.append(LeftOut(TAINTS, tuple(dropped)))
+
+
+def _within_taint_limit(selection: _Selection, limit: int) -> None:
+    dropped = [d.name for d in selection.devices if len(d.taints) > limit]
+    if dropped:
+        selection.devices = [d for d in selection.devices if len(d.taints) <= limit]
+        feature = replace(MANY_TAINTS, cause=MANY_TAINTS.cause.format(limit))
+        selection.left_out.append(LeftOut(feature, tuple(dropped)))
+
+
+def _within_slice_limits(
+    selection: _Selection, counter_sets: tuple[CounterSet, ...]
+) -> tuple[CounterSet, ...]:
+    """Leave out, per counter group too big for one slice, the devices beyond its limits in
+    inventory order (a whole device before its partitions); the counter sets of a group whose
+    sets alone are too big go as well. The counter sets kept."""
+    inventory = Inventory(tuple(selection.devices), counter_sets)
+    dropped: set[str] = set()
+    dropped_sets: set[str] = set()
+    for devices, sets in counter_groups(inventory):
+        if fits_beside(devices, sets):
+            continue
+        if not fits_beside([], sets):
+            dropped.update(d.name for d in devices)
+            dropped_sets.update(s.name for s in sets)
+            continue
+        kept: list[Device] = []
+        for device in devices:
+            if fits_beside([*kept, device], sets):
+                kept.append(device)
+            else:
+                dropped.add(device.name)
+    if dropped:
+        out = tuple(d.name for d in selection.devices if d.name in dropped)
+        selection.left_out.append(LeftOut(BIG_COUNTER_GROUPS, out))
+        selection.devices = [d for d in selection.devices if d.name not in dropped]
+    return tuple(s for s in counter_sets if s.name not in dropped_sets)

@@ -14,9 +14,11 @@ does, as ``python -m dra_core run --backend widget`` on a Node of the real contr
 :class:`~dra_core.testing.kubelet.FakeKubelet`. Every test is marked ``controlplane``. What it
 checks, one test each:
 
-* ``dra-core discover`` prints slices the real API server accepts (fields, limits, CEL-visible
-  attributes), with at least one device;
-* the agent publishes them: the devices in its complete ResourceSlices are discovered ones;
+* ``dra-core discover``, told the API server's release and feature gates, prints slices the
+  real API server accepts (fields, limits, CEL-visible attributes, counter layout), with at
+  least one device;
+* the agent publishes them: the devices in its complete ResourceSlices are the ones
+  ``discover`` printed for that server;
 * every DeviceClass of ``dra-core render`` is accepted (a class the server refuses because a
   feature gate is off is not tried), and for each the real scheduler allocates a device to a
   pod's claim (unless the agent left that class's devices out for a feature the API server
@@ -58,7 +60,7 @@ import grpc
 import pytest
 import yaml
 
-from dra_core.releases import GATES_ANNOTATION
+from dra_core.releases import GATES_ANNOTATION, gate_defaults
 from dra_core.testing.kubelet import FakeKubelet
 from dra_core.testing.scenario import (
     RESOURCE_API,
@@ -135,7 +137,10 @@ class AgentUnderTest:
     root: Path
     kubeconfig: str
     backend_args: Sequence[str]
+    #: ``dra-core discover``'s slices: every device the backend found.
     discovered: list[dict[str, Any]]
+    #: The same for the test's API server (its release and gates): what the agent publishes.
+    for_server: list[dict[str, Any]]
     classes: list[str] = field(default_factory=list)
     refused_classes: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -261,6 +266,10 @@ class BackendConformance:
             "discover", "--backend", cls.backend, "--node-name", node, *backend_args
         )
         discovered = [s for s in yaml.safe_load_all(printed) if s]
+        printed = _dra_core(
+            "discover", "--backend", cls.backend, "--node-name", node, *backend_args,
+            *_release_flags(dra_control_plane),
+        )  # fmt: skip
         root = Path(tempfile.mkdtemp(prefix="dra-conf-", dir="/tmp"))  # short socket paths
         agent = AgentUnderTest(
             backend=cls.backend,
@@ -270,6 +279,7 @@ class BackendConformance:
             kubeconfig=str(dra_control_plane.kubeconfig_path),
             backend_args=backend_args,
             discovered=discovered,
+            for_server=[s for s in yaml.safe_load_all(printed) if s],
         )
         create_ready_node(dra_kube_client, node)
         created = cls._create_classes(dra_kube_client, agent)
@@ -319,9 +329,9 @@ class BackendConformance:
     ) -> None:
         agent = conformance_agent
         assert agent.discovered, f"`dra-core discover --backend {self.backend}` printed no slice"
-        devices = sum(len(s["spec"].get("devices") or ()) for s in agent.discovered)
+        devices = sum(len(s["spec"].get("devices") or ()) for s in agent.for_server)
         assert devices > 0, f"backend {self.backend!r} discovered no device on the test node"
-        for body in agent.discovered:
+        for body in agent.for_server:
             dry = {**body, "metadata": {**body["metadata"], "ownerReferences": []}}
             dra_kube_client.request(
                 "POST", f"{RESOURCE_API}/resourceslices", body=dry, query={"dryRun": "All"}
@@ -334,9 +344,12 @@ class BackendConformance:
         agent = conformance_agent
         slices = agent.published(dra_kube_client)
         published = _device_names(slices)
-        discovered = _device_names(agent.discovered)
+        expected = _device_names(agent.for_server)
         assert published, f"the agent published no device:\n{agent.log_tail()}"
-        assert published <= discovered, f"published but not discovered: {published - discovered}"
+        assert published == expected, (
+            f"published but not printed by `dra-core discover` for this API server: "
+            f"{published - expected}; printed but not published: {expected - published}"
+        )
 
     @pytest.mark.controlplane
     def test_each_class_allocates_prepares_and_unprepares(
@@ -536,6 +549,14 @@ def _device_names(slices: Sequence[Mapping[str, Any]]) -> set[str]:
         for s in slices
         for d in s["spec"].get("devices") or ()
     }
+
+
+def _release_flags(plane: ControlPlane) -> list[str]:
+    """``dra-core discover``'s flags for the API server of ``plane``: its release and how it
+    runs each DRA gate, as the server itself reports them."""
+    enabled = plane.enabled_gates()
+    gates = (f"{g}={str(enabled.get(g, False)).lower()}" for g in gate_defaults(plane.k8s_version))
+    return ["--kubernetes-version", plane.k8s_version, "--feature-gates", ",".join(gates)]
 
 
 def _left_out(client: KubeClient, agent: AgentUnderTest) -> set[str]:

@@ -117,10 +117,11 @@ def _pod_exists(api, namespace: str, name: str) -> bool:
 
 @pytest.mark.requires_feature("ResourceHealthStatus")
 def test_device_health_reaches_the_pod_status(fake_agent, real_node, kube_api, namespace):
-    pods.create_template(
-        kube_api, namespace, pods.claim_template("one", FAKE, selectors=pods.plain_fake_device(2))
-    )
-    pods.start(kube_api, namespace, real_node, "watched", pods.from_template("one"))
+    # A claim named as the pod's entry for it: the 1.34 kubelet looks a container's claim up
+    # by that entry's name, so the health of a claim made from a template (named otherwise)
+    # never reaches the pod status there; 1.35 reads the claim's name from the pod status.
+    pods.create_claim(kube_api, namespace, "dev", FAKE, selectors=pods.plain_fake_device(2))
+    pods.start(kube_api, namespace, real_node, "watched", {"dev": {"resourceClaimName": "dev"}})
 
     def health() -> dict[str, str]:
         status = helpers.get_pod(kube_api, namespace, "watched")["status"]

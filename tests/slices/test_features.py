@@ -21,14 +21,17 @@ from dra_core.model import (
     ValidRange,
 )
 from dra_core.quantity import parse_quantity
+from dra_core.releases import gates_on
 from dra_core.slices.build import build_slices, split_beside
 from dra_core.slices.features import (
     ALL_KEPT,
+    BIG_COUNTER_GROUPS,
     CONSUMABLE,
     PARTITIONABLE,
     TAINTS,
     ServerFeatures,
     probe,
+    release_features,
     safe_inventory,
     used_fields,
 )
@@ -40,6 +43,10 @@ NO_COUNTERS = ALL_KEPT.dropping(["consumesCounters"])
 NO_SHARING = ALL_KEPT.dropping(["allowMultipleAllocations"])
 NO_TAINTS = ALL_KEPT.dropping(["taints"])
 NOTHING = ALL_KEPT.dropping(["consumesCounters", "allowMultipleAllocations", "taints"])
+#: Kubernetes 1.34 with the DRA gates on.
+BESIDE = ServerFeatures(
+    counters_beside_devices=True, taints_per_device=4, shared_devices_first=True
+)
 UNHEALTHY = (Taint("dra-core.dev/unhealthy", "NoSchedule"),)
 
 
@@ -227,13 +234,69 @@ def test_a_unit_too_big_for_one_1_34_slice_is_a_clear_error():
         split_beside(sriov_inventory(pfs=1, vfs=64))
 
 
+@pytest.mark.parametrize("beside", [False, True])
+def test_on_1_34_each_shared_device_starts_a_slice(beside):
+    # The 1.34 scheduler checks a share against the first device of the slice: a shared device
+    # anywhere else gets no share.
+    big = partitioned()
+    inventory = Inventory((*plain(2), shared("s0"), shared("s1"), *big.devices), big.counter_sets)
+    slices = build_slices(
+        DRIVER, NODE, NODE, inventory, 1, counters_beside_devices=beside, shared_devices_first=True
+    )
+    heads = [s["spec"]["devices"][0]["name"] for s in slices if s["spec"].get("devices")]
+    assert heads == ["dev0", "s0", "s1"]
+    placed = [d["name"] for s in slices for d in s["spec"].get("devices") or ()]
+    assert placed == names(inventory)
+    assert len(build_slices(DRIVER, NODE, NODE, inventory, 1, counters_beside_devices=beside)) < (
+        len(slices)
+    )
+
+
+def test_on_1_34_the_devices_of_a_group_beyond_one_slice_are_left_out_the_rest_published():
+    # A PF with 64 VFs and another with 2: 65 linked devices do not fit 1.34's 64, so the
+    # last VF of the first group stays out; the other group is untouched.
+    inventory = sriov_inventory(pfs=2, vfs=64)
+    inventory = Inventory(inventory.devices[:67], inventory.counter_sets)
+    published, left_out = safe_inventory(inventory, BESIDE)
+    ((feature, out),) = [(e.feature, e.devices) for e in left_out]
+    assert feature == BIG_COUNTER_GROUPS and feature.gate == "DRAPartitionableDevices"
+    assert out == (inventory.devices[64].name,)
+    assert names(published) == [d.name for d in inventory.devices if d.name not in out]
+    slices = build_slices(DRIVER, NODE, NODE, published, 1, counters_beside_devices=True)
+    assert [len(s["spec"]["devices"]) for s in slices] == [64, 2]
+    assert safe_inventory(inventory, ALL_KEPT) == (inventory, ())  # 1.35+: slices of their own
+
+
+def test_on_1_34_counter_sets_too_big_for_one_slice_go_with_their_devices():
+    # Two sets of 20 counters one device consumes both of: 40 counters > 1.34's 32.
+    sets = tuple(CounterSet(n, {f"c{i}": "1" for i in range(20)}) for n in ("a", "b"))
+    both = Device(
+        "both", consumes_counters=tuple(CounterConsumption(s.name, {"c0": "1"}) for s in sets)
+    )
+    published, left_out = safe_inventory(Inventory((*plain(1), both), sets), BESIDE)
+    assert published == Inventory(plain(1))
+    assert [e.devices for e in left_out] == [("both",)]
+
+
+def test_on_1_34_devices_with_more_than_four_taints_are_left_out():
+    many = tuple(Taint(f"dra-core.dev/t{i}", "NoSchedule") for i in range(5))
+    inventory = Inventory((Device("many", taints=many), Device("four", taints=many[:4])))
+    published, left_out = safe_inventory(inventory, BESIDE)
+    assert names(published) == ["four"]
+    ((entry),) = left_out
+    assert entry.devices == ("many",) and entry.feature.gate == "DRADeviceTaints"
+    assert "at most 4 taints" in entry.feature.why
+    assert safe_inventory(inventory, ALL_KEPT) == (inventory, ())
+
+
 # ---------------------------------------------------------------------------- asking
 
 
-def test_probe_on_a_server_keeping_everything_costs_one_dry_run():
+def test_probe_on_a_server_keeping_everything_costs_one_dry_run_and_a_version_read():
     api = FakeApi()
     assert probe(api, DRIVER, NODE) == ALL_KEPT  # type: ignore[arg-type]
-    assert api.log == [("DRYRUN", "/apis/resource.k8s.io/v1/resourceslices")]
+    # The version says how many taints a device may carry (a limit, not a gate).
+    assert api.log == [("DRYRUN", "/apis/resource.k8s.io/v1/resourceslices"), ("GET", "/version")]
     assert api.slices == {}
 
 
@@ -250,10 +313,32 @@ def test_probe_finds_what_the_server_drops():
 
 
 def test_probe_finds_a_server_wanting_counters_beside_devices_in_two_dry_runs():
-    api = FakeApi(counters_beside=True)
+    api = FakeApi(counters_beside=True, version="v1.34.4")
     server = probe(api, DRIVER, NODE)  # type: ignore[arg-type]
-    assert server == ServerFeatures(counters_beside_devices=True)
-    assert [m for m, _ in api.log] == ["DRYRUN", "DRYRUN"]
+    assert server == BESIDE
+    assert [m for m, _ in api.log] == ["DRYRUN", "DRYRUN", "GET"]
+
+
+@pytest.mark.parametrize(
+    ("version", "overrides", "expected"),
+    [
+        ("v1.37.2", {}, ALL_KEPT),
+        ("v1.35.4", {}, NOTHING),
+        ("v1.34.4", {}, NOTHING),
+        (
+            "v1.34.4",
+            {
+                "DRAPartitionableDevices": True,
+                "DRAConsumableCapacity": True,
+                "DRADeviceTaints": True,
+            },
+            BESIDE,
+        ),
+        ("v1.35.4", {"DRAPartitionableDevices": True}, NO_SHARING.dropping(["taints"])),
+    ],
+)
+def test_release_features_say_what_a_release_keeps_with_its_gates(version, overrides, expected):
+    assert release_features(version, gates_on(version, overrides)) == expected
 
 
 # ---------------------------------------------------------------------------- publishing
@@ -323,6 +408,33 @@ def test_a_1_34_server_gets_counters_beside_devices_and_accepts_them(node_api):
     (body,) = api.slices.values()
     assert body["spec"]["sharedCounters"] and body["spec"]["devices"]
     assert pub.sync_once().writes == 0
+
+
+def test_a_1_34_server_leaves_out_a_group_beyond_one_slice_warns_once_and_counts_it(
+    node_api, caplog_loguru
+):
+    api = node_api(counters_beside=True, version="v1.34.4")
+    pub = publisher(api)
+    inventory = sriov_inventory(pfs=1, vfs=64)
+    pub.update(inventory)
+    assert pub.sync_once().devices == 64
+    assert metrics.DEVICES_LEFT_OUT.labels("DRAPartitionableDevices")._value.get() == 1
+    pub.sync_once()
+    (warning,) = [m for m in caplog_loguru if "ResourceSlice with the sets" in m]
+    last = inventory.devices[-1].name  # the backend lists the device to keep first
+    assert f"not published: {last}." in warning and "Kubernetes 1.35 or later" in warning
+
+
+def test_doctor_names_what_a_1_34_server_cannot_take(node_api):
+    from dra_core.doctor.cluster import api_checks
+
+    api = node_api(counters_beside=True, version="v1.34.4")
+    inventory = sriov_inventory(pfs=1, vfs=64)
+    checks = {c.name: c for c in api_checks(api, DRIVER, NODE, inventory)}  # type: ignore[arg-type]
+    check = checks["partitionable devices within the API server's limits"]
+    assert check.status == "warn"
+    assert f"the agent leaves out {inventory.devices[-1].name}" in check.found
+    assert "Kubernetes 1.35 or later" in check.fix
 
 
 def test_a_refused_write_makes_the_next_sync_ask_again(node_api):

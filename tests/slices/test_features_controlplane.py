@@ -18,9 +18,10 @@ from dra_backend_fake.inventory import build, default_specs
 
 from dra_core.kube.client import KubeClient
 from dra_core.model import Inventory, Taint
-from dra_core.slices.features import FEATURE_GATES, ServerFeatures, safe_inventory
+from dra_core.slices.features import ServerFeatures, release_features, safe_inventory
 from dra_core.slices.publisher import SlicePublisher
-from dra_core.testing.controlplane import DRA_GATE_DEFAULTS, ControlPlane, k8s_minor
+from dra_core.testing.controlplane import ControlPlane
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers as h
 from tests.slices.test_publish_controlplane import SETTINGS, SLICES, complete
 
@@ -35,12 +36,6 @@ GATES_OFF = {
 }
 
 
-def gate_on(control_plane: ControlPlane, gate: str) -> bool:
-    """Whether ``gate`` is on in the control plane: as passed, else the release's default."""
-    defaults = DRA_GATE_DEFAULTS[k8s_minor(control_plane.k8s_version)]
-    return control_plane.feature_gates.get(gate, defaults.get(gate, False))
-
-
 @dataclass
 class Server:
     control_plane: ControlPlane
@@ -48,14 +43,13 @@ class Server:
     namespace: str
 
     def gate_on(self, gate: str) -> bool:
-        return gate_on(self.control_plane, gate)
+        """Whether ``gate`` is on, as the running API server reports it."""
+        return self.control_plane.enabled_gates().get(gate, False)
 
     def expected(self) -> ServerFeatures:
-        """What the agent should find, from the gates the harness passed."""
-        dropped = frozenset(f for f, gate in FEATURE_GATES.items() if not self.gate_on(gate))
-        minor = k8s_minor(self.control_plane.k8s_version)
-        beside = minor == 34 and self.gate_on("DRAPartitionableDevices")
-        return ServerFeatures(dropped, counters_beside_devices=beside)
+        """What the agent should find: what the release table says of the server's gates."""
+        cp = self.control_plane
+        return release_features(cp.k8s_version, cp.enabled_gates())
 
 
 @pytest.fixture(scope="module", params=["harness gates", "features off"])
@@ -89,7 +83,7 @@ def publish(server) -> Iterator[Any]:
     made: list[tuple[SlicePublisher, str]] = []
 
     def start(inventory: Inventory) -> SlicePublisher:
-        node = h.create_node(server.api, h.unique_name("node"))["metadata"]["name"]
+        node = create_ready_node(h.requester(server.api), h.unique_name("node"))["metadata"]["name"]
         driver = f"{h.unique_name('drv')}.example.com"
         pub = SlicePublisher(KubeClient(server.api), driver, node, settings=SETTINGS)
         made.append((pub, node))

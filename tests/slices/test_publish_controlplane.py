@@ -23,6 +23,7 @@ from dra_core.slices.features import (
     safe_inventory,
 )
 from dra_core.slices.publisher import PublisherSettings, SlicePublisher
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers as h
 from tests.slices.test_build import sriov_inventory
 
@@ -33,8 +34,8 @@ SLICES = f"{h.RESOURCE_API}/resourceslices"
 
 
 @pytest.fixture
-def node(kube_api):
-    obj = h.create_node(kube_api, h.unique_name("node"))
+def node(kube_api, dra_kube_client):
+    obj = create_ready_node(dra_kube_client, h.unique_name("node"))
     yield obj
     h.delete_node(kube_api, obj["metadata"]["name"])
 
@@ -92,7 +93,7 @@ def expected_slices(pub: SlicePublisher, inventory: Inventory) -> list[dict]:
         pub.pool_name,
         safe,
         1,
-        counters_beside_devices=server.counters_beside_devices,
+        **server.layout,
     )
 
 
@@ -151,14 +152,17 @@ def test_small_inventory_accepted_and_steady(kube_api, node, driver, publishers)
     result = pub.sync_once()
     needs(pub, CONSUMABLE)
     assert result.created and result.generation == 1
-    (body,) = published(kube_api, node, driver)
-    assert body["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]
-    assert body["spec"]["pool"] == {
-        "name": node["metadata"]["name"],
-        "generation": 1,
-        "resourceSliceCount": 1,
-    }
-    gpu0, gpu1 = body["spec"]["devices"]
+    slices = published(kube_api, node, driver)
+    # One slice; two where the shared device must head its own (the 1.34 scheduler).
+    assert len(slices) == len(expected_slices(pub, small_inventory()))
+    for body in slices:
+        assert body["metadata"]["ownerReferences"][0]["uid"] == node["metadata"]["uid"]
+        assert body["spec"]["pool"] == {
+            "name": node["metadata"]["name"],
+            "generation": 1,
+            "resourceSliceCount": len(slices),
+        }
+    gpu0, gpu1 = [d for body in slices for d in body["spec"]["devices"]]
     assert gpu0["attributes"]["driverVersion"] == {"version": "1.2.3"}
     assert gpu0["capacity"]["memory"]["value"] == "4Gi"  # canonicalised by the server
     assert gpu1["allowMultipleAllocations"] is True
@@ -427,7 +431,9 @@ def test_start_costs_one_list_and_one_node_read_then_nothing_at_rest(
     server = pub.server_features
     assert server is not None
     dry_runs = 2 if server.counters_beside_devices else 1
-    assert started == {"list": 1, "get": 1, "watch": 1, "create": slices + dry_runs}, started
+    # The Node, and the version where the server keeps taints or shares (their 1.34 limits).
+    gets = 1 + (server.keeps(TAINTS) or server.keeps(CONSUMABLE))
+    assert started == {"list": 1, "get": gets, "watch": 1, "create": slices + dry_runs}, started
     assert client.request_count("get", "nodes") == 1
     time.sleep(5.0)
     assert client.requests_by_verb() == started, "requests at rest"

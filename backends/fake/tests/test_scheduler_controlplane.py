@@ -20,6 +20,8 @@ from dra_backend_fake.inventory import build, default_specs
 from dra_core.manifests import device_class_manifests
 from dra_core.plugins import from_objects
 from dra_core.slices.build import build_slices
+from dra_core.slices.features import release_features, safe_inventory
+from dra_core.testing.scenario import create_ready_node
 
 pytestmark = pytest.mark.controlplane
 
@@ -42,17 +44,21 @@ def h():
 
 
 @pytest.fixture(scope="module")
-def node(dra_control_plane, api, h):
+def node(dra_control_plane, dra_kube_client, api, h):
     """A node publishing the default fake inventory under DRIVER, with the backend's classes."""
     name = f"fake-sched-{uuid.uuid4().hex[:6]}"
-    h.create_node(api, name)
+    create_ready_node(dra_kube_client, name)
     hooks = from_objects("fake", dra_backend_fake.plugin.FakePlugin)
     identity = replace(hooks.backend_identity(), driver_name=DRIVER)
     # Only the classes the release accepts (shared.* needs DRAConsumableCapacity).
     classes = device_class_manifests(
         hooks.device_classes(identity), dra_control_plane.enabled_gates()
     )
-    slices = build_slices(DRIVER, name, name, build(default_specs()), generation=1)
+    # What the agent would publish there: the release's counter layout, without the devices
+    # a gate that is off leaves out.
+    server = release_features(dra_control_plane.k8s_version, dra_control_plane.enabled_gates())
+    inventory, _ = safe_inventory(build(default_specs()), server)
+    slices = build_slices(DRIVER, name, name, inventory, 1, **server.layout)
     for body in classes:
         h.create(api, f"{RESOURCE_API}/deviceclasses", body)
     for body in slices:

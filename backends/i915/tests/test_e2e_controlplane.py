@@ -18,6 +18,7 @@ import pytest
 from dra_backend_i915.testing import GIB, FakeSysfs
 
 from backends.i915.tests import controlplane_helpers as cp
+from dra_core.slices.features import release_features
 from tests.controlplane import helpers
 
 pytestmark = pytest.mark.controlplane
@@ -52,13 +53,20 @@ short_dir, kernel, backend, hooks, classes, agent, kubelet = cp.agent_fixtures(
 
 
 @pytest.mark.requires_feature("DRAPartitionableDevices", "DRAConsumableCapacity")
-def test_discovery_published_and_accepted(agent, kube_api):
+def test_discovery_published_and_accepted(agent, kube_api, control_plane):
     slices = cp.node_slices(kube_api, NODE)
     assert all(s["spec"]["driver"] == cp.DRIVER for s in slices)
     assert all(s["spec"]["pool"]["resourceSliceCount"] == len(slices) for s in slices)
     counter_slices = [s for s in slices if s["spec"].get("sharedCounters")]
     (counter_slice,) = counter_slices
-    assert "devices" not in counter_slice["spec"], "a counter slice holds no devices"
+    server = release_features(control_plane.k8s_version, control_plane.enabled_gates())
+    if server.counters_beside_devices:  # 1.34: in the slice of the devices consuming it
+        consumers = {
+            d["name"] for d in counter_slice["spec"]["devices"] if d.get("consumesCounters")
+        }
+        assert consumers == {cp.FLEX_DEVICE, *cp.FLEX_VFS}
+    else:
+        assert "devices" not in counter_slice["spec"], "a counter slice holds no devices"
     (counter_set,) = counter_slice["spec"]["sharedCounters"]
     assert counter_set["name"] == cp.FLEX_DEVICE
     assert counter_set["counters"] == {"vfs": {"value": "8"}, "memory": {"value": "16Gi"}}
