@@ -467,15 +467,7 @@ def claims_agent(
     hooks, options, name = claim_hooks(devices)
     report.info["claims_backend"] = name
     cluster.create_node(node, pods=devices + 10)
-    settings = AgentSettings(
-        node_name=node,
-        registration_dir=root / "registry",
-        plugins_dir=root / "plugins",
-        cdi_dir=root / "cdi",
-        http_port=0,
-        poll_interval=5.0,
-        backend_options=options,
-    )
+    settings = AgentSettings.below(root, node, poll_interval=5.0, backend_options=options)
     # No client-side rate limit: the figures measure the agent, not the limiter.
     agent = Agent(settings, hooks, client=load_client(kubeconfig, qps=0))
     agent.start()

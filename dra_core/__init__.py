@@ -8,7 +8,13 @@ core's own business.
 from __future__ import annotations
 
 from dra_core._version import __version__
-from dra_core.errors import AllocationError, PrepareError
+from dra_core.errors import (
+    AllocationError,
+    ClaimError,
+    FatalError,
+    PrepareError,
+    TransientError,
+)
 from dra_core.fileio import (
     BoundedReadError,
     FileTooLargeError,
@@ -36,6 +42,7 @@ from dra_core.model import (
     ModelError,
     Mount,
     PreparedClaim,
+    PreparedClaims,
     PreparedDevice,
     RequestPolicy,
     Taint,
@@ -57,6 +64,7 @@ __all__ = (
     "BoundedReadError",
     "Capacity",
     "CheckStatus",
+    "ClaimError",
     "ClaimRef",
     "ContainerEdits",
     "CounterConsumption",
@@ -66,6 +74,7 @@ __all__ = (
     "DeviceHealth",
     "DeviceNode",
     "DoctorCheck",
+    "FatalError",
     "FileTooLargeError",
     "Inventory",
     "ModelError",
@@ -74,10 +83,12 @@ __all__ = (
     "NotARegularFileError",
     "PrepareError",
     "PreparedClaim",
+    "PreparedClaims",
     "PreparedDevice",
     "QuantityError",
     "RequestPolicy",
     "Taint",
+    "TransientError",
     "ValidRange",
     "Version",
     "__version__",

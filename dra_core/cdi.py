@@ -7,6 +7,12 @@ several shares of one device in one claim stay distinct), and the kubelet is han
 qualified IDs ``<vendor>/<class>=<name>``. A device without any edits gets no CDI device (the
 CDI schema forbids empty edits) and no ID; a claim with none of them gets no spec at all.
 
+Edits of the whole claim (`PreparedClaim.edits`) are written once, as the claim device
+``claim-<claim UID>``, and its ID is added to every device's IDs, as the NVIDIA DRA driver does:
+a container gets them once whichever of the claim's devices it uses, and two claims of one
+driver in one container each bring their own. Device names start with the claim UID, so the
+claim device's name never clashes with one of them.
+
 Specs are written atomically through `dra_core.fileio` with mode 0644 (container runtimes read
 them) at the lowest ``cdiVersion`` their content needs (`minimum_version`), since runtimes
 refuse versions they do not know. They are not flushed to disk: a runtime never sees a torn
@@ -31,6 +37,7 @@ from typing import Any
 
 from loguru import logger
 
+from dra_core.errors import ClaimError
 from dra_core.fileio import (
     BoundedReadError,
     atomic_write,
@@ -38,7 +45,14 @@ from dra_core.fileio import (
     read_regular_file,
     remove_stale_temps,
 )
-from dra_core.model import BackendIdentity, DeviceNode, Mount, PreparedClaim, PreparedDevice
+from dra_core.model import (
+    BackendIdentity,
+    ContainerEdits,
+    DeviceNode,
+    Mount,
+    PreparedClaim,
+    PreparedDevice,
+)
 
 __all__ = (
     "BASE_VERSION",
@@ -69,8 +83,12 @@ _NODE_TYPES = ("", "b", "c", "u", "p")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
-class CdiError(Exception):
-    """A CDI spec cannot be built, written, read or removed; the message says which and why."""
+class CdiError(ClaimError):
+    """A CDI spec cannot be built, written, read or removed; the message says which and why.
+
+    Only the claim the spec is for fails: the other claims of a call, and the other steps of a
+    reconciliation, go on.
+    """
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -202,6 +220,11 @@ class CdiSpecs:
         """The fully qualified CDI device ID ``<vendor>/<class>=<name>``."""
         return f"{self.kind}={self.device_name(claim_uid, device)}"
 
+    def claim_device_name(self, claim_uid: str) -> str:
+        """The CDI device holding the edits of the whole claim: ``claim-<uid>``."""
+        self._check_uid(claim_uid)
+        return f"claim-{claim_uid}"
+
     def spec_path(self, claim_uid: str) -> Path:
         """``<dir>/<vendor>-<class>_<uid>.json``; CdiError if the UID is not a UUID."""
         self._check_uid(claim_uid)
@@ -209,16 +232,19 @@ class CdiSpecs:
 
     # --- building --------------------------------------------------------------------------
 
-    def _problem(self, claim_uid: str, device: PreparedDevice, problem: str) -> CdiError:
+    def _problem(self, claim_uid: str, device: PreparedDevice | None, problem: str) -> CdiError:
+        if device is None:
+            whose = "the claim's own edits"
+        else:
+            a = device.allocation
+            whose = f"device {a.device!r}" + (f" share {a.share_id!r}" if a.share_id else "")
         msg = (
-            f"CDI spec {self.spec_path(claim_uid)}: claim {claim_uid}: device "
-            f"{device.allocation.device!r}"
-            + (f" share {device.allocation.share_id!r}" if device.allocation.share_id else "")
-            + f": {problem}; the backend's container edits must be fixed"
+            f"CDI spec {self.spec_path(claim_uid)}: claim {claim_uid}: {whose}: {problem}; "
+            "the backend's container edits must be fixed"
         )
         return CdiError(msg)
 
-    def _node(self, uid: str, device: PreparedDevice, node: DeviceNode) -> dict[str, Any]:
+    def _node(self, uid: str, device: PreparedDevice | None, node: DeviceNode) -> dict[str, Any]:
         if not node.path.startswith("/"):
             raise self._problem(uid, device, f"device node path {node.path!r} is not absolute")
         if node.host_path is not None and not node.host_path.startswith("/"):
@@ -248,7 +274,7 @@ class CdiSpecs:
             out["permissions"] = node.permissions
         return out
 
-    def _mount(self, uid: str, device: PreparedDevice, mount: Mount) -> dict[str, Any]:
+    def _mount(self, uid: str, device: PreparedDevice | None, mount: Mount) -> dict[str, Any]:
         if not mount.host_path or not mount.container_path:
             raise self._problem(uid, device, "a mount needs both hostPath and containerPath")
         out: dict[str, Any] = {"hostPath": mount.host_path, "containerPath": mount.container_path}
@@ -258,8 +284,10 @@ class CdiSpecs:
             out["type"] = mount.type
         return out
 
-    def _edits(self, uid: str, device: PreparedDevice) -> dict[str, Any]:
-        edits = device.edits
+    def _edits(
+        self, uid: str, device: PreparedDevice | None, edits: ContainerEdits
+    ) -> dict[str, Any]:
+        """``edits`` in CDI form; ``device`` names their owner in errors (None: the claim)."""
         env: list[str] = []
         for key, value in edits.env.items():
             if not key or "=" in key or "\0" in key:
@@ -281,7 +309,8 @@ class CdiSpecs:
     def build(self, claim: PreparedClaim) -> dict[str, Any] | None:
         """The CDI spec of ``claim``, or None when no device has container edits.
 
-        Devices without edits are left out (CDI forbids empty edits); they get no CDI ID.
+        Devices without edits are left out (CDI forbids empty edits); they get no CDI device.
+        The claim's own edits, if any, come last as the claim device.
         """
         uid = claim.ref.uid
         self._check_uid(uid)
@@ -294,9 +323,12 @@ class CdiSpecs:
                     uid, device, f"CDI device name {name!r} is used twice in the claim"
                 )
             seen.add(name)
-            edits = self._edits(uid, device)
+            edits = self._edits(uid, device, device.edits)
             if edits:
                 devices.append({"name": name, "containerEdits": edits})
+        claim_edits = self._edits(uid, None, claim.edits)
+        if claim_edits:
+            devices.append({"name": self.claim_device_name(uid), "containerEdits": claim_edits})
         if not devices:
             return None
         spec: dict[str, Any] = {"cdiVersion": BASE_VERSION, "kind": self.kind, "devices": devices}
@@ -310,15 +342,16 @@ class CdiSpecs:
     def cdi_ids(self, claim: PreparedClaim) -> dict[tuple[str, str | None], tuple[str, ...]]:
         """(device, share ID) -> CDI IDs of each device of ``claim``, without touching files.
 
-        A device without container edits maps to no IDs. Gives the same answer as `write`.
+        A device's own ID comes first when it has container edits, then the claim device's
+        when the claim has edits of its own. Gives the same answer as `write`.
         """
         uid = claim.ref.uid
+        shared = () if claim.edits.empty else (f"{self.kind}={self.claim_device_name(uid)}",)
         result: dict[tuple[str, str | None], tuple[str, ...]] = {}
         for device in claim.devices:
             a = device.allocation
-            has_edits = bool(device.edits.env or device.edits.device_nodes or device.edits.mounts)
-            ids = (self.device_id(uid, device),) if has_edits else ()
-            result[(a.device, a.share_id)] = ids
+            own = () if device.edits.empty else (self.device_id(uid, device),)
+            result[(a.device, a.share_id)] = own + shared
         return result
 
     # --- files -----------------------------------------------------------------------------

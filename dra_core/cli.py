@@ -12,6 +12,8 @@ serving the kubelet without waiting for them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
@@ -19,7 +21,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dra_core._version import __version__
 from dra_core.logs import configure_logging
@@ -42,12 +44,47 @@ class CliError(Exception):
     """A problem the user can fix; printed without a traceback, exit status 2."""
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name) or default
+def _env(name: str | None, default: Any = None) -> Any:
+    """The default of a flag: environment variable ``name`` when set and not empty, else
+    ``default``. Every environment variable the CLI reads is read here; argparse converts a
+    text default with the flag's type, so a bad value is refused as the flag's would be."""
+    return (os.environ.get(name) if name else None) or default
 
 
-def _env_path(name: str, default: str) -> Path:
-    return Path(os.environ.get(name) or default)
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _add_setting(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    default: Any,
+    help: str,
+    env: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """Add ``flag`` with ``default`` (a settings class's own; None: ``help`` says what not
+    giving it means), overridden by environment variable ``env``; the help names both."""
+    notes = [f"env {env}"] if env else []
+    if default is not None:
+        notes.append(f"default {_shown(default)}")
+    parser.add_argument(
+        flag,
+        default=_env(env, default),
+        help=f"{help} ({'; '.join(notes)})" if notes else help,
+        **kwargs,
+    )
+
+
+def _add_agent_setting(
+    parser: argparse.ArgumentParser, flag: str, *, help: str, env: str | None = None, **kwargs: Any
+) -> None:
+    """A flag that sets the `AgentSettings` field of its name, with that field's default."""
+    from dra_core.runtime import AgentSettings
+
+    default = getattr(AgentSettings, flag.removeprefix("--").replace("-", "_"))
+    _add_setting(parser, flag, default=default, help=help, env=env, **kwargs)
 
 
 def _absolute(value: str | Path, flag: str) -> Path:
@@ -75,37 +112,77 @@ def _seconds(text: str) -> float:
 
 
 def _add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    _add_setting(
+        parser,
         "--backend",
-        default=_env(BACKEND_ENV),
-        help=f"the backend to load by entry-point name, e.g. 'fake' or 'i915' (env {BACKEND_ENV};"
-        " 'dra-core backends' lists the installed ones)",
+        default=None,
+        env=BACKEND_ENV,
+        help="the backend to load by entry-point name, e.g. 'fake' or 'i915' ('dra-core "
+        "backends' lists the installed ones)",
     )
 
 
 def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    """The node, driver name and configuration file, as ``run`` takes them."""
+    _add_setting(
+        parser,
         "--node-name",
-        default=_env("NODE_NAME", socket.gethostname()),
-        help="the Kubernetes node this agent serves (env NODE_NAME; default: the host name)",
+        default=socket.gethostname(),  # a DaemonSet passes NODE_NAME; a shell has its host's
+        env="NODE_NAME",
+        help="the Kubernetes node this agent serves",
     )
-    parser.add_argument(
-        "--driver-name",
-        default=_env("DRA_DRIVER_NAME"),
-        help="override the backend's default driver name (env DRA_DRIVER_NAME)",
-    )
-    parser.add_argument(
+    _add_driver_name(parser)
+    _add_setting(
+        parser,
         "--config",
         type=Path,
-        default=_env("DRA_CONFIG"),
-        help="YAML file whose 'backend' section is passed to the backend (env DRA_CONFIG)",
+        default=None,
+        env="DRA_CONFIG",
+        help="YAML file whose 'backend' section is passed to the backend",
+    )
+
+
+def _add_driver_name(parser: argparse.ArgumentParser) -> None:
+    _add_agent_setting(
+        parser,
+        "--driver-name",
+        env="DRA_DRIVER_NAME",
+        help="the driver name to serve instead of the backend's own; the sockets, "
+        "ResourceSlices, DeviceClasses and the webhook all use it",
+    )
+
+
+def _add_directories(parser: argparse.ArgumentParser) -> None:
+    """The kubelet's and the container runtime's directories the agent uses."""
+    for flag, env, what in (
+        (
+            "--registration-dir",
+            "DRA_REGISTRATION_DIR",
+            "the kubelet's plugin registration directory",
+        ),
+        (
+            "--plugins-dir",
+            "DRA_PLUGINS_DIR",
+            "parent of the driver's socket and checkpoint directory",
+        ),
+        ("--cdi-dir", "DRA_CDI_DIR", "dynamic CDI spec directory the container runtime reads"),
+    ):
+        _add_agent_setting(parser, flag, env=env, help=what)
+
+
+def _add_kubeconfig(parser: argparse.ArgumentParser) -> None:
+    _add_agent_setting(
+        parser,
+        "--kubeconfig",
+        env="KUBECONFIG",
+        help="kubeconfig file; without one, the in-cluster service account",
     )
 
 
 def _add_rate_arguments(parser: argparse.ArgumentParser) -> None:
     """``--kube-api-qps`` and ``--kube-api-burst``: the client-side bound on API requests."""
     from dra_core.kube.client import BURST_ENV, QPS_ENV
-    from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS, parse_burst, parse_qps
+    from dra_core.kube.ratelimit import parse_burst, parse_qps
 
     def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
         def convert(text: str) -> object:
@@ -116,50 +193,144 @@ def _add_rate_arguments(parser: argparse.ArgumentParser) -> None:
 
         return convert
 
-    parser.add_argument(
+    _add_agent_setting(
+        parser,
         "--kube-api-qps",
         metavar="QPS",
         type=checked(parse_qps),
-        default=_env(QPS_ENV, f"{DEFAULT_QPS:g}"),
-        help="API requests a second the agent sends at most, after a burst of --kube-api-burst; "
-        f"0 disables the limit (env {QPS_ENV}; default {DEFAULT_QPS:g}, as the kubelet's)",
+        env=QPS_ENV,
+        help="API requests a second the agent sends at most, after a burst of "
+        "--kube-api-burst; 0 disables the limit; the default is the kubelet's",
     )
-    parser.add_argument(
+    _add_agent_setting(
+        parser,
         "--kube-api-burst",
         metavar="N",
         type=checked(parse_burst),
-        default=_env(BURST_ENV, str(DEFAULT_BURST)),
-        help="API requests the agent may send at once after a quiet period (env "
-        f"{BURST_ENV}; default {DEFAULT_BURST}, as the kubelet's)",
+        env=BURST_ENV,
+        help="API requests the agent may send at once after a quiet period; the default is "
+        "the kubelet's",
     )
+
+
+def _add_release_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--kubernetes-version`` and ``--feature-gates``: the API server to answer for."""
+    parser.add_argument(
+        "--kubernetes-version",
+        metavar="VERSION",
+        help=f"the API server's release (e.g. v1.34.4): {what}",
+    )
+    parser.add_argument(
+        "--feature-gates",
+        metavar="NAME=BOOL,...",
+        default="",
+        help="the API server's --feature-gates, where they differ from its release's defaults "
+        "(needs --kubernetes-version)",
+    )
+
+
+def _release_gates(args: argparse.Namespace) -> dict[str, bool] | None:
+    """The DRA gates on in the API server ``--kubernetes-version`` names, or None without it."""
+    from dra_core.releases import ReleaseError, gates_on, parse_feature_gates
+
+    if args.feature_gates and not args.kubernetes_version:
+        raise CliError("--feature-gates needs --kubernetes-version (the gates' defaults)")
+    if not args.kubernetes_version:
+        return None
+    try:
+        return gates_on(args.kubernetes_version, parse_feature_gates(args.feature_gates))
+    except ReleaseError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _add_backend_options(parser: argparse.ArgumentParser, backend_options: Sequence[Any]) -> None:
     """The loaded backend's options (``--NAME``, default from its environment variable)."""
     group = parser.add_argument_group("backend options")
     for option in backend_options:
-        default = _env(option.env, option.default) if option.env else option.default
+        default = _env(option.env, option.default)
         env_note = f" (env {option.env})" if option.env else ""
         group.add_argument(f"--{option.name}", default=default, help=option.help + env_note)
 
 
-def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParser:
+def _add_runtime_files(parser: argparse.ArgumentParser) -> None:
+    """The container runtime's files and socket that doctor reads. Their defaults are the
+    doctor's settings, whose modules are slow to import: added only when doctor runs."""
+    from dra_core.doctor import DEFAULT_RUNTIME_SOCKETS, DoctorSettings
+
+    _add_setting(
+        parser,
+        "--containerd-config",
+        default=DoctorSettings.containerd_config,
+        help="containerd's configuration file",
+    )
+    _add_setting(
+        parser,
+        "--crio-config",
+        default=DoctorSettings.crio_config,
+        help="CRI-O's configuration file; its .d directory of drop-ins is read too",
+    )
+    _add_setting(
+        parser,
+        "--runtime-socket",
+        default=DoctorSettings.runtime_socket,
+        help="the container runtime's CRI socket, asked for its version and configuration; "
+        f"without one, {', then '.join(map(str, DEFAULT_RUNTIME_SOCKETS))}, if present",
+    )
+
+
+def _add_webhook_address(parser: argparse.ArgumentParser) -> None:
+    """Where the webhook listens. The defaults are the webhook's own, whose module is slow to
+    import: added only when the webhook runs."""
+    from dra_core.webhook import Webhook
+
+    defaults = inspect.signature(Webhook).parameters
+    _add_setting(
+        parser,
+        "--port",
+        type=int,
+        default=defaults["port"].default,
+        env="DRA_WEBHOOK_PORT",
+        help="port to listen on",
+    )
+    _add_setting(
+        parser,
+        "--host",
+        default=defaults["host"].default,
+        env="DRA_WEBHOOK_HOST",
+        help="address to listen on, 0.0.0.0 for all; the Deployment sets the pod IP, which the "
+        "API server reaches through the Service",
+    )
+
+
+def _build_parser(
+    backend_options: Sequence[Any] = (), command: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser; ``backend_options`` and ``command`` (when known) add their own flags.
+
+    Flags whose defaults live in modules slow to import (doctor's, the webhook's) are added
+    only when their command runs, so that the other commands start without importing them.
+    """
     parser = argparse.ArgumentParser(
         prog="dra-core",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dra-core {__version__}")
-    parser.add_argument(
+    logging_defaults = inspect.signature(configure_logging).parameters
+    _add_setting(
+        parser,
         "--log-level",
-        default=_env("DRA_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env DRA_LOG_LEVEL)",
+        default=logging_defaults["level"].default,
+        env="DRA_LOG_LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR",
     )
-    parser.add_argument(
+    _add_setting(
+        parser,
         "--log-format",
         choices=("plain", "json"),
-        default=_env("DRA_LOG_FORMAT", "plain"),
-        help="plain text for people, JSON lines for log pipelines (env DRA_LOG_FORMAT)",
+        default=logging_defaults["fmt"].default,
+        env="DRA_LOG_FORMAT",
+        help="plain text for people, JSON lines for log pipelines",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -172,83 +343,73 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     )
     _add_backend_argument(run)
     _add_node_arguments(run)
-    run.add_argument(
-        "--kubeconfig",
-        default=_env("KUBECONFIG"),
-        help="kubeconfig file (env KUBECONFIG; default: in-cluster service account)",
-    )
+    _add_kubeconfig(run)
     _add_rate_arguments(run)
-    run.add_argument(
-        "--registration-dir",
-        default=_env_path("DRA_REGISTRATION_DIR", "/var/lib/kubelet/plugins_registry"),
-        help="the kubelet's plugin registration directory (env DRA_REGISTRATION_DIR)",
-    )
-    run.add_argument(
-        "--plugins-dir",
-        default=_env_path("DRA_PLUGINS_DIR", "/var/lib/kubelet/plugins"),
-        help="parent of the driver's socket and checkpoint directory (env DRA_PLUGINS_DIR)",
-    )
-    run.add_argument(
-        "--cdi-dir",
-        default=_env_path("DRA_CDI_DIR", "/var/run/cdi"),
-        help="dynamic CDI spec directory the container runtime reads (env DRA_CDI_DIR)",
-    )
-    run.add_argument(
+    _add_directories(run)
+    _add_agent_setting(
+        run,
         "--instance-id",
-        default=_env("DRA_INSTANCE_ID"),
-        help="per-instance socket names for rolling updates, usually the pod UID "
-        "(env DRA_INSTANCE_ID; needs kubelet 1.33 or later)",
+        env="DRA_INSTANCE_ID",
+        help="per-instance socket names for rolling updates, usually the pod UID; needs "
+        "kubelet 1.33 or later",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--http-port",
         type=int,
-        default=int(_env("DRA_HTTP_PORT", "8080") or 0),
-        help="port of /healthz and /metrics; 0 disables (env DRA_HTTP_PORT)",
+        env="DRA_HTTP_PORT",
+        help="port of /healthz and /metrics; 0 disables",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--http-host",
-        default=_env("DRA_HTTP_HOST", "0.0.0.0"),
-        help="address /healthz and /metrics listen on (env DRA_HTTP_HOST; default all); the "
-        "kubelet probes the pod IP, which the DaemonSet sets from status.podIP",
+        env="DRA_HTTP_HOST",
+        help="address /healthz and /metrics listen on, 0.0.0.0 for all; the kubelet probes "
+        "the pod IP, which the DaemonSet sets from status.podIP",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--poll-interval",
-        type=float,
-        default=float(_env("DRA_POLL_INTERVAL", "5") or 5),
+        type=_seconds,
+        env="DRA_POLL_INTERVAL",
         help="seconds between rediscoveries and health checks",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--reconcile-interval",
-        type=float,
-        default=float(_env("DRA_RECONCILE_INTERVAL", "300") or 300),
-        help="seconds between reconciliations of prepared claims with the API server (env "
-        "DRA_RECONCILE_INTERVAL; retried sooner while the API server is unreachable)",
+        type=_seconds,
+        env="DRA_RECONCILE_INTERVAL",
+        help="seconds between reconciliations of prepared claims with the API server; "
+        "retried sooner while the API server is unreachable",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--prepare-timeout",
         type=_seconds,
-        default=_env("DRA_PREPARE_TIMEOUT", "60"),
+        env="DRA_PREPARE_TIMEOUT",
         help="seconds a backend may take to prepare or unprepare a claim, check its allocation "
-        "or decode its config before that claim fails (env DRA_PREPARE_TIMEOUT; default 60)",
+        "or decode its config before that claim fails",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--discovery-timeout",
         type=_seconds,
-        default=_env("DRA_DISCOVERY_TIMEOUT", "30"),
+        env="DRA_DISCOVERY_TIMEOUT",
         help="seconds a backend may take to discover devices or check their health before that "
-        "round is skipped, keeping what was published (env DRA_DISCOVERY_TIMEOUT; default 30)",
+        "round is skipped, keeping what was published",
     )
-    run.add_argument(
+    _add_agent_setting(
+        run,
         "--backend-stuck-seconds",
         type=_seconds,
-        default=_env("DRA_BACKEND_STUCK_SECONDS", "180"),
+        env="DRA_BACKEND_STUCK_SECONDS",
         help="a backend call that timed out and still runs this many seconds after it began "
-        "makes /healthz fail, so that the agent is restarted (env DRA_BACKEND_STUCK_SECONDS; "
-        "default 180)",
+        "makes /healthz fail, so that the agent is restarted",
     )
     run.add_argument(
         "--no-publish",
-        action="store_true",
+        dest="publish",
+        action="store_false",
         help="do not publish ResourceSlices (local experiments without a cluster)",
     )
 
@@ -260,6 +421,13 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     )
     _add_backend_argument(discover)
     _add_node_arguments(discover)
+    _add_release_arguments(
+        discover,
+        "the slices are printed as the agent publishes them there: without the devices it "
+        "leaves out for a feature gate that is off (named in a comment), with counter sets in "
+        "the layout of that release. Default: every field, counter sets in slices of their "
+        "own (1.35 and later with the DRA gates on)",
+    )
 
     doctor = commands.add_parser(
         "doctor",
@@ -277,36 +445,10 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
     )
     _add_backend_argument(doctor)
     _add_node_arguments(doctor)
-    doctor.add_argument(
-        "--kubeconfig",
-        default=_env("KUBECONFIG"),
-        help="kubeconfig file (env KUBECONFIG; default: in-cluster service account)",
-    )
-    for flag, env, what in (
-        ("--registration-dir", "DRA_REGISTRATION_DIR", "the kubelet's plugin registration"),
-        ("--plugins-dir", "DRA_PLUGINS_DIR", "the parent of the driver's plugin"),
-        ("--cdi-dir", "DRA_CDI_DIR", "the dynamic CDI spec"),
-    ):
-        doctor.add_argument(
-            flag, default=_env(env), help=f"{what} directory (env {env}; default as for run)"
-        )
-    doctor.add_argument(
-        "--containerd-config",
-        default=None,
-        help="containerd's configuration file (default /etc/containerd/config.toml)",
-    )
-    doctor.add_argument(
-        "--crio-config",
-        default=None,
-        help="CRI-O's configuration file; its .d directory of drop-ins is read too "
-        "(default /etc/crio/crio.conf)",
-    )
-    doctor.add_argument(
-        "--runtime-socket",
-        default=None,
-        help="the container runtime's CRI socket, asked for its version and configuration "
-        "(default: /run/containerd/containerd.sock, then /var/run/crio/crio.sock, if present)",
-    )
+    _add_kubeconfig(doctor)
+    _add_directories(doctor)
+    if command == "doctor":
+        _add_runtime_files(doctor)
     doctor.add_argument(
         "--output",
         choices=("text", "json"),
@@ -327,11 +469,14 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         "the agent's kubelet socket, and clean up. The backend's options are those of "
         "'dra-core run' (see 'dra-core demo --backend NAME --help').",
     )
-    demo.add_argument(
+    _add_setting(
+        demo,
         "--backend",
-        default=_env(BACKEND_ENV, "fake"),
-        help="the backend to demonstrate (default: fake, which needs no hardware)",
+        default="fake",
+        env=BACKEND_ENV,
+        help="the backend to demonstrate (fake needs no hardware)",
     )
+    _add_driver_name(demo)
     _add_backend_options(demo, backend_options)
 
     backends = commands.add_parser(
@@ -348,25 +493,14 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         description="Render the DeviceClasses users request this backend's devices with.",
     )
     _add_backend_argument(render)
-    render.add_argument(
-        "--driver-name",
-        default=_env("DRA_DRIVER_NAME"),
-        help="override the backend's default driver name",
+    _add_driver_name(render)
+    _add_release_arguments(
+        render,
+        "only the classes it accepts with its default feature "
+        "gates (and --feature-gates) are printed, the others are named in a comment with the "
+        "gate they need. Default: every class",
     )
-    render.add_argument(
-        "--kubernetes-version",
-        metavar="VERSION",
-        help="the API server's release (e.g. v1.34.4): only the classes it accepts with its "
-        "default feature gates (and --feature-gates) are printed, the others are named in a "
-        "comment with the gate they need. Default: every class",
-    )
-    render.add_argument(
-        "--feature-gates",
-        metavar="NAME=BOOL,...",
-        default="",
-        help="the API server's --feature-gates, where they differ from its release's defaults "
-        "(needs --kubernetes-version)",
-    )
+    _add_backend_options(render, backend_options)  # the classes may depend on them
 
     webhook = commands.add_parser(
         "webhook",
@@ -379,35 +513,18 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         "--tls-key-file; plain HTTP only with --insecure. Runs until SIGTERM.",
     )
     _add_backend_argument(webhook)
-    webhook.add_argument(
-        "--driver-name",
-        default=_env("DRA_DRIVER_NAME"),
-        help="override the backend's default driver name (env DRA_DRIVER_NAME)",
-    )
-    webhook.add_argument(
-        "--port",
-        type=int,
-        default=int(_env("DRA_WEBHOOK_PORT", "8443") or 8443),
-        help="port to listen on (env DRA_WEBHOOK_PORT; default 8443)",
-    )
-    webhook.add_argument(
-        "--host",
-        default=_env("DRA_WEBHOOK_HOST", "0.0.0.0"),
-        help="address to listen on (env DRA_WEBHOOK_HOST; default all); the Deployment sets "
-        "the pod IP, which the API server reaches through the Service",
-    )
-    webhook.add_argument(
-        "--tls-cert-file",
-        type=Path,
-        default=_env("DRA_WEBHOOK_TLS_CERT_FILE"),
-        help="PEM server certificate, reloaded when it changes (env DRA_WEBHOOK_TLS_CERT_FILE)",
-    )
-    webhook.add_argument(
-        "--tls-key-file",
-        type=Path,
-        default=_env("DRA_WEBHOOK_TLS_KEY_FILE"),
-        help="PEM private key of the certificate (env DRA_WEBHOOK_TLS_KEY_FILE)",
-    )
+    _add_driver_name(webhook)
+    if command == "webhook":
+        _add_webhook_address(webhook)
+    for flag, env, what in (
+        (
+            "--tls-cert-file",
+            "DRA_WEBHOOK_TLS_CERT_FILE",
+            "PEM server certificate, reloaded when it changes",
+        ),
+        ("--tls-key-file", "DRA_WEBHOOK_TLS_KEY_FILE", "PEM private key of the certificate"),
+    ):
+        _add_setting(webhook, flag, type=Path, default=None, env=env, help=what)
     webhook.add_argument(
         "--insecure",
         action="store_true",
@@ -424,6 +541,9 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
         "that can be read and saves the damaged file beside it.",
     )
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", metavar="ACTION")
+    from dra_core.checkpoint import FILE_NAME
+    from dra_core.runtime import AgentSettings
+
     for action, text in (
         ("inspect", "show the checkpoint's state and records"),
         ("repair", "salvage readable records into a valid checkpoint"),
@@ -433,7 +553,8 @@ def _build_parser(backend_options: Sequence[Any] = ()) -> argparse.ArgumentParse
             "--path",
             type=Path,
             required=True,
-            help="the checkpoint file, e.g. /var/lib/kubelet/plugins/<driver>/checkpoint.json",
+            help=f"the checkpoint file, <plugins dir>/<driver>/{FILE_NAME} (e.g. "
+            f"{AgentSettings.plugins_dir}/gpu.intel.com/{FILE_NAME})",
         )
     return parser
 
@@ -478,11 +599,38 @@ def _backend_config(path: Path | None) -> dict[str, Any]:
     return section
 
 
-def _use_rate_limit(args: argparse.Namespace) -> None:
-    """Hand ``--kube-api-qps`` and ``--kube-api-burst`` to the agent's API client, which reads
-    them from the environment (:func:`dra_core.kube.client.load_client`): the flags default to
-    the environment, and are written back to it so that they win."""
-    from dra_core.kube.client import BURST_ENV, QPS_ENV
+#: The settings fields that are paths: made absolute, so that sockets, CDI host paths and the
+#: paths handed to the kubelet do not depend on the directory the agent was started in.
+_PATH_FIELDS = (
+    "registration_dir",
+    "plugins_dir",
+    "cdi_dir",
+    "containerd_config",
+    "crio_config",
+    "runtime_socket",
+)
+_Settings = TypeVar("_Settings")
+
+
+def _settings(cls: Callable[..., _Settings], args: argparse.Namespace, hooks: Any) -> _Settings:
+    """``cls`` (`AgentSettings`, `DoctorSettings`) from the flags: each field with a flag of
+    its name takes the flag's value (None: the field's own default), paths made absolute; and
+    the backend's options and configuration file."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(args, field.name, None)
+        if value is not None:
+            if field.name in _PATH_FIELDS:
+                value = _absolute(value, "--" + field.name.replace("_", "-"))
+            values[field.name] = value
+    values["backend_options"] = _options(args, hooks)
+    values["backend_config"] = _backend_config(args.config)
+    return cls(**values)
+
+
+def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.kubelet.server import KubeletPluginError
+    from dra_core.runtime import Agent, AgentSettings
 
     if args.kube_api_qps > 0 and args.kube_api_burst < 1:
         msg = (
@@ -490,34 +638,7 @@ def _use_rate_limit(args: argparse.Namespace) -> None:
             "(or set --kube-api-qps 0 to disable the limit)"
         )
         raise CliError(msg)
-    os.environ[QPS_ENV] = repr(args.kube_api_qps)
-    os.environ[BURST_ENV] = str(args.kube_api_burst)
-
-
-def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
-    from dra_core.kubelet.server import KubeletPluginError
-    from dra_core.runtime import Agent, AgentSettings
-
-    _use_rate_limit(args)
-    settings = AgentSettings(
-        node_name=args.node_name,
-        driver_name=args.driver_name,
-        kubeconfig=args.kubeconfig,
-        registration_dir=_absolute(args.registration_dir, "--registration-dir"),
-        plugins_dir=_absolute(args.plugins_dir, "--plugins-dir"),
-        cdi_dir=_absolute(args.cdi_dir, "--cdi-dir"),
-        instance_id=args.instance_id,
-        poll_interval=args.poll_interval,
-        reconcile_interval=args.reconcile_interval,
-        prepare_timeout=args.prepare_timeout,
-        discovery_timeout=args.discovery_timeout,
-        backend_stuck_seconds=args.backend_stuck_seconds,
-        http_host=args.http_host,
-        http_port=args.http_port,
-        publish=not args.no_publish,
-        backend_options=_options(args, hooks),
-        backend_config=_backend_config(args.config),
-    )
+    settings = _settings(AgentSettings, args, hooks)
     try:
         Agent(settings, hooks).run()
     except (KubeletPluginError, OSError) as exc:
@@ -533,12 +654,17 @@ def _cmd_run(args: argparse.Namespace, hooks: Any) -> int:
 def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
     import yaml
 
+    from dra_core.health import HealthTracker
     from dra_core.hookspecs import NodeContext
+    from dra_core.kubelet.health import HealthBoard
     from dra_core.model import validate_inventory
+    from dra_core.runtime import resolve_identity
     from dra_core.slices.build import build_slices
+    from dra_core.slices.features import ALL_KEPT, release_features, safe_inventory
 
-    identity = hooks.backend_identity()
-    driver = args.driver_name or identity.driver_name
+    gates = _release_gates(args)
+    server = ALL_KEPT if gates is None else release_features(args.kubernetes_version, gates)
+    driver = resolve_identity(hooks, args.driver_name).driver_name
     context = NodeContext(
         node_name=args.node_name,
         driver_name=driver,
@@ -552,13 +678,29 @@ def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
         health = hooks.device_health(inventory, context)
     finally:
         hooks.stop(context)
-    slices = build_slices(driver, args.node_name, args.node_name, inventory, generation=1)
+    # As the agent publishes: unhealthy devices tainted, then what the server cannot take out.
+    tainted = HealthTracker(driver, args.node_name, HealthBoard()).update(inventory, health)
+    published, left_out = safe_inventory(tainted, server)
+    slices = build_slices(
+        driver,
+        args.node_name,
+        args.node_name,
+        published,
+        generation=1,
+        **server.layout,
+        validated=True,  # above, as discovered
+    )
     unhealthy = {h.device: h.message for h in health if not h.healthy}
     print(
-        f"# driver {driver} on node {args.node_name}: {len(inventory.devices)} devices, "
-        f"{len(inventory.counter_sets)} counter sets, {len(slices)} ResourceSlices"
+        f"# driver {driver} on node {args.node_name}: {len(published.devices)} devices, "
+        f"{len(published.counter_sets)} counter sets, {len(slices)} ResourceSlices"
         + (f"; unhealthy: {unhealthy}" if unhealthy else "")
     )
+    for entry in left_out:
+        changed = [f"not published: {', '.join(entry.devices)}"] if entry.devices else []
+        if entry.exclusive:
+            changed.append(f"published as exclusive devices: {', '.join(entry.exclusive)}")
+        print(f"# Left out: {entry.feature.why}: {'; '.join(changed)}")
     yaml.safe_dump_all(slices, sys.stdout, sort_keys=False)
     return 0
 
@@ -566,25 +708,7 @@ def _cmd_discover(args: argparse.Namespace, hooks: Any) -> int:
 def _cmd_doctor(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.doctor import DoctorSettings, run_doctor
 
-    def given(flag: str) -> Path | None:
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
-        return None if value is None else _absolute(value, flag)
-
-    default = DoctorSettings(node_name=args.node_name)  # the agent's defaults
-    settings = DoctorSettings(
-        node_name=args.node_name,
-        driver_name=args.driver_name,
-        kubeconfig=args.kubeconfig,
-        registration_dir=given("--registration-dir") or default.registration_dir,
-        plugins_dir=given("--plugins-dir") or default.plugins_dir,
-        cdi_dir=given("--cdi-dir") or default.cdi_dir,
-        containerd_config=given("--containerd-config") or default.containerd_config,
-        crio_config=given("--crio-config") or default.crio_config,
-        runtime_socket=given("--runtime-socket"),
-        backend_options=_options(args, hooks),
-        backend_config=_backend_config(args.config),
-    )
-    report = run_doctor(settings, hooks)
+    report = run_doctor(_settings(DoctorSettings, args, hooks), hooks)
     if args.output == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -597,7 +721,7 @@ def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
     from dra_core.testing.controlplane import ControlPlaneError
 
     try:
-        run_demo(hooks, backend_options=_options(args, hooks))
+        run_demo(hooks, backend_options=_options(args, hooks), driver_name=args.driver_name)
     except (DemoError, ControlPlaneError) as exc:
         msg = f"the demo failed: {exc}"
         raise CliError(msg) from None
@@ -605,6 +729,7 @@ def _cmd_demo(args: argparse.Namespace, hooks: Any) -> int:
 
 
 def _cmd_webhook(args: argparse.Namespace, hooks: Any) -> int:
+    from dra_core.runtime import resolve_identity
     from dra_core.webhook import TlsFiles, Webhook, serve
 
     tls = None
@@ -624,7 +749,7 @@ def _cmd_webhook(args: argparse.Namespace, hooks: Any) -> int:
         except (OSError, ValueError) as exc:
             msg = f"cannot load the TLS certificate {args.tls_cert_file}: {exc}"
             raise CliError(msg) from None
-    driver = args.driver_name or hooks.backend_identity().driver_name
+    driver = resolve_identity(hooks, args.driver_name).driver_name
     try:
         webhook = Webhook(hooks, driver, host=args.host, port=args.port, tls=tls)
     except OSError as exc:
@@ -635,27 +760,19 @@ def _cmd_webhook(args: argparse.Namespace, hooks: Any) -> int:
 
 
 def _cmd_render(args: argparse.Namespace, hooks: Any) -> int:
-    import dataclasses
-
     import yaml
 
     from dra_core.manifests import device_class_manifests, select_classes
-    from dra_core.releases import ReleaseError, gates_on, parse_feature_gates
+    from dra_core.runtime import resolve_identity
 
-    identity = hooks.backend_identity()
+    identity = resolve_identity(hooks, args.driver_name)
     command = f"dra-core render --backend {hooks.backend}"
-    if args.driver_name:
-        identity = dataclasses.replace(identity, driver_name=args.driver_name)
+    if args.driver_name is not None:
         command += f" --driver-name {args.driver_name}"
-    classes = hooks.device_classes(identity)
+    classes = hooks.device_classes(identity, _options(args, hooks))
     notes = []
-    if args.feature_gates and not args.kubernetes_version:
-        raise CliError("--feature-gates needs --kubernetes-version (the gates' defaults)")
-    if args.kubernetes_version:
-        try:
-            gates = gates_on(args.kubernetes_version, parse_feature_gates(args.feature_gates))
-        except ReleaseError as exc:
-            raise CliError(str(exc)) from None
+    gates = _release_gates(args)
+    if gates is not None:
         command += f" --kubernetes-version {args.kubernetes_version}"
         if args.feature_gates:
             command += f" --feature-gates {args.feature_gates}"
@@ -760,6 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dra-core``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     from dra_core.checkpoint import CheckpointError
+    from dra_core.errors import FatalError
     from dra_core.model import ModelError
     from dra_core.plugins import HookError, PluginLoadError
 
@@ -773,7 +891,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if known.command in _WITH_BACKEND and backend:
             hooks = _load_hooks(backend)
             backend_options = hooks.backend_options()
-        args = _build_parser(backend_options).parse_args(argv)
+        args = _build_parser(backend_options, known.command).parse_args(argv)
         configure_logging(args.log_level, args.log_format)
         if args.command is None:
             _build_parser().print_help()
@@ -783,6 +901,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hooks is None:
             hooks = _load_hooks(args.backend)
         return _WITH_BACKEND[args.command](args, hooks)
-    except (CliError, PluginLoadError, HookError, CheckpointError, ModelError) as exc:
+    except (CliError, PluginLoadError, HookError, CheckpointError, ModelError, FatalError) as exc:
         print(f"dra-core: error: {exc}", file=sys.stderr)
         return 2

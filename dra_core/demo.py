@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 
 from dra_core.kube.client import KubeClient, load_client
 from dra_core.manifests import device_class_manifests
+from dra_core.model import BackendIdentity
 from dra_core.plugins import Hooks
-from dra_core.runtime import Agent, AgentSettings
+from dra_core.runtime import Agent, AgentSettings, resolve_identity
 from dra_core.testing.controlplane import BUILD_SCRIPT, ControlPlane, run_build_script
 from dra_core.testing.kubelet import FakeKubelet
 from dra_core.testing.scenario import (
@@ -103,12 +104,15 @@ def run_demo(
     hooks: Hooks,
     say: Callable[[str], None] = print,
     backend_options: Mapping[str, str | None] | None = None,
+    driver_name: str | None = None,
 ) -> None:
     """Run the demo with the loaded backend, reporting each step through ``say``.
 
     ``backend_options`` are the backend's option values by name with ``_`` for ``-`` (as
-    ``dra-core run`` passes them), e.g. ``{"sysfs_root": "/tmp/node/sys"}`` for i915.
+    ``dra-core run`` passes them), e.g. ``{"sysfs_root": "/tmp/node/sys"}`` for i915;
+    ``driver_name`` overrides the backend's driver name, as ``--driver-name`` does for ``run``.
     """
+    identity = resolve_identity(hooks, driver_name)  # a bad name fails before the build
     steps = 7
 
     def step(n: int, text: str) -> None:
@@ -124,9 +128,15 @@ def run_demo(
         say(f"      API server {plane.server} ready in {time.monotonic() - started:.1f} s")
         client = load_client(str(plane.kubeconfig_path))
         try:
-            options = dict(backend_options or {})
             gates = plane.enabled_gates()  # only the classes this release accepts
-            _demo_with_cluster(hooks, client, gates, work, options, step, say)
+            settings = AgentSettings.below(
+                work,
+                NODE,
+                driver_name=driver_name,
+                poll_interval=1.0,
+                backend_options=dict(backend_options or {}),
+            )
+            _demo_with_cluster(hooks, identity, client, gates, settings, step, say)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     say("done: control plane stopped, temporary files removed")
@@ -152,15 +162,16 @@ def _describe_slices(slices: list[dict[str, Any]]) -> str:
 
 def _demo_with_cluster(
     hooks: Hooks,
+    identity: BackendIdentity,
     client: KubeClient,
     gates: dict[str, bool],
-    work: Path,
-    backend_options: dict[str, str | None],
+    settings: AgentSettings,
     step: Callable[[int, str], None],
     say: Callable[[str], None],
 ) -> None:
-    identity = hooks.backend_identity()
-    classes = device_class_manifests(hooks.device_classes(identity), gates)
+    classes = device_class_manifests(
+        hooks.device_classes(identity, settings.backend_options), gates
+    )
     if not classes:
         msg = f"backend {hooks.backend!r} declares no DeviceClass to request a device with"
         raise DemoError(msg)
@@ -175,15 +186,6 @@ def _demo_with_cluster(
 
     step(
         4, f"starting the node agent (backend {hooks.backend!r}, driver {identity.driver_name}) ..."
-    )
-    settings = AgentSettings(
-        node_name=NODE,
-        registration_dir=work / "plugins_registry",
-        plugins_dir=work / "plugins",
-        cdi_dir=work / "cdi",
-        http_port=0,
-        poll_interval=1.0,
-        backend_options=backend_options,
     )
     agent = Agent(settings, hooks, client=client)
     started = time.monotonic()

@@ -1,8 +1,10 @@
 """Device health: backend reports become ResourceSlice taints and the kubelet's health stream.
 
 A device is unhealthy while any plugin reports it so; it gets the taint
-``<driver>/unhealthy`` with the effect the report asks for, which goes away on recovery. The
-same state feeds the kubelet's ``DRAResourceHealth`` stream, so pods see it in their status.
+``<driver>/<taint>=<reason>`` (``<driver>/unhealthy`` by default) with the effect the report
+asks for, which goes away on recovery. The driver's domain is the core's: a backend names the
+taint within it, so a taint the agent publishes is always recognisably its driver's. The same
+state feeds the kubelet's ``DRAResourceHealth`` stream, so pods see it in their status.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from dra_core.model import Device, DeviceHealth, Inventory, Taint
 __all__ = ("HealthTracker", "unhealthy_taint_key")
 
 
-def unhealthy_taint_key(driver: str) -> str:
-    """The taint key an unhealthy device carries."""
-    return f"{driver}/unhealthy"
+def unhealthy_taint_key(driver: str, taint: str = "unhealthy") -> str:
+    """The key of the taint ``taint`` (a `DeviceHealth.taint`) an unhealthy device carries."""
+    return f"{driver}/{taint}"
 
 
 class HealthTracker:
@@ -71,5 +73,9 @@ class HealthTracker:
         report = self._unhealthy.get(device.name)
         if report is None:
             return device
-        taint = Taint(key=unhealthy_taint_key(self.driver), effect=report.effect)
+        taint = Taint(
+            key=unhealthy_taint_key(self.driver, report.taint),
+            effect=report.effect,
+            value=report.reason,
+        )
         return replace(device, taints=(*device.taints, taint))

@@ -11,8 +11,10 @@ names (the core makes one instance per agent) or functions of a module; the core
 only with keyword arguments (pluggy's rule). An implementation may accept a subset of
 a spec's arguments, so new arguments never break an existing backend.
 
-Raising from a hook is allowed and meaningful: the core reports the exception with the plugin
-and hook named, and each spec says what happens next.
+Raising from a hook is allowed and meaningful: the exception's kind says what happens next
+(`dra_core.errors`: a ``ClaimError`` fails the claim, a ``TransientError`` fails it until the
+kubelet retries, a ``FatalError`` stops the agent), and each spec says what raising means in
+that hook. The message reaches users in the backend's name, without the hook's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dra_core.model import (
     DeviceHealth,
     Inventory,
     PreparedClaim,
+    PreparedClaims,
     PreparedDevice,
 )
 
@@ -249,13 +252,18 @@ def dra_device_attributes(device: Device, context: NodeContext) -> Mapping[str, 
 
 
 @hookspec
-def dra_device_classes(identity: BackendIdentity) -> Sequence[DeviceClassSpec]:
+def dra_device_classes(
+    identity: BackendIdentity, options: Mapping[str, str | None]
+) -> Sequence[DeviceClassSpec]:
     """Declare the DeviceClasses users request devices of this backend with.
 
-    Called when manifests are rendered (``dra-core render``); the results of every plugin are
-    concatenated.
+    Called when manifests are rendered (``dra-core render``, ``dra-core demo``); the results
+    of every plugin are concatenated. The backend is not started.
 
     :param identity: the backend's identity, for the driver name in CEL selectors.
+    :param options: the backend's options as the agent gets them (:attr:`NodeContext.options`;
+        ``dra-core render`` takes the same flags and environment variables as ``run``), e.g.
+        to declare a class per configured profile.
     :returns: the classes.
 
     Raising aborts ``dra-core render`` with the plugin named.
@@ -281,19 +289,23 @@ def dra_decode_config(parameters: Mapping[str, Any], context: NodeContext) -> ob
 
 
 @hookspec
-def dra_check_allocation(claim: AllocatedClaim, inventory: Inventory, context: NodeContext) -> None:
+def dra_check_allocation(
+    claim: AllocatedClaim, inventory: Inventory, prepared: PreparedClaims, context: NodeContext
+) -> None:
     """Have the node's last word on an allocation before anything is touched.
 
     Called at prepare for each claim not prepared yet, in every plugin, after its opaque config
     is decoded. Check that each device exists, is healthy, is not held exclusively by another
-    claim, and that any partition it needs can be created.
+    claim (``prepared.holding(device)``), and that any partition it needs can be created.
 
     :param claim: the claim's allocation on this node, with decoded configs.
     :param inventory: the current inventory.
+    :param prepared: the other claims prepared on this node, as the checkpoint records them
+        (so the view survives agent restarts); read only.
     :param context: where the agent runs.
 
-    Raise ``dra_core.AllocationError`` with a message a user can act on to refuse the claim;
-    nothing has been changed, and the kubelet retries later.
+    Raise ``dra_core.AllocationError`` (a ``ClaimError``) with a message a user can act on to
+    refuse the claim; nothing has been changed, and the kubelet retries later.
     """
 
 
@@ -319,7 +331,8 @@ def dra_prepare(claim: AllocatedClaim, context: NodeContext) -> Sequence[Prepare
     :returns: one :class:`PreparedDevice` per allocated device, in any order.
 
     Raising fails this claim only; the message reaches the pod's events, so say what failed and
-    what to do. The core then calls :func:`dra_unprepare` to undo partial work.
+    what to do (``dra_core.PrepareError``; ``TransientError`` for what clears by itself). The
+    core then calls :func:`dra_unprepare` to undo partial work.
     """
 
 
@@ -338,6 +351,33 @@ def dra_container_edits(
     :returns: more edits, or None.
 
     Raising fails the claim's prepare like an error in :func:`dra_prepare`.
+    """
+
+
+@hookspec
+def dra_claim_edits(
+    claim: AllocatedClaim, devices: Sequence[PreparedDevice], context: NodeContext
+) -> ContainerEdits:
+    """Give container edits that belong to the whole claim rather than to one device.
+
+    Called after :func:`dra_prepare` (and every plugin's :func:`dra_container_edits`) for each
+    claim, in every plugin; the edits are merged as :func:`dra_container_edits`' are. The core
+    writes them once in the claim's CDI spec, as a claim device whose CDI ID it adds to every
+    device of the claim, so a container gets them once whichever devices it uses, and two
+    claims of one driver in one container keep their own (give such variables claim-specific
+    names, e.g. from the claim's name). The checkpoint records them with the claim.
+
+    Use them for what describes the claim as a whole: the list of its devices, the claim's name,
+    one mount every device shares. Per-device edits stay in :class:`PreparedDevice`.
+
+    :param claim: the claim's allocation on this node, with decoded configs.
+    :param devices: the prepared devices, one per allocation result in result order, with
+        every plugin's edits.
+    :param context: where the agent runs.
+    :returns: the claim's edits, or None for none.
+
+    Raising fails the claim's prepare like an error in :func:`dra_prepare`; the call counts
+    against the same time limit.
     """
 
 

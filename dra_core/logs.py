@@ -1,7 +1,8 @@
 """Log set-up: loguru to stderr, plain for people or JSON for log pipelines.
 
-Records carry the claim UID and device as ``extra`` fields (``logger.bind(claim=...)``); the
-plain format shows them, and JSON keeps them as fields. Records of the standard `logging`
+Records carry the claim UID and device (and, for a failed backend call, the plugin and hook)
+as ``extra`` fields (``logger.bind(claim=...)``); the plain format shows them, and JSON keeps
+them as fields. Records of the standard `logging`
 module (a backend's, a library's) go the same way, at the same level, with the name of their
 logger as the ``logger`` field.
 """
@@ -26,7 +27,8 @@ _PLAIN = (
 
 def _context(record: Any) -> None:
     extra = record["extra"]
-    parts = [f"{key}={extra[key]}" for key in ("logger", "claim", "device") if key in extra]
+    keys = ("logger", "claim", "device", "plugin", "hook")
+    parts = [f"{key}={extra[key]}" for key in keys if key in extra]
     extra["context"] = f"[{' '.join(parts)}] " if parts else ""
 
 

@@ -36,6 +36,7 @@ __all__ = (
     "ModelError",
     "Mount",
     "PreparedClaim",
+    "PreparedClaims",
     "PreparedDevice",
     "RequestPolicy",
     "ResultDevice",
@@ -83,12 +84,18 @@ LIMITS = _Limits()
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
 _UID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _is_label_name(value: str) -> bool:
+    """The name part of a label key, and a non-empty label value: what taints use."""
+    return len(value) <= 63 and bool(_LABEL_NAME.fullmatch(value))
 
 
 def is_dns_label(value: str) -> bool:
@@ -271,13 +278,39 @@ class DeviceClassSpec:
 
 @dataclass(frozen=True)
 class DeviceHealth:
-    """The health of one device as a backend sees it; ``message`` says why when unhealthy."""
+    """The health of one device as a backend sees it; ``message`` says why when unhealthy.
+
+    An unhealthy device is published with the taint ``<driver>/<taint>=<reason>:<effect>``:
+    ``taint`` names the taint within the driver's domain (``unhealthy`` unless the backend
+    tells problems apart, e.g. ``thermal``), and ``reason`` is a short machine-readable cause
+    (``Overheating``) a toleration can match; both follow the label rules the API server
+    applies to taint keys and values, checked here (ModelError names the device and rule).
+    ``message`` is free text for the operator: logs and the kubelet's health stream.
+    """
 
     device: str
     healthy: bool
     message: str = ""
     #: NoExecute evicts running pods as well as keeping new ones away.
     effect: TaintEffect = "NoSchedule"
+    reason: str = ""
+    taint: str = "unhealthy"
+
+    def __post_init__(self) -> None:
+        owner = f"health of device {self.device!r}"
+        if not _is_label_name(self.taint):
+            msg = (
+                f"{owner}: taint {self.taint!r} is not a name of at most 63 letters, digits, "
+                "'-', '_' and '.', starting and ending with a letter or digit"
+            )
+            raise ModelError(msg)
+        if self.reason and not _is_label_name(self.reason):
+            msg = (
+                f"{owner}: reason {self.reason!r} is not empty or at most 63 letters, digits, "
+                "'-', '_' and '.', starting and ending with a letter or digit (put free text "
+                "in message)"
+            )
+            raise ModelError(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +416,11 @@ class ContainerEdits:
     device_nodes: tuple[DeviceNode, ...] = ()
     mounts: tuple[Mount, ...] = ()
 
+    @property
+    def empty(self) -> bool:
+        """No edit at all (CDI forbids empty edits, so such edits get no CDI device)."""
+        return not (self.env or self.device_nodes or self.mounts)
+
     def merged(self, other: ContainerEdits) -> ContainerEdits:
         """These edits followed by ``other``'s (``other`` wins on an environment clash)."""
         return ContainerEdits(
@@ -408,10 +446,39 @@ class PreparedDevice:
 
 @dataclass(frozen=True)
 class PreparedClaim:
-    """A claim prepared on this node, as recorded in the checkpoint."""
+    """A claim prepared on this node, as recorded in the checkpoint.
+
+    ``edits`` belong to the whole claim (from :func:`dra_core.hookspecs.dra_claim_edits`): the
+    CDI spec holds them once, in a claim device every device of the claim names, so a
+    container with several claims of one driver gets each claim's edits exactly once.
+    """
 
     ref: ClaimRef
     devices: tuple[PreparedDevice, ...]
+    edits: ContainerEdits = field(default_factory=ContainerEdits)
+
+
+@dataclass(frozen=True)
+class PreparedClaims:
+    """The claims prepared on this node, from the checkpoint: a read-only view for
+    :func:`dra_core.hookspecs.dra_check_allocation`, without the claim being checked.
+
+    It includes claims whose prepare was started and not finished (a crash in between): their
+    devices are held until they are undone.
+    """
+
+    claims: tuple[PreparedClaim, ...] = ()
+
+    def holding(self, device: str) -> tuple[PreparedClaim, ...]:
+        """The claims with an allocation of ``device``, shared ones too; an admin-access
+        allocation (monitoring beside the users) holds nothing, so it does not count."""
+        return tuple(
+            c
+            for c in self.claims
+            if any(
+                d.allocation.device == device and not d.allocation.admin_access for d in c.devices
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -553,7 +620,21 @@ def validate_device(device: Device) -> None:
         msg = f"{owner}: more than {LIMITS.taints_per_device} taints"
         raise ModelError(msg)
     for taint in device.taints:
-        _check_qualified_name(owner, "taint key", taint.key)
+        _check_taint(owner, taint)
+
+
+def _check_taint(owner: str, taint: Taint) -> None:
+    """A taint key is a label key (``domain/name``), its value a label value."""
+    domain, _, name = taint.key.rpartition("/")
+    if (domain and not is_dns_subdomain(domain)) or not _is_label_name(name):
+        msg = (
+            f"{owner}: taint key {taint.key!r} is not a qualified name (an optional DNS "
+            "subdomain and '/', then at most 63 letters, digits, '-', '_' and '.')"
+        )
+        raise ModelError(msg)
+    if taint.value and not _is_label_name(taint.value):
+        msg = f"{owner}: taint {taint.key!r}: value {taint.value!r} is not a label value"
+        raise ModelError(msg)
 
 
 def _validate_counter_set(counter_set: CounterSet) -> None:

@@ -24,16 +24,19 @@ import pluggy
 from loguru import logger
 
 from dra_core import hookspecs
+from dra_core.errors import consequence
 from dra_core.hookspecs import BackendOption, DoctorCheck, NodeContext
 from dra_core.model import (
     AllocatedClaim,
     AttributeValue,
     BackendIdentity,
+    ContainerEdits,
     Device,
     DeviceClassSpec,
     DeviceHealth,
     Inventory,
     PreparedClaim,
+    PreparedClaims,
     PreparedDevice,
 )
 from dra_core.watchdog import WATCHED_HOOKS, HookError, HookLimits, Watchdog
@@ -267,7 +270,7 @@ class Hooks:
 
     def _locate(self, frame: FrameType | None) -> tuple[str, str]:
         """The plugin a stuck call's innermost ``frame`` runs in, and its innermost frames."""
-        hooks = (*WATCHED_HOOKS, "dra_container_edits", "dra_device_attributes")
+        hooks = (*WATCHED_HOOKS, "dra_container_edits", "dra_claim_edits", "dra_device_attributes")
         codes = {
             impl.function.__code__: impl.plugin_name
             for hook in hooks
@@ -294,7 +297,7 @@ class Hooks:
         except HookError:
             raise
         except Exception as exc:
-            raise HookError(self._culprit(hook, exc), hook, exc) from exc
+            raise HookError(self._culprit(hook, exc), hook, exc, backend=self.backend) from exc
 
     def _culprit(self, hook: str, exc: BaseException) -> str:
         """The plugin whose implementation raised, found from the traceback's frames."""
@@ -321,9 +324,9 @@ class Hooks:
             try:
                 value = impl.function(**args)
             except Exception as exc:
-                error = HookError(impl.plugin_name, hook, exc)
+                error = HookError(impl.plugin_name, hook, exc, backend=self.backend)
                 error.__cause__ = exc
-                if fallback is None:
+                if fallback is None or consequence(exc) == "stop":  # never skipped: the agent stops
                     raise error from exc
                 fallback(error)
                 continue
@@ -388,10 +391,12 @@ class Hooks:
 
     # -- allocation ----------------------------------------------------------------------------
 
-    def device_classes(self, identity: BackendIdentity) -> list[DeviceClassSpec]:
-        return [
-            c for cs in reversed(self._call("dra_device_classes", identity=identity)) for c in cs
-        ]
+    def device_classes(
+        self, identity: BackendIdentity, options: Mapping[str, str | None] | None = None
+    ) -> list[DeviceClassSpec]:
+        """Every plugin's DeviceClasses; ``options`` are the backend's option values."""
+        found = self._call("dra_device_classes", identity=identity, options=dict(options or {}))
+        return [c for cs in reversed(found) for c in cs]
 
     def decode_config(self, parameters: Mapping[str, Any], context: NodeContext) -> object:
         """The backend's decoded config; the raw parameters when no plugin decodes."""
@@ -403,12 +408,21 @@ class Hooks:
         return self.watchdog.call("dra_decode_config", decode)
 
     def check_allocation(
-        self, claim: AllocatedClaim, inventory: Inventory, context: NodeContext
+        self,
+        claim: AllocatedClaim,
+        inventory: Inventory,
+        context: NodeContext,
+        prepared: PreparedClaims | None = None,
     ) -> None:
+        """Every plugin's check; ``prepared`` is the view of the other prepared claims."""
         self.watchdog.call(
             "dra_check_allocation",
             lambda: self._each(
-                "dra_check_allocation", claim=claim, inventory=inventory, context=context
+                "dra_check_allocation",
+                claim=claim,
+                inventory=inventory,
+                prepared=prepared or PreparedClaims(),
+                context=context,
             ),
             claim.ref,
         )
@@ -437,6 +451,24 @@ class Hooks:
                 edits = edits.merged(more)
             result.append(replace(device, edits=edits) if edits is not device.edits else device)
         return result
+
+    def claim_edits(
+        self, claim: AllocatedClaim, devices: Sequence[PreparedDevice], context: NodeContext
+    ) -> ContainerEdits:
+        """Every plugin's edits of the whole claim, merged.
+
+        Part of preparing the claim, so bounded by the same limit as ``dra_prepare``.
+        """
+
+        def merge() -> ContainerEdits:
+            edits = ContainerEdits()
+            for _, more in self._each(
+                "dra_claim_edits", claim=claim, devices=devices, context=context
+            ):
+                edits = edits.merged(more)
+            return edits
+
+        return self.watchdog.call("dra_prepare", merge, claim.ref)
 
     def unprepare(self, claim: PreparedClaim, context: NodeContext) -> None:
         self.watchdog.call(

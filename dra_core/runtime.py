@@ -13,6 +13,7 @@ them, so that registration does not wait for them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -26,11 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from dra_core.checkpoint import BOOT_ID_PATH, Checkpoint, current_boot_id
+from dra_core.checkpoint import BOOT_ID_PATH, FILE_NAME, Checkpoint, current_boot_id
+from dra_core.errors import TransientError, consequence
 from dra_core.fileio import make_directories
 from dra_core.hookspecs import NodeContext
+from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS
 from dra_core.kubelet.health import HealthBoard
 from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
+from dra_core.kubelet.sockets import DEFAULT_PLUGINS_DIR, DEFAULT_REGISTRATION_DIR
 from dra_core.model import (
     BackendIdentity,
     ClaimRef,
@@ -53,7 +57,7 @@ if TYPE_CHECKING:
     from dra_core.node.service import ClaimService
     from dra_core.slices.publisher import SlicePublisher
 
-__all__ = ("Agent", "AgentSettings")
+__all__ = ("Agent", "AgentSettings", "resolve_identity")
 
 #: How often `Agent.run` looks at its stop event when no signal wakes it.
 _STOP_CHECK_SECONDS = 5.0
@@ -66,18 +70,26 @@ _RECONCILE_RETRY_SECONDS = (2.0, 60.0)
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """Everything that configures a node agent; the CLI fills it from flags and environment."""
+    """Everything that configures a node agent; the CLI fills it from flags and environment.
+
+    The defaults written here are the only ones: ``dra-core run`` and ``doctor`` take their
+    flags' defaults (and the defaults their help shows) from these fields.
+    """
 
     #: The Kubernetes node served (``NODE_NAME`` in a DaemonSet, from the downward API).
     node_name: str
-    #: Override of the backend's default driver name.
+    #: Override of the backend's default driver name (see `resolve_identity`).
     driver_name: str | None = None
     #: Kubeconfig file; None means ``$KUBECONFIG`` or the in-cluster service account.
     kubeconfig: str | None = None
+    #: API requests a second the agent sends at most after a burst; 0 disables the limit.
+    kube_api_qps: float = DEFAULT_QPS
+    #: API requests the agent may send at once after a quiet period.
+    kube_api_burst: int = DEFAULT_BURST
     #: Directory of registration sockets the kubelet watches.
-    registration_dir: Path = Path("/var/lib/kubelet/plugins_registry")
+    registration_dir: Path = DEFAULT_REGISTRATION_DIR
     #: Parent of the per-driver plugin directory (DRA socket, checkpoint, lock).
-    plugins_dir: Path = Path("/var/lib/kubelet/plugins")
+    plugins_dir: Path = DEFAULT_PLUGINS_DIR
     #: Dynamic CDI spec directory the container runtime reads.
     cdi_dir: Path = Path("/var/run/cdi")
     #: Set to the pod UID for rolling updates (kubelet 1.33+): per-instance socket names.
@@ -111,8 +123,46 @@ class AgentSettings:
     #: The backend's section of the configuration file.
     backend_config: Mapping[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def below(cls, root: Path, node_name: str, **changes: Any) -> AgentSettings:
+        """An agent whose kubelet and CDI directories are below ``root`` (``registry``,
+        ``plugins``, ``cdi``) and that serves no status endpoint, as the demo, the benchmarks
+        and tests run it; ``changes`` set other fields. Keep ``root`` short: socket paths
+        within it are limited to about 100 bytes."""
+        fields: dict[str, Any] = {
+            "registration_dir": root / "registry",
+            "plugins_dir": root / "plugins",
+            "cdi_dir": root / "cdi",
+            "http_port": 0,
+        }
+        return cls(node_name=node_name, **{**fields, **changes})
+
     def plugin_dir(self, driver: str) -> Path:
         return self.plugins_dir / driver
+
+
+def resolve_identity(hooks: Hooks, driver_name: str | None = None) -> BackendIdentity:
+    """The backend's identity under the driver name it serves: ``driver_name`` (the
+    ``--driver-name`` override) when given, else the backend's own; checked to be valid.
+
+    Every command that names the driver (``run``, ``discover``, ``doctor``, ``webhook``,
+    ``render``, ``demo``) takes it from here, so that an override reaches the sockets, the
+    slices, the DeviceClasses and the webhook alike. Raises `ModelError` saying what to fix.
+    """
+    identity = hooks.backend_identity()
+    if driver_name is not None:
+        identity = dataclasses.replace(identity, driver_name=driver_name)
+    try:
+        validate_driver_name(identity.driver_name)
+    except ModelError as exc:
+        fix = (
+            "pass a valid --driver-name (env DRA_DRIVER_NAME)"
+            if driver_name is not None
+            else f"backend {hooks.backend!r} declares it: pass a valid --driver-name to override it"
+        )
+        msg = f"{exc}; {fix}"
+        raise ModelError(msg) from None
+    return identity
 
 
 class _Gate:
@@ -158,10 +208,9 @@ class _Gate:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
         if not self._ready.wait(timeout) or self._service is None:
             msg = (
-                f"the agent is still starting (backend and devices not ready after "
-                f"{timeout:.3g} s); the kubelet retries"
+                f"the agent is still starting (backend and devices not ready after {timeout:.3g} s)"
             )
-            raise RuntimeError(msg)
+            raise TransientError(msg)
         return self._service
 
     def prepare(
@@ -185,10 +234,15 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.hooks = hooks
-        self.identity: BackendIdentity = hooks.backend_identity()
-        self.driver = settings.driver_name or self.identity.driver_name
-        validate_driver_name(self.driver)
+        self.identity: BackendIdentity = resolve_identity(hooks, settings.driver_name)
+        self.driver = self.identity.driver_name
         self.stop_event = threading.Event()
+        #: The error that stopped the agent (a `FatalError`): `run` raises it once stopped.
+        self.fatal: BaseException | None = None
+        #: The pipe that wakes `run` (set while it runs), and the lock that keeps it open
+        #: while written to.
+        self._wake_fd: int | None = None
+        self._wake_fd_lock = threading.Lock()
         self._wake = threading.Event()
         self._reconcile_now = threading.Event()
         hooks.watchdog.limits = HookLimits(
@@ -229,7 +283,7 @@ class Agent:
         started_at = time.monotonic()
         self._unsubscribe = self.hooks.watchdog.subscribe(self._call_timed_out, self._call_returned)
         make_directories(self.plugin_dir, 0o750)  # 0750 whatever the umask
-        checkpoint = Checkpoint.open(self.plugin_dir / "checkpoint.json")
+        checkpoint = Checkpoint.open(self.plugin_dir / FILE_NAME)
         health = self.board if self.hooks.implemented("dra_device_health") else None
         self.plugin = KubeletPlugin(
             KubeletPluginSettings(
@@ -292,7 +346,11 @@ class Agent:
         if self.client is None and self.settings.publish:
             from dra_core.kube.client import load_client
 
-            self.client = load_client(self.settings.kubeconfig)
+            self.client = load_client(
+                self.settings.kubeconfig,
+                qps=self.settings.kube_api_qps,
+                burst=self.settings.kube_api_burst,
+            )
         if self.client is not None:
             from dra_core.kube.events import EventRecorder
 
@@ -309,6 +367,7 @@ class Agent:
             pools={self.settings.node_name},
             boot_id=current_boot_id(self.settings.boot_id_file),
             events=self.events,
+            on_fatal=self._must_stop,
         )
         self._gate.open(self.service)
 
@@ -429,20 +488,40 @@ class Agent:
             metrics.DISCOVERY_ERRORS.inc()
             logger.error("discovery failed, keeping the last inventory: {}", exc)
             inventory = self._inventory
+            self._stop_if_fatal(exc)
         self._inventory = inventory
         try:
             self._health_reports = self.hooks.device_health(inventory, self.context)
         except HookError as exc:  # a timeout: the others are logged and skipped inside
             logger.error("health check failed, keeping the health last reported: {}", exc)
+            self._stop_if_fatal(exc)
         published = self.health.update(inventory, self._health_reports)
         if published != self._published:
             self._published = published
-            if self.publisher is not None:
-                self.publisher.update(published)
+            self._publish(published)
+
+    def _stop_if_fatal(self, error: BaseException) -> None:
+        if consequence(error) == "stop":
+            self._must_stop(error)
+
+    def _must_stop(self, error: BaseException) -> None:
+        """A `FatalError` came: stop serving; `run` then raises it, so the process exits
+        non-zero with its message. The error was logged where it came."""
+        if self.fatal is None:
+            self.fatal = error
+        self.stop_event.set()
+        with self._wake_fd_lock, contextlib.suppress(OSError):  # full: run is woken anyway
+            if self._wake_fd is not None:
+                os.write(self._wake_fd, b"!")
+
+    def _publish(self, published: Inventory) -> None:
+        if self.publisher is not None:
+            # Validated once, as discovered; the health tracker added only the core's taints.
+            self.publisher.update(published, validated=True)
 
     def _discovery_loop(self) -> None:
-        if self.publisher is not None and self._published is not None:
-            self.publisher.update(self._published)
+        if self._published is not None:
+            self._publish(self._published)
         while not self.stop_event.is_set():
             self._wake.wait(self.settings.poll_interval)
             self._wake.clear()
@@ -469,7 +548,8 @@ class Agent:
         self.hooks.stop(self.context)
 
     def run(self) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop."""
+        """Start, serve until SIGTERM or SIGINT, then stop; raise the error that stopped the
+        agent when one did (`FatalError`)."""
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             logger.info("received {}, stopping", signal.Signals(signum).name)
@@ -480,6 +560,7 @@ class Agent:
         # wake-up pipe, so the main thread waits on the pipe rather than on the event alone.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        self._wake_fd = wake_w
         try:
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
@@ -495,7 +576,11 @@ class Agent:
             finally:
                 self.stop()
         finally:
+            with self._wake_fd_lock:
+                self._wake_fd = None
             signal.set_wakeup_fd(previous)
             os.close(wake_r)
             os.close(wake_w)
         logger.info("stopped (pid {})", os.getpid())
+        if self.fatal is not None:
+            raise self.fatal

@@ -10,7 +10,10 @@ a new call for the same claim (or of the same claim-less hook) fails at once wit
 fails once a call has been stuck longer than ``HookLimits.stuck``, so that it is restarted.
 
 :class:`HookError`, the error of any hook call, lives here because the watchdog raises it too;
-`dra_core.plugins` (the facade that calls the hooks) builds on this module.
+`dra_core.plugins` (the facade that calls the hooks) builds on this module. Its message says
+in a user's words what failed (``backend 'acme' refused the allocation: ...``); the plugin and
+hook it names are attributes, for the log and for backend authors. A timeout is a
+`dra_core.errors.TransientError`: the claim fails this time, and the kubelet retries.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from loguru import logger
 
+from dra_core.errors import ClaimError, FatalError, TransientError
 from dra_core.model import ClaimRef
 from dra_core.validation import describe_validation_error
 
@@ -46,32 +50,69 @@ __all__ = (
 T = TypeVar("T")
 
 
-class HookError(Exception):
-    """A hook implementation raised; ``plugin`` and ``hook`` name it, ``__cause__`` is the error."""
+#: What a failed call of each hook means to a user: "backend 'acme' <this>: <detail>".
+_FAILED: Final = {
+    "dra_backend_options": "could not list its options",
+    "dra_backend_identity": "could not name its driver",
+    "dra_start": "could not start",
+    "dra_stop": "did not stop cleanly",
+    "dra_discover": "could not discover the devices",
+    "dra_device_attributes": "could not add device attributes",
+    "dra_device_classes": "could not list its DeviceClasses",
+    "dra_decode_config": "rejected the opaque config",
+    "dra_check_allocation": "refused the allocation",
+    "dra_prepare": "could not prepare the devices",
+    "dra_container_edits": "could not add container edits",
+    "dra_claim_edits": "could not add the claim's container edits",
+    "dra_unprepare": "could not unprepare the devices",
+    "dra_device_health": "could not check the devices' health",
+    "dra_doctor_checks": "could not run its checks",
+}
+#: Exceptions whose message reads well without their type's name in front.
+_SELF_EXPLAINED = (ClaimError, TransientError, FatalError, ValueError, OSError)
 
-    def __init__(self, plugin: str, hook: str, cause: BaseException) -> None:
+
+class HookError(Exception):
+    """A hook implementation raised; the message says what failed, in a user's words.
+
+    ``plugin`` and ``hook`` name the implementation (log fields, for backend authors),
+    ``backend`` the agent's backend, ``detail`` what the exception said; ``__cause__`` is the
+    exception itself.
+    """
+
+    def __init__(
+        self, plugin: str, hook: str, cause: BaseException, *, backend: str | None = None
+    ) -> None:
         self.plugin = plugin
         self.hook = hook
-        super().__init__(f"plugin {plugin!r} hook {hook!r} failed: {describe(cause)}")
+        self.backend = backend or plugin
+        self.detail = describe(cause)
+        actor = f"backend {plugin!r}" if plugin == self.backend else f"plugin {plugin!r}"
+        super().__init__(f"{actor} {_FAILED.get(hook, 'failed')}: {self.detail}")
 
 
 def describe(error: BaseException) -> str:
-    """What a hook's exception says, pydantic's validation errors in plain words."""
+    """What a hook's exception says: pydantic's validation errors in plain words, and an
+    unexpected exception with its type (``KeyError: 'memory'``)."""
     if type(error).__module__.startswith("pydantic") and hasattr(error, "errors"):
         return describe_validation_error(error)
-    return str(error)
+    if isinstance(error, _SELF_EXPLAINED) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-class HookTimeout(HookError):
+class HookTimeout(HookError, TransientError):
     """A watched hook call did not return within its limit; it goes on, tracked as stuck.
 
     ``claim`` is the claim it was called for (None for discovery and config decoding);
     ``__cause__`` is a TimeoutError whose message says how long, where it runs and what next.
     """
 
-    def __init__(self, plugin: str, hook: str, detail: str, claim: ClaimRef | None) -> None:
+    def __init__(
+        self, plugin: str, hook: str, detail: str, claim: ClaimRef | None, backend: str
+    ) -> None:
         cause = TimeoutError(detail)
-        super().__init__(plugin, hook, cause)
+        super().__init__(plugin, hook, cause, backend=backend)
         self.__cause__ = cause
         self.claim = claim
 
@@ -89,6 +130,15 @@ WATCHED_HOOKS: Final = {
     "dra_decode_config": "prepare",
     "dra_discover": "discovery",
     "dra_device_health": "discovery",
+}
+#: A watched hook's call as a user would name it.
+_CALLS: Final = {
+    "dra_prepare": "prepare",
+    "dra_unprepare": "unprepare",
+    "dra_check_allocation": "allocation check",
+    "dra_decode_config": "opaque config check",
+    "dra_discover": "discovery",
+    "dra_device_health": "health check",
 }
 #: What the core does when a watched hook does not answer in time, for the error message.
 _ON_TIMEOUT: Final = {
@@ -307,7 +357,9 @@ class Watchdog:
         if not outcome.done.wait(limit):
             stuck = self._timed_out(hook, claim, started, limit, outcome)
             if stuck is not None:
-                raise HookTimeout(stuck.plugin, hook, self._timeout_detail(stuck), claim)
+                raise HookTimeout(
+                    stuck.plugin, hook, self._timeout_detail(stuck), claim, self.backend
+                )
         return outcome.result()
 
     def _run(
@@ -364,9 +416,8 @@ class Watchdog:
                 logger.exception("a watchdog listener failed on {}", stuck.describe())
 
     def _timeout_detail(self, stuck: StuckCall) -> str:
-        claim = f" for claim {stuck.claim}" if stuck.claim is not None else ""
         return (
-            f"no answer within {stuck.limit:g} s{claim} (running in {stuck.where}); "
+            f"no answer within {stuck.limit:g} s{_for(stuck.claim)} (running in {stuck.where}); "
             f"{_ON_TIMEOUT[stuck.hook]}. The call is left running (metric "
             f"dra_backend_calls_stuck) and later calls {_scope(stuck.claim, stuck.hook)} "
             f"fail at once until it returns; if it still runs {self.limits.stuck:g} s after it "
@@ -384,24 +435,28 @@ class Watchdog:
             if same:
                 whose = f" for claim {claim}: its" if claim is not None else ": an"
                 detail = (
-                    f"not called{whose} earlier {call.hook} call (plugin {call.plugin!r}) has "
+                    f"not called{whose} earlier {_CALLS[call.hook]} (by {call.plugin!r}) has "
                     f"not returned after {call.age():.0f} s (running in {call.where}); calls "
                     f"{_scope(claim, hook)} fail at once until it returns, and /healthz "
                     f"fails if it still runs {self.limits.stuck:g} s after it began, so that "
                     f"the agent is restarted"
                 )
-                raise HookStuck(call.plugin, hook, detail, claim)
+                raise HookStuck(call.plugin, hook, detail, claim, self.backend)
         if len(stuck) >= MAX_STUCK_CALLS:
             oldest = stuck[0]
             detail = (
                 f"not called: {len(stuck)} calls of backend {self.backend!r} have not returned "
-                f"(the oldest, {oldest.describe()}, after {oldest.age():.0f} s): the backend is "
-                f"wedged; /healthz fails {self.limits.stuck:g} s after that call began, so "
-                f"that the agent is restarted"
+                f"(the oldest, a {_CALLS[oldest.hook]}{_for(oldest.claim)}, after "
+                f"{oldest.age():.0f} s): the backend is wedged; /healthz fails "
+                f"{self.limits.stuck:g} s after that call began, so that the agent is restarted"
             )
-            raise HookStuck(self.backend, hook, detail, claim)
+            raise HookStuck(self.backend, hook, detail, claim, self.backend)
 
 
 def _scope(claim: ClaimRef | None, hook: str) -> str:
     """The calls refused while a call is stuck: those for its claim, or those of its hook."""
-    return "for this claim" if claim is not None else f"of {hook}"
+    return "for this claim" if claim is not None else f"for {_CALLS[hook]}"
+
+
+def _for(claim: ClaimRef | None) -> str:
+    return f" for claim {claim}" if claim is not None else ""

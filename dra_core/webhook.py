@@ -155,7 +155,7 @@ def validate_object(
         try:
             hooks.decode_config(parameters, context)
         except HookError as exc:
-            return f"{where}: {exc.__cause__ if exc.__cause__ is not None else exc}"
+            return f"{where}: {exc.detail}"  # the backend's words, without the hook's name
     return None
 
 

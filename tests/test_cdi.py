@@ -338,3 +338,28 @@ def test_remove_stale_temp_files(specs: CdiSpecs) -> None:
     assert fresh.exists()
     assert theirs.exists()
     assert specs.exists(UID)
+
+
+def test_claim_edits_are_one_claim_device_every_device_names(specs: CdiSpecs) -> None:
+    bare = _device("gpu-1", edits=ContainerEdits())
+    claim = PreparedClaim(
+        ref=ClaimRef("default", "c", UID),
+        devices=(_device("gpu-0"), bare),
+        edits=ContainerEdits(env={"CLAIM_DEVICES": "gpu-0,gpu-1"}),
+    )
+    kind = "k8s.gpu.example.com/gpu"
+    claim_id = f"{kind}=claim-{UID}"
+    assert specs.write(claim) == {
+        ("gpu-0", None): (f"{kind}={UID}-gpu-0", claim_id),
+        ("gpu-1", None): (claim_id,),  # no edits of its own, still the claim's
+    }
+    spec = specs.read(UID)
+    assert spec is not None
+    assert spec["devices"][-1] == {
+        "name": f"claim-{UID}",
+        "containerEdits": {"env": ["CLAIM_DEVICES=gpu-0,gpu-1"]},
+    }
+    # claim edits alone make a spec; a bad one names the claim, not a device
+    alone = PreparedClaim(claim.ref, (bare,), ContainerEdits(env={"A=B": "x"}))
+    with pytest.raises(CdiError, match=r"claim .*: the claim's own edits: environment variable"):
+        specs.build(alone)

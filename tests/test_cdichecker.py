@@ -384,3 +384,50 @@ def test_plugin_fails_only_the_tests_whose_specs_are_refused(
     assert "the test's own failure" in messages["test_own_failure_comes_first"]
     assert "refused" not in messages["test_own_failure_comes_first"]
     assert "[cdicheck] 3 CDI specs of 3 tests checked with the CDI library" in proc.stdout
+
+
+def test_claim_edits_reach_a_container_once_per_claim(
+    cdi_checker: CdiChecker, specs: CdiSpecs
+) -> None:
+    """Two claims of one driver in one container, two devices each, with claim edits: the
+    IDs the kubelet gets (each device's list, as it concatenates them) give every claim's
+    variable once, the claims' own variables side by side, and each device's own edits."""
+    uids = ("c0ffee00-1111-2222-3333-000000000001", "c0ffee00-1111-2222-3333-000000000002")
+    ids: list[str] = []
+    for index, uid in enumerate(uids):
+        claim = PreparedClaim(
+            ref=ClaimRef("default", f"claim-{index}", uid),
+            devices=tuple(
+                PreparedDevice(
+                    allocation=AllocatedDevice(request="gpu", pool="node-1", device=device),
+                    edits=ContainerEdits(env={f"GPU_{index}_{n}": device})
+                    if n
+                    else ContainerEdits(),
+                )
+                for n, device in enumerate(("gpu-0", "gpu-1"))
+            ),
+            edits=ContainerEdits(env={f"CLAIM_{index}": "gpu-0,gpu-1", "SHARED": str(index)}),
+        )
+        for device_ids in specs.write(claim).values():
+            ids.extend(device_ids)
+
+    kind = "k8s.gpu.example.com/gpu"
+    assert ids == [
+        f"{kind}=claim-{uids[0]}",  # gpu-0 has no edits of its own: only the claim device
+        f"{kind}={uids[0]}-gpu-1",
+        f"{kind}=claim-{uids[0]}",
+        f"{kind}=claim-{uids[1]}",
+        f"{kind}={uids[1]}-gpu-1",
+        f"{kind}=claim-{uids[1]}",
+    ]
+    result, case = _check(cdi_checker, specs, *ids)
+
+    assert result.ok, case
+    env = case["edits"]["env"]
+    assert sorted(env) == [
+        "CLAIM_0=gpu-0,gpu-1",
+        "CLAIM_1=gpu-0,gpu-1",
+        "GPU_0_1=gpu-1",
+        "GPU_1_1=gpu-1",
+        "SHARED=1",  # one variable both claims set: the last claim's
+    ]

@@ -76,7 +76,10 @@ def _full_record(uid: str = UID1) -> ClaimRecord:
         ),
         PreparedDevice(allocation=AllocatedDevice(request="r2", pool="p", device="d2")),
     )
-    claim = PreparedClaim(ref=_ref(uid), devices=devices)
+    claim_edits = ContainerEdits(
+        env={"CLAIM_DEVICES": "d,d2"}, mounts=(Mount(host_path="/c", container_path="/c"),)
+    )
+    claim = PreparedClaim(ref=_ref(uid), devices=devices, edits=claim_edits)
     return ClaimRecord.completed(claim, boot_id=BOOT, driver="gpu.example.com")
 
 
@@ -138,6 +141,9 @@ def test_round_trip_every_field(ckpt_path: Path) -> None:
     assert _mode(ckpt_path) == 0o600
     # the codec is symmetric on its own too
     assert decode_record(UID1, encode_record(full)) == full
+    # a claim without edits of its own is written as before, so older releases read it
+    assert "claimEdits" not in encode_record(started)
+    assert "claimEdits" in encode_record(full)
 
 
 def test_records_is_a_copy(ckpt_path: Path) -> None:
@@ -317,6 +323,8 @@ def test_truncated_file(ckpt_path: Path, cut: int) -> None:
         (lambda r: r["devices"][0]["edits"]["deviceNodes"][0].__setitem__("major", True), "major"),
         (lambda r: r["devices"][0]["edits"]["mounts"][0].__setitem__("options", [1]), "options[0]"),
         (lambda r: r["devices"][0].__setitem__("state", []), "state"),
+        (lambda r: r["claimEdits"]["env"].__setitem__("K", 1), "claimEdits.env.K"),
+        (lambda r: r["claimEdits"].pop("mounts"), "claimEdits"),
     ],
 )
 def test_wrong_field_names_uid_and_field(ckpt_path: Path, mutate: Any, field: str) -> None:

@@ -58,15 +58,7 @@ text = st.text(max_size=12)
 
 
 @st.composite
-def devices(draw: st.DrawFn) -> PreparedDevice:
-    allocation = AllocatedDevice(
-        request=draw(dns_label | st.tuples(dns_label, dns_label).map("/".join)),
-        pool=draw(st.lists(dns_subdomain, min_size=1, max_size=2).map("/".join)),
-        device=draw(dns_label),
-        share_id=draw(st.none() | st.uuids().map(str)),
-        consumed_capacity=draw(st.dictionaries(dns_label, text, max_size=2)),
-        admin_access=draw(st.booleans()),
-    )
+def container_edits(draw: st.DrawFn) -> ContainerEdits:
     nodes = draw(
         st.lists(
             st.builds(
@@ -93,11 +85,24 @@ def devices(draw: st.DrawFn) -> PreparedDevice:
             max_size=2,
         )
     )
-    edits = ContainerEdits(
+    return ContainerEdits(
         env=draw(st.dictionaries(text, text, max_size=2)),
         device_nodes=tuple(nodes),
         mounts=tuple(mounts),
     )
+
+
+@st.composite
+def devices(draw: st.DrawFn) -> PreparedDevice:
+    allocation = AllocatedDevice(
+        request=draw(dns_label | st.tuples(dns_label, dns_label).map("/".join)),
+        pool=draw(st.lists(dns_subdomain, min_size=1, max_size=2).map("/".join)),
+        device=draw(dns_label),
+        share_id=draw(st.none() | st.uuids().map(str)),
+        consumed_capacity=draw(st.dictionaries(dns_label, text, max_size=2)),
+        admin_access=draw(st.booleans()),
+    )
+    edits = draw(container_edits())
     state = draw(st.dictionaries(st.text(max_size=6), json_values, max_size=3))
     return PreparedDevice(allocation=allocation, edits=edits, state=state)
 
@@ -105,7 +110,11 @@ def devices(draw: st.DrawFn) -> PreparedDevice:
 @st.composite
 def records(draw: st.DrawFn) -> ClaimRecord:
     ref = ClaimRef(namespace=draw(dns_label), name=draw(dns_subdomain), uid=str(draw(st.uuids())))
-    claim = PreparedClaim(ref=ref, devices=tuple(draw(st.lists(devices(), max_size=2))))
+    claim = PreparedClaim(
+        ref=ref,
+        devices=tuple(draw(st.lists(devices(), max_size=2))),
+        edits=draw(container_edits()),
+    )
     return ClaimRecord(
         claim=claim,
         phase=draw(st.sampled_from(["started", "completed"])),

@@ -589,7 +589,7 @@ def test_a_plugin_whose_checks_raise_gets_a_failed_check_naming_it():
     checks = {plugin: c for plugin, c in hooks.doctor_checks(context) if plugin != "fake"}
     assert checks["sensors"].status == "fail"
     assert checks["sensors"].found == (
-        "plugin 'sensors' hook 'dra_doctor_checks' failed: sensor bus gone"
+        "plugin 'sensors' could not run its checks: RuntimeError: sensor bus gone"
     )
     assert checks["wrong"].found == "dra_doctor_checks returned str, not DoctorCheck"
     assert [c.name for p, c in hooks.doctor_checks(context) if p == "fake"] == ["inventory"]

@@ -155,7 +155,10 @@ def test_hook_error_names_plugin_and_hook():
     with pytest.raises(HookError) as info:
         hooks.discover(context=None)  # type: ignore[arg-type]
     assert info.value.plugin == "broken"
-    assert str(info.value) == "plugin 'broken' hook 'dra_discover' failed: sysfs unreadable"
+    assert str(info.value) == (
+        "plugin 'broken' could not discover the devices: RuntimeError: sysfs unreadable"
+    )
+    assert (info.value.hook, info.value.backend) == ("dra_discover", "backend")
     # A failing health source is skipped, not fatal.
     assert hooks.device_health(Inventory(), context=None) == []  # type: ignore[arg-type]
 

@@ -53,3 +53,26 @@ def test_a_hook_raising_a_validation_error_reads_the_same():
     message = str(HookError("acme", "dra_decode_config", cause))
     assert "items: Input should be a valid list" in message
     assert "errors.pydantic.dev" not in message and "For further information" not in message
+
+
+def test_the_core_runs_without_pydantic(tmp_path):
+    """dra-core does not depend on pydantic: its commands, the agent's modules and the
+    checkpoint work with pydantic impossible to import (the backends that use it declare it)."""
+    import subprocess
+    import sys
+
+    from dra_core.checkpoint import fileformat
+
+    path = tmp_path / fileformat.FILE_NAME
+    path.write_bytes(fileformat.snapshot_line({}))
+    script = (
+        "import sys; sys.modules['pydantic'] = None\n"
+        "import dra_core, dra_core.runtime, dra_core.webhook, dra_core.doctor\n"
+        "from dra_core.cli import main\n"
+        f"sys.exit(main(['checkpoint', 'inspect', '--path', {str(path)!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "status: OK" in result.stdout, result.stdout

@@ -3,12 +3,12 @@
 Unprepare works from this record alone (the claim may be gone from the API server), so it must
 survive crashes and never be lost quietly:
 
-- the file (`fileformat`) is a snapshot line followed by an append-only log: each change
-  appends one checksummed line and flushes it with one ``fdatasync`` before it is
-  acknowledged, so its cost does not grow with the number of claims recorded; the log is
-  folded into a new snapshot (temp file, fsync, rename, fsync of the directory) once it
-  outgrows the snapshot. Mode 0600 in a 0700 directory (created so whatever the umask);
-  temp files a crash left beside it are removed when it is opened;
+- the file (`fileformat`, which alone knows its name, lines and records) is a snapshot line
+  followed by an append-only log: each change appends one checksummed line and flushes it with
+  one ``fdatasync`` before it is acknowledged, so its cost does not grow with the number of
+  claims recorded; the log is folded into a new snapshot (temp file, fsync, rename, fsync of
+  the directory) once it outgrows the snapshot. Mode 0600 in a 0700 directory (created so
+  whatever the umask); temp files a crash left beside it are removed when it is opened;
 - the snapshot and every entry carry a SHA-256 checksum, the file a kind and a schema version,
   and every field is decoded strictly, names (namespace, claim, driver, pool, request, device,
   share ID) by the API's rules; reading is bounded in size, depth and number length, and only
@@ -32,8 +32,7 @@ appended (or reloads the file it replaced) before answering.
 from __future__ import annotations
 
 from dra_core.checkpoint import fileformat
-from dra_core.checkpoint.codec import decode_record, encode_record
-from dra_core.checkpoint.fileformat import KIND, VERSION
+from dra_core.checkpoint.fileformat import FILE_NAME, KIND, VERSION, decode_record, encode_record
 from dra_core.checkpoint.records import (
     BOOT_ID_PATH,
     DIR_MODE,
@@ -57,6 +56,7 @@ __all__ = (
     "BOOT_ID_PATH",
     "DIR_MODE",
     "FILE_MODE",
+    "FILE_NAME",
     "KIND",
     "VERSION",
     "Checkpoint",

@@ -1,7 +1,8 @@
 """The checkpoint file's format: a snapshot line, then an append-only log of changes.
 
-This module alone knows the bytes of the file; `store` (the agent's view) and `repair` (the
-``dra-core checkpoint`` command) read and write it through the functions here.
+This module alone knows the file: its name, its lines and the JSON of its records; `store`
+(the agent's view) and `repair` (the ``dra-core checkpoint`` command) read and write it through
+the functions here.
 
 Version 2, written by this release, is JSON Lines in UTF-8, every line canonical JSON (keys
 sorted, no spaces, ``ensure_ascii=False``) ending with a newline::
@@ -40,7 +41,9 @@ is read as it is and rewritten as version 2 when the agent opens it.
 
 A record is ``{"phase", "bootId", "driver", "claim": {"namespace", "name", "uid"}, "devices":
 [{"allocation": {"request", "pool", "device", "shareId", "consumedCapacity", "adminAccess"},
-"edits": {"env", "deviceNodes", "mounts"}, "state": {...}}]}`` (`dra_core.checkpoint.codec`).
+"edits": {"env", "deviceNodes", "mounts"}, "state": {...}}], "claimEdits"?}``, where the
+optional ``claimEdits`` (the claim's own edits, same form as ``edits``) is written only when
+there are some.
 """
 
 from __future__ import annotations
@@ -49,26 +52,45 @@ import bisect
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 from dra_core import strictjson
-from dra_core.checkpoint.codec import _Bad, _decode, _type_name, encode_record
-from dra_core.checkpoint.records import ClaimRecord
+from dra_core.checkpoint.records import _PHASES, ClaimRecord
+from dra_core.model import (
+    LIMITS,
+    AllocatedDevice,
+    ClaimRef,
+    ContainerEdits,
+    DeviceNode,
+    ModelError,
+    Mount,
+    PreparedClaim,
+    PreparedDevice,
+    is_dns_label,
+    is_dns_subdomain,
+    validate_claim_ref,
+    validate_driver_name,
+)
 
 __all__ = (
+    "FILE_NAME",
     "KIND",
     "MAX_DEPTH",
     "MAX_FILE_BYTES",
     "MAX_NUMBER_DIGITS",
+    "NODE_TYPES",
     "READS",
     "RECORD_MAX_DEPTH",
     "VERSION",
+    "RecordError",
     "State",
     "canonical",
     "checksum",
+    "decode_record",
     "encode",
+    "encode_record",
     "parse",
     "parse_entries",
     "put_line",
@@ -76,6 +98,8 @@ __all__ = (
     "snapshot_line",
 )
 
+#: The file's name in the driver's plugin directory.
+FILE_NAME = "checkpoint.json"
 #: The ``kind`` of every checkpoint file.
 KIND = "dra-core-checkpoint"
 #: The version this release writes.
@@ -94,6 +118,9 @@ MAX_NUMBER_DIGITS = 100
 #: How deeply a record may nest: a snapshot holds its records three levels down.
 RECORD_MAX_DEPTH = MAX_DEPTH - 3
 
+#: The types of a device node in a record's edits: CDI's, and empty (taken from the host).
+NODE_TYPES = ("c", "b", "u", "p", "")
+
 _TOP_LEVEL = frozenset({"kind", "version", "checksum", "data"})
 _PUT_FIELDS = frozenset({"op", "record", "seq", "uid"})
 _REMOVE_FIELDS = frozenset({"op", "seq", "uid"})
@@ -109,6 +136,341 @@ _DECODER = json.JSONDecoder()
 # Salvage scans at most this many times the damaged text (plus the slack, in characters).
 _SALVAGE_PASSES = 8
 _SALVAGE_SLACK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: the JSON object of one claim record, decoded strictly
+# ---------------------------------------------------------------------------------------------
+#
+# Decoding checks every field's type and, for the names that reach paths and API calls, the
+# rules the API server enforces on them (`dra_core.model`): a record whose namespace is
+# ``../../etc`` or whose device name is ``../../tmp/x`` could not have been written by the
+# agent for a real claim, so it is refused as damage, naming the claim and the field.
+
+
+def _encode_edits(e: ContainerEdits) -> dict[str, Any]:
+    return {
+        "env": dict(e.env),
+        "deviceNodes": [
+            {
+                "path": n.path,
+                "hostPath": n.host_path,
+                "type": n.type,
+                "major": n.major,
+                "minor": n.minor,
+                "permissions": n.permissions,
+            }
+            for n in e.device_nodes
+        ],
+        "mounts": [
+            {
+                "hostPath": m.host_path,
+                "containerPath": m.container_path,
+                "options": list(m.options),
+                "type": m.type,
+            }
+            for m in e.mounts
+        ],
+    }
+
+
+def _encode_device(device: PreparedDevice) -> dict[str, Any]:
+    a = device.allocation
+    return {
+        "allocation": {
+            "request": a.request,
+            "pool": a.pool,
+            "device": a.device,
+            "shareId": a.share_id,
+            "consumedCapacity": dict(a.consumed_capacity),
+            "adminAccess": a.admin_access,
+        },
+        "edits": _encode_edits(device.edits),
+        "state": dict(device.state),
+    }
+
+
+def encode_record(record: ClaimRecord) -> dict[str, Any]:
+    """The JSON object of one record (see the module docstring for the layout)."""
+    ref = record.claim.ref
+    encoded = {
+        "phase": record.phase,
+        "bootId": record.boot_id,
+        "driver": record.driver,
+        "claim": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid},
+        "devices": [_encode_device(d) for d in record.claim.devices],
+    }
+    # Only when there are some, so a record without them stays readable by older releases.
+    if not record.claim.edits.empty:
+        encoded["claimEdits"] = _encode_edits(record.claim.edits)
+    return encoded
+
+
+class RecordError(Exception):
+    """A field of a record does not decode (or, written, would not): ``where`` is its path,
+    ``problem`` what is wrong."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.problem = problem
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def _object(
+    value: object, where: str, required: Iterable[str], optional: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A JSON object with the ``required`` keys, perhaps some ``optional`` ones, and no other."""
+    if not isinstance(value, dict):
+        raise RecordError(where, f"expected an object, got {_type_name(value)}")
+    keys = set(required)
+    missing = sorted(keys - value.keys())
+    if missing:
+        raise RecordError(where, f"missing field(s) {', '.join(missing)}")
+    unknown = sorted(str(k) for k in value.keys() - keys - set(optional))
+    if unknown:
+        raise RecordError(where, f"unknown field(s) {', '.join(unknown)}")
+    return cast(dict[str, Any], value)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _str(obj: dict[str, Any], key: str, where: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise RecordError(_join(where, key), f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _opt_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj[key]
+    if value is not None and not isinstance(value, str):
+        raise RecordError(_join(where, key), f"expected a string or null, got {_type_name(value)}")
+    return value
+
+
+def _opt_int(obj: dict[str, Any], key: str, where: str) -> int | None:
+    value = obj[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        msg = f"expected an integer or null, got {_type_name(value)}"
+        raise RecordError(_join(where, key), msg)
+    return value
+
+
+def _bool(obj: dict[str, Any], key: str, where: str) -> bool:
+    value = obj[key]
+    if not isinstance(value, bool):
+        raise RecordError(_join(where, key), f"expected a boolean, got {_type_name(value)}")
+    return value
+
+
+def _str_map(obj: dict[str, Any], key: str, where: str) -> dict[str, str]:
+    value = obj[key]
+    here = _join(where, key)
+    if not isinstance(value, dict):
+        raise RecordError(here, f"expected an object of strings, got {_type_name(value)}")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            item = f"{here}.{k}"
+            raise RecordError(item, f"expected a string, got {_type_name(v)}")
+    return dict(value)
+
+
+def _list(obj: dict[str, Any], key: str, where: str) -> list[Any]:
+    value = obj[key]
+    if not isinstance(value, list):
+        raise RecordError(_join(where, key), f"expected an array, got {_type_name(value)}")
+    return value
+
+
+_DNS_LABEL_RULE = "lower-case letters, digits and '-', at most 63 characters"
+
+
+def _is_request_name(name: str) -> bool:
+    """A request name, or ``<request>/<subrequest>`` (each a DNS label)."""
+    parts = name.split("/")
+    return len(parts) <= 2 and all(is_dns_label(part) for part in parts)
+
+
+def _is_pool_name(name: str) -> bool:
+    """DNS subdomains joined by '/', at most 253 characters (as the API server requires)."""
+    return 0 < len(name) <= LIMITS.pool_name_length and all(
+        is_dns_subdomain(part) for part in name.split("/")
+    )
+
+
+def _require(valid: bool, where: str, value: str, rule: str) -> None:
+    if not valid:
+        raise RecordError(where, f"{value!r} is not {rule}")
+
+
+def _check_allocation(allocation: AllocatedDevice, where: str) -> None:
+    _require(
+        _is_request_name(allocation.request),
+        f"{where}.request",
+        allocation.request,
+        f"a request name (a DNS label, or two joined by '/': {_DNS_LABEL_RULE})",
+    )
+    _require(
+        _is_pool_name(allocation.pool),
+        f"{where}.pool",
+        allocation.pool,
+        f"a pool name (DNS subdomains joined by '/', at most {LIMITS.pool_name_length} characters)",
+    )
+    _require(
+        is_dns_label(allocation.device),
+        f"{where}.device",
+        allocation.device,
+        f"a device name (a DNS label: {_DNS_LABEL_RULE})",
+    )
+    if allocation.share_id is not None:
+        _require(
+            is_dns_label(allocation.share_id),
+            f"{where}.shareId",
+            allocation.share_id,
+            f"a share ID (a DNS label such as the UUID the scheduler assigns: {_DNS_LABEL_RULE})",
+        )
+
+
+def _check_claim(ref: ClaimRef) -> None:
+    _require(
+        is_dns_label(ref.namespace),
+        "claim.namespace",
+        ref.namespace,
+        f"a namespace name (a DNS label: {_DNS_LABEL_RULE})",
+    )
+    _require(
+        is_dns_subdomain(ref.name),
+        "claim.name",
+        ref.name,
+        "a ResourceClaim name (a DNS subdomain: dot-separated DNS labels, at most 253 characters)",
+    )
+    try:
+        validate_claim_ref(ref)  # namespace and name are fine: only the UID is left
+    except ModelError as exc:
+        raise RecordError("claim.uid", str(exc)) from None
+
+
+def _decode_device(raw: object, where: str) -> PreparedDevice:
+    obj = _object(raw, where, ("allocation", "edits", "state"))
+    here = _join(where, "allocation")
+    a = _object(
+        obj["allocation"],
+        here,
+        ("request", "pool", "device", "shareId", "consumedCapacity", "adminAccess"),
+    )
+    allocation = AllocatedDevice(
+        request=_str(a, "request", here),
+        pool=_str(a, "pool", here),
+        device=_str(a, "device", here),
+        share_id=_opt_str(a, "shareId", here),
+        consumed_capacity=_str_map(a, "consumedCapacity", here),
+        admin_access=_bool(a, "adminAccess", here),
+    )
+    _check_allocation(allocation, here)
+    edits = _decode_edits(obj["edits"], _join(where, "edits"))
+    state = obj["state"]
+    if not isinstance(state, dict):
+        raise RecordError(_join(where, "state"), f"expected an object, got {_type_name(state)}")
+    return PreparedDevice(allocation=allocation, edits=edits, state=state)
+
+
+def _decode_edits(raw: object, here: str) -> ContainerEdits:
+    e = _object(raw, here, ("env", "deviceNodes", "mounts"))
+    nodes: list[DeviceNode] = []
+    for i, item in enumerate(_list(e, "deviceNodes", here)):
+        at = f"{here}.deviceNodes[{i}]"
+        n = _object(item, at, ("path", "hostPath", "type", "major", "minor", "permissions"))
+        node_type = _str(n, "type", at)
+        if node_type not in NODE_TYPES:
+            item = f"{at}.type"
+            raise RecordError(item, f"{node_type!r} is not one of c, b, u, p or empty")
+        nodes.append(
+            DeviceNode(
+                path=_str(n, "path", at),
+                host_path=_opt_str(n, "hostPath", at),
+                type=cast(Literal["c", "b", "u", "p", ""], node_type),
+                major=_opt_int(n, "major", at),
+                minor=_opt_int(n, "minor", at),
+                permissions=_str(n, "permissions", at),
+            )
+        )
+    mounts: list[Mount] = []
+    for i, item in enumerate(_list(e, "mounts", here)):
+        at = f"{here}.mounts[{i}]"
+        m = _object(item, at, ("hostPath", "containerPath", "options", "type"))
+        options = _list(m, "options", at)
+        for j, option in enumerate(options):
+            if not isinstance(option, str):
+                item = f"{at}.options[{j}]"
+                raise RecordError(item, f"expected a string, got {_type_name(option)}")
+        mounts.append(
+            Mount(
+                host_path=_str(m, "hostPath", at),
+                container_path=_str(m, "containerPath", at),
+                options=tuple(options),
+                type=_opt_str(m, "type", at),
+            )
+        )
+    return ContainerEdits(
+        env=_str_map(e, "env", here), device_nodes=tuple(nodes), mounts=tuple(mounts)
+    )
+
+
+def _decode(uid: str, raw: object) -> ClaimRecord:
+    obj = _object(raw, "", ("phase", "bootId", "driver", "claim", "devices"), ("claimEdits",))
+    phase = _str(obj, "phase", "")
+    if phase not in _PHASES:
+        raise RecordError("phase", f"{phase!r} is not one of {', '.join(_PHASES)}")
+    c = _object(obj["claim"], "claim", ("namespace", "name", "uid"))
+    ref = ClaimRef(
+        namespace=_str(c, "namespace", "claim"),
+        name=_str(c, "name", "claim"),
+        uid=_str(c, "uid", "claim"),
+    )
+    _check_claim(ref)
+    if ref.uid != uid:
+        raise RecordError("claim.uid", f"{ref.uid!r} differs from the record's key {uid!r}")
+    driver = _str(obj, "driver", "")
+    try:
+        validate_driver_name(driver)
+    except ModelError as exc:
+        raise RecordError("driver", str(exc)) from None
+    devices = tuple(
+        _decode_device(d, f"devices[{i}]") for i, d in enumerate(_list(obj, "devices", ""))
+    )
+    edits = (
+        _decode_edits(obj["claimEdits"], "claimEdits") if "claimEdits" in obj else ContainerEdits()
+    )
+    return ClaimRecord(
+        claim=PreparedClaim(ref=ref, devices=devices, edits=edits),
+        phase=phase,
+        boot_id=_str(obj, "bootId", ""),
+        driver=driver,
+    )
+
+
+def decode_record(uid: str, raw: object) -> ClaimRecord:
+    """Decode one record strictly; ValueError names the claim UID, the field and the problem."""
+    try:
+        return _decode(uid, raw)
+    except RecordError as exc:
+        msg = f"claim {uid}: field {exc.where or '(record)'}: {exc.problem}"
+        raise ValueError(msg) from None
 
 
 def canonical(value: object) -> str:
@@ -132,13 +494,13 @@ def _shown(uid: str) -> str:
 
 
 def _record_text(value: object) -> str:
-    """The canonical JSON of a decoded record; _Bad when it cannot be written back as UTF-8."""
+    """The canonical JSON of a decoded record; RecordError when it is not valid UTF-8."""
     text = canonical(value)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         msg = "holds a string that is not valid Unicode (a lone surrogate)"
-        raise _Bad("", msg) from None
+        raise RecordError("", msg) from None
     return text
 
 
@@ -147,7 +509,7 @@ def encode(record: ClaimRecord) -> tuple[str, ClaimRecord]:
 
     Readers see the same value before and after a restart. Raises ValueError (or TypeError)
     when the record is not plain JSON, is nested deeper than `RECORD_MAX_DEPTH` or has a
-    longer number than the file allows, and _Bad when a field breaks the model's rules.
+    longer number than the file allows, and RecordError when a field breaks the model's rules.
     """
     try:
         text = canonical(encode_record(record))
@@ -266,7 +628,7 @@ def _decode_record(uid: str, raw_record: object) -> tuple[ClaimRecord, str]:
     return _decode(uid, raw_record), _record_text(raw_record)
 
 
-def _field_problem(exc: _Bad) -> str:
+def _field_problem(exc: RecordError) -> str:
     return f"field {exc.where or '(record)'}: {exc.problem}"
 
 
@@ -309,7 +671,7 @@ def _snapshot(state: State, doc: object) -> None:
     for uid, raw_record in data["claims"].items():
         try:
             state.put(uid, *_decode_record(uid, raw_record))
-        except _Bad as exc:
+        except RecordError as exc:
             state._bad_record(uid, _field_problem(exc))
 
 
@@ -420,7 +782,7 @@ def _salvage_records(state: State, raw: bytes) -> int | None:
         read_to = end
         try:
             state.put(uid, *_decode_record(uid, value))
-        except _Bad as exc:
+        except RecordError as exc:
             state._bad_record(uid, _field_problem(exc))
             continue
         kept += 1
@@ -543,5 +905,5 @@ def _entry(state: State, raw: bytes, seq: int) -> None:
         return
     try:
         state.put(uid, *_decode_record(uid, entry["record"]))
-    except _Bad as exc:
+    except RecordError as exc:
         state._bad_record(uid, _field_problem(exc), where)

@@ -35,7 +35,6 @@ BOOT_ID_BYTES = 64
 
 Phase = Literal["started", "completed"]
 _PHASES: tuple[Phase, ...] = ("started", "completed")
-_NODE_TYPES = ("c", "b", "u", "p", "")
 
 
 class CheckpointError(Exception):

@@ -40,7 +40,6 @@ from pathlib import Path
 from loguru import logger
 
 from dra_core.checkpoint import fileformat
-from dra_core.checkpoint.codec import _Bad
 from dra_core.checkpoint.records import (
     _PHASES,
     DIR_MODE,
@@ -474,7 +473,7 @@ class Checkpoint:
         try:
             # Kept as a reload would give it: the same value before and after a restart.
             canon, decoded = fileformat.encode(record)
-        except _Bad as exc:
+        except fileformat.RecordError as exc:
             msg = (
                 f"checkpoint {self._path}: claim {uid}: field {exc.where or '(record)'}: "
                 f"{exc.problem}; the record was not written (a name or value the model does "

@@ -31,12 +31,7 @@ settings, the report and `run_doctor`, which runs them all.
 """
 
 from dra_core.doctor.cluster import api_checks, kubelet_version_check
-from dra_core.doctor.directories import (
-    DEFAULT_CDI_DIR,
-    DEFAULT_PLUGINS_DIR,
-    DEFAULT_REGISTRATION_DIR,
-    directory_checks,
-)
+from dra_core.doctor.directories import directory_checks
 from dra_core.doctor.report import DoctorReport, DoctorSettings, Section, run_doctor
 from dra_core.doctor.runtime import (
     DEFAULT_CDI_SPEC_DIRS,
@@ -50,12 +45,9 @@ from dra_core.doctor.runtime import (
 from dra_core.slices.features import FEATURES, Feature
 
 __all__ = (
-    "DEFAULT_CDI_DIR",
     "DEFAULT_CDI_SPEC_DIRS",
     "DEFAULT_CONTAINERD_CONFIG",
     "DEFAULT_CRIO_CONFIG",
-    "DEFAULT_PLUGINS_DIR",
-    "DEFAULT_REGISTRATION_DIR",
     "DEFAULT_RUNTIME_SOCKETS",
     "FEATURES",
     "DoctorReport",

@@ -12,17 +12,7 @@ from dra_core.hookspecs import DoctorCheck
 if TYPE_CHECKING:  # for its type only: the report runs these checks, so it imports this module
     from dra_core.doctor.report import DoctorSettings
 
-__all__ = (
-    "DEFAULT_CDI_DIR",
-    "DEFAULT_PLUGINS_DIR",
-    "DEFAULT_REGISTRATION_DIR",
-    "directory_checks",
-)
-
-#: The agent's defaults (``dra-core run``), which doctor checks unless told otherwise.
-DEFAULT_REGISTRATION_DIR = Path("/var/lib/kubelet/plugins_registry")
-DEFAULT_PLUGINS_DIR = Path("/var/lib/kubelet/plugins")
-DEFAULT_CDI_DIR = Path("/var/run/cdi")
+__all__ = ("directory_checks",)
 
 
 def _writable(path: Path) -> bool:

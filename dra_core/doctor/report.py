@@ -10,16 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from dra_core.doctor.cluster import cluster_checks
-from dra_core.doctor.directories import (
-    DEFAULT_CDI_DIR,
-    DEFAULT_PLUGINS_DIR,
-    DEFAULT_REGISTRATION_DIR,
-    directory_checks,
-)
+from dra_core.doctor.directories import directory_checks
 from dra_core.doctor.runtime import DEFAULT_CONTAINERD_CONFIG, DEFAULT_CRIO_CONFIG, runtime_checks
 from dra_core.hookspecs import CheckStatus, DoctorCheck, NodeContext
 from dra_core.model import Inventory, ModelError, validate_inventory
 from dra_core.plugins import HookError, Hooks
+from dra_core.runtime import AgentSettings, resolve_identity
 from dra_core.slices.features import FEATURES, used_fields
 
 __all__ = ("DoctorReport", "DoctorSettings", "Section", "run_doctor")
@@ -27,16 +23,17 @@ __all__ = ("DoctorReport", "DoctorSettings", "Section", "run_doctor")
 
 @dataclass(frozen=True)
 class DoctorSettings:
-    """Where to look: the agent's settings, and the container runtime's files and socket."""
+    """Where to look: the agent's settings (with the agent's defaults), and the container
+    runtime's files and socket."""
 
     node_name: str
     #: Override of the backend's driver name, as for ``run``.
     driver_name: str | None = None
     #: Kubeconfig file; None means ``$KUBECONFIG`` or the in-cluster service account.
     kubeconfig: str | None = None
-    registration_dir: Path = DEFAULT_REGISTRATION_DIR
-    plugins_dir: Path = DEFAULT_PLUGINS_DIR
-    cdi_dir: Path = DEFAULT_CDI_DIR
+    registration_dir: Path = AgentSettings.registration_dir
+    plugins_dir: Path = AgentSettings.plugins_dir
+    cdi_dir: Path = AgentSettings.cdi_dir
     containerd_config: Path = DEFAULT_CONTAINERD_CONFIG
     crio_config: Path = DEFAULT_CRIO_CONFIG
     #: The container runtime's CRI socket; None asks the default sockets that exist.
@@ -152,8 +149,7 @@ def _count(n: int, thing: str) -> str:
 
 def run_doctor(settings: DoctorSettings, hooks: Hooks) -> DoctorReport:
     """Run every check for this node with the loaded backend and return the report."""
-    identity = hooks.backend_identity()
-    driver = settings.driver_name or identity.driver_name
+    driver = resolve_identity(hooks, settings.driver_name).driver_name
     context = NodeContext(
         node_name=settings.node_name,
         driver_name=driver,

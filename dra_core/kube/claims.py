@@ -13,16 +13,13 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dra_core.errors import ClaimError
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.model import LIMITS, AllocatedDevice, ClaimRef
 
 __all__ = ("ClaimAllocation", "ClaimError", "OpaqueConfig", "fetch_claim", "parse_allocation")
 
 RESOURCE_API = "/apis/resource.k8s.io/v1"
-
-
-class ClaimError(Exception):
-    """A claim cannot be prepared as it stands (replaced, unallocated, not for us, malformed)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from dra_core.errors import TransientError
+
 __all__ = (
     "DEFAULT_BURST",
     "DEFAULT_QPS",
@@ -41,7 +43,7 @@ DEFAULT_BURST = 100
 _WAIT_DEADLINE: ContextVar[float | None] = ContextVar("dra_rate_limit_deadline", default=None)
 
 
-class RateLimitTimeout(Exception):
+class RateLimitTimeout(TransientError):
     """A request's turn under the rate limit would come after its caller's deadline: the
     request was not sent. The message says how long it would have waited and what was left."""
 

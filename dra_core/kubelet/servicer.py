@@ -21,6 +21,7 @@ from typing import Any, Final
 import grpc
 from loguru import logger
 
+from dra_core.errors import RETRY_NOTE, consequence
 from dra_core.kubelet.proto import (
     dra_v1_pb2,
     dra_v1_pb2_grpc,
@@ -73,8 +74,12 @@ def _claim_refs(claims: Sequence[Any]) -> tuple[list[ClaimRef], dict[str, str]]:
 
 def _call_failed(call: str, claims: Sequence[ClaimRef], exc: Exception) -> dict[str, str]:
     uids = [c.uid for c in claims]
-    logger.opt(exception=exc).error("{} of claims {} raised: {}", call, uids, exc)
-    text = f"{call} failed on this node: {type(exc).__name__}: {exc}"
+    if consequence(exc) == "retry":  # expected to clear: no traceback
+        logger.warning("{} of claims {} failed: {}", call, uids, exc)
+        text = f"{call} failed on this node: {exc}; {RETRY_NOTE}"
+    else:
+        logger.opt(exception=exc).error("{} of claims {} raised: {}", call, uids, exc)
+        text = f"{call} failed on this node: {type(exc).__name__}: {exc}"
     return dict.fromkeys(uids, text)
 
 
@@ -136,7 +141,7 @@ class _DRAService:
         log = logger.bind(claim=uid)
         if result.error:
             entry.error = result.error
-            log.warning("prepare failed: {}", result.error)
+            log.debug("prepare failed: {}", result.error)  # the node service logged it
             return
         for device in result.devices:
             message = entry.devices.add(
@@ -171,7 +176,9 @@ class _DRAService:
                 entry.error = _missing("NodeUnprepareResources", ref.uid)
             elif outcome:
                 entry.error = str(outcome)
-                logger.bind(claim=ref.uid).warning("unprepare failed: {}", outcome)
+                logger.bind(claim=ref.uid).debug(
+                    "unprepare failed: {}", outcome
+                )  # the service logged it
         return response
 
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+from dra_core.errors import TransientError
 from dra_core.fileio import make_directories, read_regular_text
 
 __all__ = ("DriverLock", "DriverLockBusy")
@@ -32,7 +33,7 @@ _POLL_SECONDS: Final = 0.01
 _HOLDER_BYTES: Final = 1024
 
 
-class DriverLockBusy(Exception):
+class DriverLockBusy(TransientError):
     """The driver lock was not free by the caller's deadline; the message says who holds it."""
 
     def __init__(self, path: Path, holder: str, waited: float) -> None:

@@ -4,7 +4,8 @@ For each claim: answer from the checkpoint if it is already prepared; otherwise 
 ResourceClaim, take this driver's results in this node's pool, decode the opaque configs,
 let the backend check and prepare, write the CDI spec, and record the claim, in two phases
 so that a crash at any step is rolled back on the next call or at start. One claim's failure
-is that claim's error; the others go on.
+is that claim's error; the others go on. Every failure is acted on by what it means
+(`dra_core.errors`) and logged once, with the claim, and the plugin and hook as log fields.
 
 The claims of a call are read in parallel, at most `CLAIM_READS_IN_FLIGHT` reads at once for
 the agent, without the driver lock, and every request and retry ends by the call's deadline:
@@ -35,8 +36,9 @@ from typing import Any, Final, Literal
 from loguru import logger
 
 from dra_core import metrics
-from dra_core.cdi import CdiError, CdiSpecs
+from dra_core.cdi import CdiSpecs
 from dra_core.checkpoint import Checkpoint, CheckpointError, ClaimRecord
+from dra_core.errors import RETRY_NOTE, Consequence, TransientError, consequence
 from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import ClaimAllocation, ClaimError, fetch_claim, parse_allocation
 from dra_core.kube.client import ApiError, KubeClient
@@ -50,12 +52,14 @@ from dra_core.model import (
     Inventory,
     ModelError,
     PreparedClaim,
+    PreparedClaims,
     PreparedDevice,
     ResultDevice,
     validate_claim_ref,
 )
-from dra_core.node.lock import DriverLock, DriverLockBusy
+from dra_core.node.lock import DriverLock
 from dra_core.plugins import HookError, Hooks
+from dra_core.watchdog import describe
 
 __all__ = (
     "CALLS_WAITING_FOR_API",
@@ -87,7 +91,7 @@ _MIN_READ_SECONDS: Final = 0.05
 _CLAIMS_NAMED: Final = 3
 
 
-class _NoTimeLeft(Exception):
+class _NoTimeLeft(TransientError):
     """The call's deadline came before the claim could be read."""
 
 
@@ -120,6 +124,9 @@ class ReconcileReport:
     removed_orphan_specs: list[str] = field(default_factory=list)
     reprepared: list[str] = field(default_factory=list)
     released_gone_claims: list[str] = field(default_factory=list)
+    #: Claims of an earlier boot whose prepare failed (each failure is logged as it happens).
+    not_reprepared: list[str] = field(default_factory=list)
+    #: Steps that failed, for the caller to log.
     errors: list[str] = field(default_factory=list)
     #: The API server did not answer: gone claims were not released, rebooted claims not
     #: prepared again; the caller retries.
@@ -144,6 +151,7 @@ class ClaimService:
         events: EventRecorder | None = None,
         claim_reads_in_flight: int = CLAIM_READS_IN_FLIGHT,
         calls_waiting_for_api: int = CALLS_WAITING_FOR_API,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.hooks = hooks
         self.context = context
@@ -156,6 +164,10 @@ class ClaimService:
         self.boot_id = boot_id
         self.events = events
         self.driver = context.driver_name
+        #: Told of a `FatalError`, once: the agent must stop.
+        self.on_fatal = on_fatal
+        #: The error that means the agent must stop, once one came.
+        self.fatal: BaseException | None = None
         #: Whether the API server answered the last request (None: nothing asked yet).
         self.api_reachable: bool | None = None
         self._api_state = threading.Lock()
@@ -217,7 +229,7 @@ class ClaimService:
             try:
                 validate_claim_ref(ref)
             except ModelError as exc:
-                results[ref.uid] = self._failed(ref, "prepare", str(exc))
+                results[ref.uid] = self._failed(ref, "prepare", exc)
                 continue
             done = self._prepared(ref)
             if done is not None:
@@ -285,7 +297,7 @@ class ClaimService:
             if claim.result is None and not claim.begun:
                 if claim in self._queue:
                     self._queue.remove(claim)
-                claim.result = self._failed(claim.ref, "prepare", f"{busy}; the kubelet will retry")
+                claim.result = self._failed(claim.ref, "prepare", TransientError(busy))
 
     def _begins(self, claim: _Queued) -> bool:
         """Mark ``claim`` begun, unless its call gave up waiting (then False)."""
@@ -311,11 +323,8 @@ class ClaimService:
                     batch, self._queue = self._queue, []
                 self._prepare_locked(batch)
             return
-        except DriverLockBusy as exc:
-            error = f"{exc}; the kubelet will retry"
         except Exception as exc:  # noqa: BLE001 - the claims of other calls must be answered too
-            logger.opt(exception=exc).error("preparing claims {} raised", [c.ref for c in own])
-            error = f"prepare failed on this node: {type(exc).__name__}: {exc}"
+            error = exc
         for claim in batch or self._take(own):
             if claim.result is None:
                 claim.result = self._failed(claim.ref, "prepare", error)
@@ -325,37 +334,37 @@ class ClaimService:
         when it records this UID under another namespace or name; None when it has neither."""
         record = self.checkpoint.get(ref.uid)
         if record is not None and record.claim.ref != ref:
-            return self._failed(ref, "prepare", _recorded_as_another_claim(record, ref))
+            return self._failed(ref, "prepare", ClaimError(_recorded_as_another_claim(record, ref)))
         if record is None or record.phase != "completed" or record.boot_id != self.boot_id:
             return None
-        if not self.cdi.exists(ref.uid):
-            self.cdi.write(record.claim)
         try:
+            if not self.cdi.exists(ref.uid):
+                self.cdi.write(record.claim)
             self.checkpoint.flush()  # the record may have been appended but not flushed yet
-        except CheckpointError as exc:
-            return self._failed(ref, "prepare", str(exc))
+        except Exception as exc:  # noqa: BLE001 - this claim's failure, not the call's
+            return self._failed(ref, "prepare", exc)
         metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         return self._result(record.claim)
 
     def _read_claims(
         self, pending: Mapping[str, ClaimRef], started: float, read_by: float
-    ) -> dict[str, ClaimAllocation | str]:
+    ) -> dict[str, ClaimAllocation | Exception]:
         """Read ``pending`` claims in parallel until ``read_by``: an allocation or an error each."""
         if not pending:
             return {}
         if self.client is None:
             msg = "no Kubernetes API client is configured, so the claim cannot be read"
-            return dict.fromkeys(pending, msg)
+            return dict.fromkeys(pending, ClaimError(msg))
         # A call that would wait beyond the limit fails its claims soon, so that waiting calls
         # never take every gRPC worker; it waits briefly for a place first, since a burst of
         # new claims fills the places for a few milliseconds when the API server answers fast.
         place_by = min(read_by, time.monotonic() + _PLACE_WAIT_SECONDS)
         if not self._calls_waiting.acquire(timeout=max(0.0, place_by - time.monotonic())):
             return {
-                uid: (
+                uid: TransientError(
                     f"cannot read ResourceClaim {ref.namespace}/{ref.name}: the API server is "
                     f"slow to answer and {self._calls_waiting_limit} kubelet calls already wait "
-                    f"for it; the kubelet will retry"
+                    f"for it"
                 )
                 for uid, ref in pending.items()
             }
@@ -374,11 +383,11 @@ class ClaimService:
 
     def _read_outcome(
         self, ref: ClaimRef, read: Future[ClaimAllocation], budget: float
-    ) -> ClaimAllocation | str:
+    ) -> ClaimAllocation | Exception:
         where = f"cannot read ResourceClaim {ref.namespace}/{ref.name}"
-        late = (
+        late = TransientError(
             f"{where}: the API server did not answer in time (not within the {budget:.1f} s "
-            f"this kubelet call allows for reading claims); the kubelet will retry"
+            f"this kubelet call allows for reading claims)"
         )
         if not read.done():
             read.cancel()  # a read still queued is never sent
@@ -386,21 +395,17 @@ class ClaimService:
         try:
             return read.result()
         except ClaimError as exc:
-            return str(exc)
+            return exc
         except _NoTimeLeft:
             return late
         except RateLimitTimeout as exc:
-            return f"{where}: {exc}; the kubelet will retry"
+            return TransientError(f"{where}: {exc}")
         except ApiError as exc:
             if exc.retriable:
-                return (
-                    f"{where}: the API server did not answer in time ({exc}); "
-                    f"the kubelet will retry"
-                )
-            return f"{where}: {exc}"
+                return TransientError(f"{where}: the API server did not answer in time ({exc})")
+            return ClaimError(f"{where}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a read's failure is its claim's, not the call's
-            logger.bind(claim=ref.uid).opt(exception=exc).error("reading claim {} raised", ref)
-            return f"{where}: {type(exc).__name__}: {exc}"
+            return exc
 
     def _read_claim(self, ref: ClaimRef, read_by: float) -> ClaimAllocation:
         """Read and parse one claim, retried, every request and wait ending by ``read_by``."""
@@ -443,29 +448,33 @@ class ClaimService:
         for claim in claims:
             if not self._begins(claim):
                 continue
+            if self.fatal is not None:  # the agent stops: no device is touched any more
+                stopping = TransientError(f"the agent is stopping: {self.fatal}")
+                claim.result = self._failed(claim.ref, "prepare", stopping)
+                continue
             started_at = time.monotonic()
             began = self._begin(claim)
             if began is None:
                 continue
             failed = self._flush(unflushed)
             if failed is not None:
-                self._undo(claim.ref, failed)
+                self._undo(claim.ref)
                 claim.result = self._failed(claim.ref, "prepare", failed)
                 continue
-            log = logger.bind(claim=claim.ref.uid)
             try:
-                prepared = PreparedClaim(claim.ref, self._prepare_devices(began))
+                devices = self._prepare_devices(began)
+                edits = self.hooks.claim_edits(claim=began, devices=devices, context=self.context)
+                prepared = PreparedClaim(claim.ref, devices, edits)
                 self.cdi.write(prepared)
                 self._record(prepared, "completed", durable=False)
             except Exception as exc:  # noqa: BLE001 - any failure is this claim's, and is undone
-                log.opt(exception=exc).warning("prepare of claim {} failed; undoing", claim.ref)
-                self._undo(claim.ref, str(exc))
-                claim.result = self._failed(claim.ref, "prepare", str(exc))
+                self._undo(claim.ref)
+                claim.result = self._failed(claim.ref, "prepare", exc)
                 continue
             unflushed.append(_Unflushed(claim, prepared, started_at))
         self._flush(unflushed)
 
-    def _flush(self, unflushed: list[_Unflushed]) -> str | None:
+    def _flush(self, unflushed: list[_Unflushed]) -> CheckpointError | None:
         """Flush the checkpoint, then answer the claims of ``unflushed`` (and empty it).
 
         When the flush fails, those claims are undone and fail, and the error is returned.
@@ -474,10 +483,10 @@ class ClaimService:
             self.checkpoint.flush()
         except CheckpointError as exc:
             for done in unflushed:
-                self._undo(done.queued.ref, str(exc))
-                done.queued.result = self._failed(done.queued.ref, "prepare", str(exc))
+                self._undo(done.queued.ref)
+                done.queued.result = self._failed(done.queued.ref, "prepare", exc)
             unflushed.clear()
-            return str(exc)
+            return exc
         for done in unflushed:
             ref, prepared = done.queued.ref, done.prepared
             metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
@@ -493,15 +502,16 @@ class ClaimService:
         unflushed.clear()
         return None
 
-    def _undo(self, ref: ClaimRef, why: str) -> None:
+    def _undo(self, ref: ClaimRef) -> None:
         """Roll back whatever a failed prepare of ``ref`` left; a failure is logged."""
         try:
             self._roll_back(self.checkpoint.get(ref.uid))
-        except (HookError, CheckpointError, OSError) as undo:
-            logger.bind(claim=ref.uid).error(
-                "undoing claim {} ({}) failed too; it is retried at the next call: {}",
+        except Exception as undo:  # noqa: BLE001 - this claim's failure; the others go on
+            self._act_on(undo)
+            logger.bind(claim=ref.uid, **_origin(undo)).error(
+                "undoing the failed prepare of claim {} failed too; it is undone again at the "
+                "next call: {}",
                 ref,
-                why,
                 undo,
             )
 
@@ -523,26 +533,28 @@ class ClaimService:
             )
             try:
                 self._roll_back(stale)
-            except HookError as exc:
-                queued.result = self._failed(
-                    ref, "prepare", f"cannot undo an earlier prepare: {exc}"
-                )
+            except Exception as exc:  # noqa: BLE001 - this claim's failure; the others go on
+                queued.result = self._failed(ref, "prepare", exc, "cannot undo an earlier prepare")
                 return None
         try:
             claim = self._allocated_claim(ref, allocation)
             self.hooks.check_allocation(
-                claim=claim, inventory=self.inventory(), context=self.context
+                claim=claim,
+                inventory=self.inventory(),
+                context=self.context,
+                prepared=self._prepared_claims(ref),
             )
-        except (ClaimError, HookError) as exc:
-            queued.result = self._failed(ref, "prepare", str(exc))
-            return None
-        started = PreparedClaim(ref, tuple(PreparedDevice(a) for a in claim.devices))
-        try:
+            started = PreparedClaim(ref, tuple(PreparedDevice(a) for a in claim.devices))
             self._record(started, "started", durable=False)  # flushed before the backend acts
-        except CheckpointError as exc:
-            queued.result = self._failed(ref, "prepare", str(exc))
+        except Exception as exc:  # noqa: BLE001 - this claim's failure; the others go on
+            queued.result = self._failed(ref, "prepare", exc)
             return None
         return claim
+
+    def _prepared_claims(self, ref: ClaimRef) -> PreparedClaims:
+        """The view of the claims recorded prepared (or started) other than ``ref``."""
+        records = self.checkpoint.records().values()
+        return PreparedClaims(tuple(r.claim for r in records if r.claim.ref.uid != ref.uid))
 
     def _record(
         self, claim: PreparedClaim, phase: Literal["started", "completed"], *, durable: bool
@@ -567,10 +579,12 @@ class ClaimService:
             try:
                 value = self.hooks.decode_config(parameters=config.parameters, context=self.context)
             except HookError as exc:
+                if consequence(exc) in ("retry", "stop"):
+                    raise
                 targets = ", ".join(config.requests) or "all requests"
                 source = "DeviceClass" if config.source == "FromClass" else "ResourceClaim"
-                msg = f"invalid opaque config for {targets} (from the {source}): {exc.__cause__}"
-                raise ClaimError(msg) from None
+                msg = f"invalid opaque config for {targets} (from the {source}): {exc.detail}"
+                raise ClaimError(msg) from exc
             for request, values in decoded.items():
                 if config.applies_to(request):
                     values.append(value)
@@ -588,10 +602,10 @@ class ClaimService:
             match = by_key.get((device.device, device.share_id, device.request))
             if match is None:
                 msg = (
-                    f"backend {self.hooks.backend!r} prepared no device for {device.device} "
-                    f"(request {device.request}); this is a backend bug"
+                    f"it returned no device for {device.device} (request {device.request}); "
+                    f"this is a bug in the backend"
                 )
-                raise HookError(self.hooks.backend, "dra_prepare", RuntimeError(msg))
+                raise HookError(self.hooks.backend, "dra_prepare", ClaimError(msg))
             ordered.append(replace(match, allocation=device))
         return tuple(ordered)
 
@@ -611,15 +625,56 @@ class ClaimService:
             )
         )
 
-    def _failed(self, ref: ClaimRef, action: str, message: str) -> ClaimResult:
-        logger.bind(claim=ref.uid).warning("{} of claim {} failed: {}", action, ref, message)
-        metrics.PREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
+    def _failed(
+        self, ref: ClaimRef, action: Literal["prepare"], error: Exception, doing: str = ""
+    ) -> ClaimResult:
+        """The result of a failed prepare of ``ref``, with its event (see `_failure`)."""
+        message = self._failure(ref, action, error, doing)
         if self.events is not None:
             claim = ObjectRef(
                 "resource.k8s.io/v1", "ResourceClaim", ref.namespace, ref.name, ref.uid
             )
             self.events.warning(claim, "PrepareFailed", f"{self.driver}: {message}")
         return ClaimResult(error=f"{action} of claim {ref} failed: {message}")
+
+    def _failure(
+        self, ref: ClaimRef, action: Literal["prepare", "unprepare"], error: Exception, doing: str
+    ) -> str:
+        """What the failed ``action`` of ``ref`` tells the user, once the service acted on what
+        ``error`` means (`dra_core.errors`): the failure is counted and logged once, at
+        WARNING, or at ERROR with the traceback when it is unexpected; a fatal one stops the
+        agent. ``doing`` says what was being done, when the error does not."""
+        kind = self._act_on(error)
+        text = str(error) if kind != "bug" or isinstance(error, HookError) else describe(error)
+        if doing:
+            text = f"{doing}: {text}"
+        if action == "unprepare":
+            text += "; the claim stays prepared"
+        if kind == "retry" and RETRY_NOTE not in text:
+            text += f"{' and' if action == 'unprepare' else ';'} {RETRY_NOTE}"
+        elif kind == "stop":
+            text += "; the agent stops, to be restarted"
+        elif kind == "bug":
+            text += " (an unexpected error: the agent's log has its traceback)"
+        total = metrics.PREPARE_TOTAL if action == "prepare" else metrics.UNPREPARE_TOTAL
+        total.labels(result=metrics.RESULT_ERROR).inc()
+        log = logger.bind(claim=ref.uid, **_origin(error))
+        if kind == "bug":
+            log = log.opt(exception=error)
+        level = {"bug": "ERROR", "stop": "CRITICAL"}.get(kind, "WARNING")
+        log.log(level, "{} of claim {} failed: {}", action, ref, text)
+        return text
+
+    def _act_on(self, error: BaseException) -> Consequence:
+        """What ``error`` means; the agent is told to stop when it must (once)."""
+        kind = consequence(error)
+        if kind == "bug" and isinstance(error, CheckpointError | OSError | ModelError):
+            kind = "claim"  # the core's own errors: the message says what to do
+        if kind == "stop" and self.fatal is None:
+            self.fatal = error
+            if self.on_fatal is not None:
+                self.on_fatal(error)
+        return kind
 
     # -- unprepare -----------------------------------------------------------------------------
 
@@ -639,17 +694,14 @@ class ClaimService:
                     if ref.uid not in results:
                         results[ref.uid] = self._unprepare_locked(ref)
                 self._flush_removals(claims, results)
-        except DriverLockBusy as exc:
+        except Exception as exc:  # noqa: BLE001 - every claim of the call must be answered
             for ref in claims:
-                if ref.uid in results:
-                    continue
-                logger.bind(claim=ref.uid).warning("unprepare of claim {} failed: {}", ref, exc)
-                metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
-                results[ref.uid] = (
-                    f"unprepare of claim {ref} failed: {exc}; the claim stays prepared and the "
-                    f"kubelet will retry"
-                )
+                if ref.uid not in results:
+                    results[ref.uid] = self._unprepare_failed(ref, exc)
         return results
+
+    def _unprepare_failed(self, ref: ClaimRef, error: Exception) -> str:
+        return f"unprepare of claim {ref} failed: {self._failure(ref, 'unprepare', error, '')}"
 
     def _flush_removals(self, claims: Sequence[ClaimRef], results: dict[str, str]) -> None:
         """Flush the removals of a call's claims at once; on failure, their unprepare fails."""
@@ -658,35 +710,26 @@ class ClaimService:
         except CheckpointError as exc:
             for ref in claims:
                 if results.get(ref.uid) == "":
-                    logger.bind(claim=ref.uid).warning("unprepare of claim {} failed: {}", ref, exc)
-                    results[ref.uid] = f"unprepare of claim {ref} failed: {exc}"
+                    results[ref.uid] = self._unprepare_failed(ref, exc)
 
     def _unprepare_locked(self, ref: ClaimRef) -> str:
         log = logger.bind(claim=ref.uid)
         started_at = time.monotonic()
         try:
             validate_claim_ref(ref)
-        except ModelError as exc:
-            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
-            return f"unprepare of claim {ref} failed: {exc}"
-        record = self.checkpoint.get(ref.uid)
-        if record is not None and record.claim.ref != ref:
-            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
-            message = _recorded_as_another_claim(record, ref)
-            log.warning("unprepare of claim {} refused: {}", ref, message)
-            return (
-                f"unprepare of claim {ref} failed: {message}; the claim stays prepared, "
-                f"unprepare it under its own namespace and name"
-            )
-        try:
+            record = self.checkpoint.get(ref.uid)
+            if record is not None and record.claim.ref != ref:
+                msg = (
+                    f"{_recorded_as_another_claim(record, ref)}; unprepare it under its own "
+                    f"namespace and name"
+                )
+                raise ClaimError(msg)
             if record is None:
                 self.cdi.remove(ref.uid)  # an orphan spec, if any: nothing else is known
             else:
                 self._roll_back(record, durable=False)  # flushed with the call's others
-        except (HookError, OSError, CheckpointError) as exc:
-            log.opt(exception=exc).warning("unprepare of claim {} failed", ref)
-            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_ERROR).inc()
-            return f"unprepare of claim {ref} failed: {exc}"
+        except Exception as exc:  # noqa: BLE001 - this claim's failure; the others go on
+            return self._unprepare_failed(ref, exc)
         metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
         metrics.UNPREPARE_SECONDS.observe(time.monotonic() - started_at)
         metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
@@ -716,7 +759,7 @@ class ClaimService:
         reboot: list[ClaimRef] = []
         with self.lock.held(purpose="reconciliation of the checkpoint and the CDI specs"):
             if startup:
-                self.cdi.remove_stale_temp_files()
+                self._reconcile_step(report, [], "", self.cdi.remove_stale_temp_files)
             for uid, record in self.checkpoint.records().items():
                 if record.phase == "started":
                     self._reconcile_step(
@@ -732,7 +775,9 @@ class ClaimService:
                         partial(self.cdi.write, record.claim),
                     )
             known = set(self.checkpoint.records())
-            for uid in sorted(self.cdi.claim_uids() - known):
+            specs: set[str] = set()
+            self._reconcile_step(report, [], "", lambda: specs.update(self.cdi.claim_uids()))
+            for uid in sorted(specs - known):
                 self._reconcile_step(
                     report, report.removed_orphan_specs, uid, partial(self.cdi.remove, uid)
                 )
@@ -744,10 +789,7 @@ class ClaimService:
         if reboot and not report.api_unreachable:
             # The node rebooted: device state is gone, but the kubelet will not ask again.
             for uid, result in self.prepare(reboot).items():
-                if result.error:
-                    report.errors.append(result.error)
-                else:
-                    report.reprepared.append(uid)
+                (report.not_reprepared if result.error else report.reprepared).append(uid)
             if self.api_reachable is False:
                 report.api_unreachable = True
         metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
@@ -756,12 +798,17 @@ class ClaimService:
     def _reconcile_step(
         self, report: ReconcileReport, done: list[str], uid: str, step: Callable[[], object]
     ) -> None:
+        """Run one step of claim ``uid`` (of the CDI directory when empty); a failure goes to
+        ``report.errors``, for the caller to log, and the next steps go on."""
         try:
             step()
+        except Exception as exc:  # noqa: BLE001 - one claim's failure must not end the run
+            if self._act_on(exc) == "bug":
+                logger.opt(exception=exc).debug("reconciliation step raised")  # for authors
+            where = f"claim {uid}" if uid else f"CDI directory {self.cdi.directory}"
+            report.errors.append(f"{where}: {exc}")
+        else:
             done.append(uid)
-        except (HookError, OSError, CdiError, CheckpointError) as exc:
-            # One claim's failure must not end the run: the others are still reconciled.
-            report.errors.append(f"claim {uid}: {exc}")
 
     def _release_gone_claims(self, report: ReconcileReport) -> None:
         """Unprepare claims deleted (or replaced) while the agent was not looking.
@@ -800,6 +847,16 @@ class ClaimService:
                     self._reconcile_step(
                         report, report.released_gone_claims, uid, partial(self._roll_back, record)
                     )
+
+
+def _origin(error: BaseException) -> dict[str, str]:
+    """The plugin and hook whose call failed, as log fields (for backend authors)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, HookError):
+            return {"plugin": seen.plugin, "hook": seen.hook}
+        seen = seen.__cause__
+    return {}
 
 
 def _purpose(action: str, refs: Sequence[ClaimRef]) -> str:

@@ -12,6 +12,8 @@ One node's pool is published as device slices followed by counter slices:
   share a counter set, directly or through another device, go in one slice together with the
   sets, within 1.34's per-slice limits (64 devices, 32 counters in all the sets, 1024
   consumed counters);
+* on a server whose scheduler checks a share against the first device of its slice
+  (Kubernetes 1.34 with DRAConsumableCapacity on), each shared device starts a slice;
 * every slice carries the same ``pool.generation`` and ``resourceSliceCount`` = the number
   of slices of both kinds, because consumers treat a pool as complete only when that many
   slices exist at its highest generation.
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from dra_core.model import (
     LIMITS,
@@ -43,14 +45,18 @@ from dra_core.model import (
 
 __all__ = (
     "API_VERSION",
+    "BESIDE_LIMITS",
     "KIND",
     "MANAGED_BY",
     "MANAGED_BY_LABEL",
     "NAME_INDEX_DIGITS",
+    "Layout",
     "build_slices",
+    "counter_groups",
     "encode_attribute",
     "encode_capacity",
     "encode_device",
+    "fits_beside",
     "slice_name",
     "split_beside",
     "split_devices",
@@ -149,15 +155,17 @@ def encode_device(device: Device) -> dict[str, Any]:
     return body
 
 
-def split_devices(devices: Sequence[Device]) -> list[list[Device]]:
-    """Devices in order, cut into slices within the per-slice limits (128, or 64 if advanced)."""
+def split_devices(devices: Sequence[Device], shared_first: bool = False) -> list[list[Device]]:
+    """Devices in order, cut into slices within the per-slice limits (128, or 64 if advanced);
+    with ``shared_first``, each shared device starts a slice."""
     chunks: list[list[Device]] = []
     current: list[Device] = []
     advanced = False
     for device in devices:
         would_be_advanced = advanced or device.uses_advanced_features
         limit = LIMITS.devices_per_slice_advanced if would_be_advanced else LIMITS.devices_per_slice
-        if current and len(current) + 1 > limit:
+        starts = shared_first and device.allow_multiple_allocations
+        if current and (starts or len(current) + 1 > limit):
             chunks.append(current)
             current, would_be_advanced = [], device.uses_advanced_features
         current.append(device)
@@ -177,35 +185,45 @@ def _split_counter_sets(sets: Sequence[CounterSet]) -> list[list[CounterSet]]:
 #: (ResourceSliceMaxDeviceCountersPerSlice).
 BESIDE_COUNTERS_PER_SLICE = 32
 BESIDE_DEVICE_COUNTERS_PER_SLICE = 1024
+#: Devices (those consuming counters), counters of the sets, consumed counters: for messages.
+BESIDE_LIMITS = (
+    LIMITS.devices_per_slice_advanced,
+    BESIDE_COUNTERS_PER_SLICE,
+    BESIDE_DEVICE_COUNTERS_PER_SLICE,
+)
 
 _Chunk = tuple[list[Device], list[CounterSet]]
 
 
-def _size(chunk: _Chunk) -> tuple[int, int, int]:
+class Layout(TypedDict):
+    """How a server wants a pool laid out in slices (`build_slices`' arguments of that name)."""
+
+    counters_beside_devices: bool
+    shared_devices_first: bool
+
+
+def _size(devices: Sequence[Device], sets: Sequence[CounterSet]) -> tuple[int, int, int]:
     """Devices, counters of the sets, counters consumed by the devices."""
-    devices, sets = chunk
     consumed = sum(len(c.counters) for d in devices for c in d.consumes_counters)
     return len(devices), sum(len(s.counters) for s in sets), consumed
 
 
-def _fits(chunk: _Chunk) -> bool:
-    devices, counters, consumed = _size(chunk)
-    advanced = any(d.uses_advanced_features for d in chunk[0])
+def fits_beside(devices: Sequence[Device], sets: Sequence[CounterSet]) -> bool:
+    """Whether ``devices`` and the counter ``sets`` fit in one slice of Kubernetes 1.34."""
+    count, counters, consumed = _size(devices, sets)
+    advanced = any(d.uses_advanced_features for d in devices)
     limit = LIMITS.devices_per_slice_advanced if advanced else LIMITS.devices_per_slice
     return (
-        devices <= limit
+        count <= limit
         and counters <= BESIDE_COUNTERS_PER_SLICE
         and consumed <= BESIDE_DEVICE_COUNTERS_PER_SLICE
     )
 
 
-def split_beside(inventory: Inventory) -> list[_Chunk]:
-    """Devices with the counter sets they consume, in slices within 1.34's limits.
-
-    Devices linked by a counter set (directly or through others) form one unit, placed where
-    its first device is; units fill slices in order. Counter sets no device consumes follow.
-    Raises `ModelError` when one unit does not fit in a slice.
-    """
+def counter_groups(inventory: Inventory) -> list[_Chunk]:
+    """The inventory's devices in groups linked by counter sets (directly or through other
+    devices), each with its sets, in inventory order; a device consuming no counters is a
+    group of its own, and counter sets no device consumes follow, one group each."""
     units: list[tuple[list[Device], set[str]]] = []
     for device in inventory.devices:
         names = {c.counter_set for c in device.consumes_counters}
@@ -215,7 +233,6 @@ def split_beside(inventory: Inventory) -> list[_Chunk]:
             continue
         first = linked[0]
         for other in linked[1:]:
-            # Devices stay in inventory order inside the merged unit.
             first[0].extend(other[0])
             first[1].update(other[1])
             units.remove(other)
@@ -224,29 +241,41 @@ def split_beside(inventory: Inventory) -> list[_Chunk]:
     used = set().union(*(u[1] for u in units)) if units else set()
     units.extend(([], {s.name}) for s in inventory.counter_sets if s.name not in used)
     order = {d.name: i for i, d in enumerate(inventory.devices)}
-    chunks: list[_Chunk] = []
-    for devices, names in units:
-        unit: _Chunk = (
+    return [
+        (
+            # Devices stay in inventory order inside a merged group.
             sorted(devices, key=lambda d: order[d.name]),
             [s for s in inventory.counter_sets if s.name in names],
         )
-        if not _fits(unit):
-            members = ", ".join(d.name for d in unit[0])
+        for devices, names in units
+    ]
+
+
+def split_beside(inventory: Inventory, shared_first: bool = False) -> list[_Chunk]:
+    """Devices with the counter sets they consume, in slices within 1.34's limits.
+
+    Each counter group (`counter_groups`) is placed where its first device is; groups fill
+    slices in order, and with ``shared_first`` a group led by a shared device starts a slice.
+    Raises `ModelError` when one group does not fit in a slice
+    (`dra_core.slices.features.safe_inventory` leaves such devices out first).
+    """
+    chunks: list[_Chunk] = []
+    for devices, sets in counter_groups(inventory):
+        if not fits_beside(devices, sets):
+            members = ", ".join(d.name for d in devices)
             msg = (
-                f"devices {members} share counter sets {sorted(names)}, which this API server "
-                f"wants in one ResourceSlice, but {_size(unit)} (devices, counters, consumed "
-                f"counters) exceed its limits (64, {BESIDE_COUNTERS_PER_SLICE}, "
-                f"{BESIDE_DEVICE_COUNTERS_PER_SLICE}): publish fewer partitions per device, or "
-                "upgrade to Kubernetes 1.35 or later, which keeps counter sets in slices of "
-                "their own"
+                f"devices {members} share counter sets {sorted(s.name for s in sets)}, which "
+                f"this API server wants in one ResourceSlice, but {_size(devices, sets)} "
+                f"(devices, counters, consumed counters) exceed its limits {BESIDE_LIMITS}: "
+                "publish fewer partitions per device, or upgrade to Kubernetes 1.35 or later, "
+                "which keeps counter sets in slices of their own"
             )
             raise ModelError(msg)
-        if chunks:
-            merged: _Chunk = (chunks[-1][0] + unit[0], chunks[-1][1] + unit[1])
-            if _fits(merged):
-                chunks[-1] = merged
-                continue
-        chunks.append(unit)
+        starts = shared_first and bool(devices) and devices[0].allow_multiple_allocations
+        if chunks and not starts and fits_beside(chunks[-1][0] + devices, chunks[-1][1] + sets):
+            chunks[-1] = (chunks[-1][0] + devices, chunks[-1][1] + sets)
+        else:
+            chunks.append((devices, sets))
     return chunks
 
 
@@ -274,14 +303,18 @@ def build_slices(
     *,
     owner: Mapping[str, Any] | None = None,
     counters_beside_devices: bool = False,
+    shared_devices_first: bool = False,
+    validated: bool = False,
 ) -> list[dict[str, Any]]:
     """The ResourceSlice bodies (``resource.k8s.io/v1``) publishing ``inventory`` as one pool.
 
     ``owner`` is the Node (``{"name", "uid"}``, optionally ``apiVersion``/``kind``), so the
     slices are garbage-collected with it. ``counters_beside_devices`` puts counter sets in
-    the slices of the devices that consume them (Kubernetes 1.34), not in their own. An empty
-    inventory gives no slices. The inventory is validated first: a rule it breaks raises
-    `ModelError` naming the device and the rule.
+    the slices of the devices that consume them (Kubernetes 1.34), not in their own;
+    ``shared_devices_first`` starts a slice with each shared device (the 1.34 scheduler checks
+    a share against the first device of its slice). An empty
+    inventory gives no slices. The inventory is validated first, unless the caller did
+    (``validated``): a rule it breaks raises `ModelError` naming the device and the rule.
     """
     validate_driver_name(driver)
     if not is_dns_subdomain(node_name):
@@ -295,13 +328,14 @@ def build_slices(
     if generation < 1:
         msg = f"pool generation must be at least 1, got {generation}"
         raise ModelError(msg)
-    validate_inventory(inventory)
+    if not validated:
+        validate_inventory(inventory)
 
     chunks: list[_Chunk]
     if counters_beside_devices:
-        chunks = split_beside(inventory)
+        chunks = split_beside(inventory, shared_devices_first)
     else:
-        chunks = [(devices, []) for devices in split_devices(inventory.devices)]
+        chunks = [(d, []) for d in split_devices(inventory.devices, shared_devices_first)]
         chunks += [([], sets) for sets in _split_counter_sets(inventory.counter_sets)]
     count = len(chunks)
     metadata_extra: dict[str, Any] = {"labels": {MANAGED_BY_LABEL: MANAGED_BY}}

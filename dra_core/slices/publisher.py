@@ -180,13 +180,15 @@ class SlicePublisher:
         """What the API server keeps, once asked (None before an optional field was used)."""
         return self._server
 
-    def update(self, inventory: Inventory) -> None:
+    def update(self, inventory: Inventory, *, validated: bool = False) -> None:
         """Make ``inventory`` the desired state; the thread writes it after the debounce.
 
-        The inventory is validated here, so a backend bug raises `ModelError` (naming the
-        device and the rule) to the caller, and the previous state stays published.
+        The inventory is validated here, unless the caller did (``validated``), so a backend
+        bug raises `ModelError` (naming the device and the rule) to the caller, and the
+        previous state stays published. It is not validated again when it is written.
         """
-        validate_inventory(inventory)
+        if not validated:
+            validate_inventory(inventory)
         with self._cond:
             self._inventory = inventory
             self._desired_seq += 1
@@ -383,7 +385,8 @@ class SlicePublisher:
             self.pool_name,
             published,
             owner=owner,
-            counters_beside_devices=server.counters_beside_devices,
+            **server.layout,
+            validated=True,  # by update
         )
         desired = build(generation)
         current = [s for s in ours if generation_of(s) == current_generation]
@@ -604,31 +607,29 @@ class SlicePublisher:
             )
 
     def _report_left_out(self, left_out: tuple[LeftOut, ...]) -> None:
-        """Count what is left out per feature; warn once per device and reason."""
+        """Count what is left out per feature gate; warn once per device and reason."""
         counts = {f.gate: 0 for f in FEATURES}
         for entry in left_out:
-            gate = entry.feature.gate
-            counts[gate] += len(entry.devices)
+            counts[entry.feature.gate] += len(entry.devices)
+            reason = entry.feature.without
             new = [
                 (what, name)
                 for what, names in (("out", entry.devices), ("exclusive", entry.exclusive))
                 for name in names
-                if (f"{gate}/{what}", name) not in self._said_left_out
+                if (f"{reason}/{what}", name) not in self._said_left_out
             ]
             if not new:
                 continue
-            self._said_left_out.update((f"{gate}/{what}", name) for what, name in new)
+            self._said_left_out.update((f"{reason}/{what}", name) for what, name in new)
             out = [name for what, name in new if what == "out"]
             exclusive = [name for what, name in new if what == "exclusive"]
             logger.warning(
-                "feature gate {} is off in the API server ({} not kept): {}{}{}. Turn the gate "
-                "on in kube-apiserver and kube-scheduler, then restart this agent, to publish "
-                "them as the backend describes them",
-                gate,
-                entry.feature.name,
+                "{}: {}{}{}. {}",
+                entry.feature.why,
                 entry.feature.without,
                 f"; not published: {', '.join(out)}" if out else "",
                 f"; published as exclusive devices: {', '.join(exclusive)}" if exclusive else "",
+                entry.feature.fix,
             )
         for gate, count in counts.items():
             metrics.DEVICES_LEFT_OUT.labels(gate).set(count)

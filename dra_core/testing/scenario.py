@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from dra_core.model import ClaimRef
+from dra_core.testing.controlplane import selected_k8s_version
 
 __all__ = (
     "RESOURCE_API",
@@ -40,6 +41,7 @@ __all__ = (
     "published_slices",
     "wait_for",
     "wait_for_allocation",
+    "wait_for_service_account",
 )
 
 RESOURCE_API = "/apis/resource.k8s.io/v1"
@@ -87,21 +89,34 @@ def wait_for(
 
 
 # ---------------------------------------------------------------------------- namespaces
-def create_namespace(client: Requester, name: str, *, service_account: bool = True) -> str:
+def create_namespace(
+    client: Requester,
+    name: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+    service_account: bool = True,
+) -> str:
     """Create namespace ``name``; with ``service_account``, return once its ``default``
     ServiceAccount exists (the controller-manager creates it; pods are refused before)."""
+    metadata = {"name": name, "labels": dict(labels or {})}
     client.request(
         "POST",
         "/api/v1/namespaces",
-        body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
+        body={"apiVersion": "v1", "kind": "Namespace", "metadata": metadata},
     )
     if service_account:
-        wait_for(
-            f"ServiceAccount {name}/default (created by kube-controller-manager)",
-            lambda: client.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default"),
-            30,
-        )
+        wait_for_service_account(client, name)
     return name
+
+
+def wait_for_service_account(client: Requester, namespace: str, timeout: float = 30.0) -> None:
+    """Wait for the ``default`` ServiceAccount of ``namespace``, which kube-controller-manager
+    creates after the namespace; the API server refuses pods until it exists."""
+    wait_for(
+        f"ServiceAccount {namespace}/default (created by kube-controller-manager)",
+        lambda: client.request("GET", f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
+        timeout,
+    )
 
 
 def delete_namespace(client: Requester, name: str) -> None:
@@ -120,12 +135,18 @@ def node_body(
     name: str,
     labels: Mapping[str, str] | None = None,
     *,
-    kubelet_version: str = "",
+    kubelet_version: str | None = None,
     cpu: str = "64",
     memory: str = "256Gi",
     pods: str = "250",
 ) -> dict[str, Any]:
-    """A Node with a Ready condition and room for ``pods`` pods; no kubelet behind it."""
+    """A Node with a Ready condition and room for ``pods`` pods; no kubelet behind it.
+
+    ``kubelet_version`` defaults to the release of the test control plane
+    (``DRA_K8S_VERSION``): a kubelet newer than the API server would be version skew.
+    """
+    if kubelet_version is None:
+        kubelet_version = selected_k8s_version()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     resources = {"cpu": cpu, "memory": memory, "pods": pods, "ephemeral-storage": "1Ti"}
     all_labels = {
@@ -171,12 +192,19 @@ def node_body(
 
 
 def create_ready_node(
-    client: Requester, name: str, labels: Mapping[str, str] | None = None, **fields: str
+    client: Requester,
+    name: str,
+    labels: Mapping[str, str] | None = None,
+    *,
+    untaint: bool = True,
+    **fields: str,
 ) -> dict[str, Any]:
     """Create a Node the scheduler places pods on: Ready, and without the not-ready taint.
 
     ``fields`` go to :func:`node_body` (``kubelet_version``, ``cpu``, ``memory``, ``pods``).
     The status is written through the ``status`` subresource, since a create may drop it.
+    ``untaint=False`` keeps the taints admission gave the Node, as a node whose kubelet has
+    not been seen yet has them (what a DaemonSet's pods must tolerate).
     """
     body = node_body(name, labels, **fields)
     client.request("POST", "/api/v1/nodes", body=body)
@@ -186,7 +214,7 @@ def create_ready_node(
         body={"status": body["status"]},
         content_type=MERGE_PATCH,
     )
-    if node.get("spec", {}).get("taints"):
+    if untaint and node.get("spec", {}).get("taints"):
         node = client.request(
             "PATCH",
             f"/api/v1/nodes/{name}",

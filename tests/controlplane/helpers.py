@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dra_core.kube.client import KubeClient
 from dra_core.testing import scenario
-from dra_core.testing.controlplane import selected_k8s_version
 
 RESOURCE_API = scenario.RESOURCE_API
 TEST_DRIVER = "test.dra-core.example.com"
@@ -88,22 +88,21 @@ def wait_for(
 
 
 # ---------------------------------------------------------------------------- core objects
+def requester(api) -> KubeClient:
+    """``api`` as the requester of :mod:`dra_core.testing.scenario` (no idle-connection
+    closer: the ApiClient is shared)."""
+    return KubeClient(api, idle_timeout=None)
+
+
 def create_namespace(api, name: str | None = None, labels: dict[str, str] | None = None) -> str:
+    """A new namespace (``scenario.create_namespace``); callers that start pods in it wait
+    for its ServiceAccount (:func:`wait_for_default_service_account`)."""
     name = name or unique_name("ns")
-    create(
-        api,
-        "/api/v1/namespaces",
-        {
-            "apiVersion": "v1",
-            "kind": "Namespace",
-            "metadata": {"name": name, "labels": labels or {}},
-        },
-    )
-    return name
+    return scenario.create_namespace(requester(api), name, labels=labels, service_account=False)
 
 
 def delete_namespace(api, name: str, wait: bool = False, timeout: float = 60.0) -> None:
-    delete(api, f"/api/v1/namespaces/{name}")
+    scenario.delete_namespace(requester(api), name)
     if wait:
         from kubernetes.client.exceptions import ApiException
 
@@ -118,41 +117,7 @@ def delete_namespace(api, name: str, wait: bool = False, timeout: float = 60.0) 
 
 
 def wait_for_default_service_account(api, namespace: str, timeout: float = 30.0) -> None:
-    wait_for(
-        lambda: get(api, f"/api/v1/namespaces/{namespace}/serviceaccounts/default"),
-        timeout,
-        f"ServiceAccount {namespace}/default (created by kube-controller-manager)",
-    )
-
-
-def node_body(name: str, labels: dict[str, str] | None = None, **resources: str) -> dict[str, Any]:
-    """A Ready Node of the harness's release (a newer kubelet would be skew); no kubelet."""
-    return scenario.node_body(name, labels, kubelet_version=selected_k8s_version(), **resources)
-
-
-def create_node(
-    api,
-    name: str | None = None,
-    labels: dict[str, str] | None = None,
-    *,
-    untaint: bool = True,
-    **resources,
-) -> dict[str, Any]:
-    """Create a fake Node with large allocatable and a Ready condition; no kubelet behind it.
-
-    Status is written through the ``status`` subresource as well, since create may not keep it.
-    The TaintNodesByCondition admission plugin gives every new node the
-    ``node.kubernetes.io/not-ready:NoSchedule`` taint, which the node-lifecycle controller would
-    lift once the node reports Ready; that controller does not run here, so the taints are
-    cleared explicitly (``untaint=False`` keeps them).
-    """
-    name = name or unique_name("node")
-    body = node_body(name, labels, **resources)
-    create(api, "/api/v1/nodes", body)
-    node = merge_patch(api, f"/api/v1/nodes/{name}/status", {"status": body["status"]})
-    if untaint and node.get("spec", {}).get("taints"):
-        node = merge_patch(api, f"/api/v1/nodes/{name}", {"spec": {"taints": None}})
-    return node
+    scenario.wait_for_service_account(requester(api), namespace, timeout)
 
 
 def delete_node(api, name: str) -> None:
@@ -188,17 +153,12 @@ def wait_for_pod_scheduled(api, namespace: str, name: str, timeout: float = 60.0
 
 
 # ---------------------------------------------------------------------------- resource.k8s.io
-def device_class_body(
-    name: str, driver: str = TEST_DRIVER, extra_selectors: Iterable[str] = ()
-) -> dict[str, Any]:
-    return scenario.device_class_body(name, driver, extra_selectors)
-
-
 def create_device_class(
-    api, name: str | None = None, driver: str = TEST_DRIVER, **kw
+    api, name: str | None = None, driver: str = TEST_DRIVER, extra_selectors: Iterable[str] = ()
 ) -> dict[str, Any]:
     name = name or unique_name("class")
-    return create(api, f"{RESOURCE_API}/deviceclasses", device_class_body(name, driver, **kw))
+    body = scenario.device_class_body(name, driver, extra_selectors)
+    return create(api, f"{RESOURCE_API}/deviceclasses", body)
 
 
 def delete_device_class(api, name: str) -> None:
@@ -306,8 +266,5 @@ def create_resource_claim_template(
 def wait_for_claim_allocated(
     api, namespace: str, name: str, timeout: float = 60.0
 ) -> dict[str, Any]:
-    def allocated():
-        claim = get_resource_claim(api, namespace, name)
-        return claim if claim.get("status", {}).get("allocation") else None
-
-    return wait_for(allocated, timeout, f"ResourceClaim {namespace}/{name} to be allocated")
+    """The claim once allocated (``scenario.wait_for_allocation``)."""
+    return scenario.wait_for_allocation(requester(api), namespace, [name], timeout)[name]

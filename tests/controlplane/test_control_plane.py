@@ -7,6 +7,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dra_core.releases import gates_on
 from dra_core.testing.controlplane import selected_k8s_version
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers as h
 
 pytestmark = pytest.mark.controlplane
@@ -15,8 +16,8 @@ DRIVER = h.TEST_DRIVER
 
 
 @pytest.fixture
-def fake_node(kube_api):
-    node = h.create_node(kube_api, h.unique_name("node"))
+def fake_node(kube_api, dra_kube_client):
+    node = create_ready_node(dra_kube_client, h.unique_name("node"))
     name = node["metadata"]["name"]
     yield name
     h.delete_node(kube_api, name)

@@ -32,6 +32,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dra_core import __version__, plugins
 from dra_core.cli import _backend_config, _build_parser
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers as h
 from tests.deploy import helmcli, kustomize
 from tests.deploy.test_deploy_controlplane import (
@@ -776,7 +777,9 @@ def _device_class(name: str, driver: str) -> dict[str, Any]:
 
 
 @pytest.mark.controlplane
-def test_helm_install_upgrade_and_uninstall(helm, control_plane, kube_api, namespace):
+def test_helm_install_upgrade_and_uninstall(
+    helm, control_plane, kube_api, dra_kube_client, namespace
+):
     """A real release against the test API server: the chart installs into a namespace and
     release name of its own with a driver name of its own; the agent's token is held to its
     node by the chart's policy, the webhook is called for the driver's configs, an upgrade
@@ -805,7 +808,7 @@ def test_helm_install_upgrade_and_uninstall(helm, control_plane, kube_api, names
     helm.run("install", release, str(CHART), *common, kubeconfig=kubeconfig)
     slices = []
     node = h.unique_name("node")
-    h.create_node(kube_api, node, untaint=False)
+    create_ready_node(dra_kube_client, node, untaint=False)
     try:
         for obj in objects:
             assert _exists(kube_api, obj), f"{_key(obj)} was not installed"

@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from dra_core.manifests import GATES_ANNOTATION
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers as h
 from tests.deploy import kustomize
 from tests.deploy.test_policy_driver import policy_driver
@@ -125,11 +126,11 @@ def installed(kube_api, base_objects):
 
 
 @pytest.fixture(scope="module")
-def nodes(kube_api, installed):
+def nodes(kube_api, dra_kube_client, installed):
     names = [h.unique_name("node-a"), h.unique_name("node-b")]
     for name in names:
         # Tainted not-ready: the scheduler never puts another test's pod on them.
-        h.create_node(kube_api, name, untaint=False)
+        create_ready_node(dra_kube_client, name, untaint=False)
     yield names
     for name in names:
         h.delete_node(kube_api, name)

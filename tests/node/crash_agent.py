@@ -90,15 +90,7 @@ def main() -> None:
     Checkpoint.flush = crash_then_flush  # type: ignore[method-assign]
     (root / "boot_id").write_text(os.environ.get("BOOT_ID", "boot-1"))
     hooks = from_objects("files", FileBackend(root / "effects"))
-    settings = AgentSettings(
-        boot_id_file=root / "boot_id",
-        node_name=NODE,
-        registration_dir=root / "registry",
-        plugins_dir=root / "plugins",
-        cdi_dir=root / "cdi",
-        http_port=0,
-        poll_interval=0.5,
-    )
+    settings = AgentSettings.below(root, NODE, boot_id_file=root / "boot_id", poll_interval=0.5)
     Agent(settings, hooks, client=load_client(kubeconfig)).run()
 
 

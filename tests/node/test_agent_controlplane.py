@@ -32,6 +32,7 @@ from dra_core.manifests import device_class_manifests
 from dra_core.plugins import from_objects
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
 
 pytestmark = pytest.mark.controlplane
@@ -95,14 +96,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def agent_settings(root: Path, client_node: str = NODE) -> AgentSettings:
-    return AgentSettings(
-        node_name=client_node,
-        registration_dir=root / "registry",
-        plugins_dir=root / "plugins",
-        cdi_dir=root / "cdi",
-        http_port=0,
-        poll_interval=0.5,
-    )
+    return AgentSettings.below(root, client_node, poll_interval=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +105,8 @@ def backend() -> RecordingBackend:
 
 
 @pytest.fixture(scope="module")
-def agent(control_plane, kube_api, short_dir, backend) -> Iterator[Agent]:
-    helpers.create_node(kube_api, NODE)
+def agent(control_plane, kube_api, dra_kube_client, short_dir, backend) -> Iterator[Agent]:
+    create_ready_node(dra_kube_client, NODE)
     hooks = from_objects("recording", backend)
     classes = hooks.device_classes(hooks.backend_identity())
     for body in device_class_manifests(classes, control_plane.enabled_gates()):

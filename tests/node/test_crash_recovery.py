@@ -18,6 +18,7 @@ import pytest
 from dra_core import ClaimRef
 from dra_core.checkpoint import Checkpoint
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
 
 pytestmark = pytest.mark.controlplane
@@ -78,8 +79,8 @@ class AgentProcess:
 
 
 @pytest.fixture(scope="module")
-def node(kube_api) -> Iterator[str]:
-    helpers.create_node(kube_api, NODE)
+def node(kube_api, dra_kube_client) -> Iterator[str]:
+    create_ready_node(dra_kube_client, NODE)
     helpers.create_device_class(kube_api, DRIVER, driver=DRIVER)
     yield NODE
     helpers.delete_node(kube_api, NODE)

@@ -43,6 +43,7 @@ from dra_core.plugins import from_objects
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.controlplane import ControlPlane
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
 
 pytestmark = pytest.mark.controlplane
@@ -156,15 +157,8 @@ def device_class(kube_api) -> Iterator[None]:
 
 def settings(root: Path, node: str, *, publish: bool = True) -> AgentSettings:
     (root / "boot_id").write_text("boot-1\n")
-    return AgentSettings(
-        node_name=node,
-        registration_dir=root / "registry",
-        plugins_dir=root / "plugins",
-        cdi_dir=root / "cdi",
-        http_port=0,
-        poll_interval=0.5,
-        boot_id_file=root / "boot_id",
-        publish=publish,
+    return AgentSettings.below(
+        root, node, poll_interval=0.5, boot_id_file=root / "boot_id", publish=publish
     )
 
 
@@ -174,7 +168,7 @@ def running_agent(kube_api, root: Path, node: str, kubeconfig: Path) -> Iterator
     ``kube_api`` None, an agent that publishes nothing."""
     publish = kube_api is not None
     if publish:
-        helpers.create_node(kube_api, node)
+        create_ready_node(helpers.requester(kube_api), node)
     agent = Agent(
         settings(root, node, publish=publish),
         from_objects("deadline", RecordingBackend()),

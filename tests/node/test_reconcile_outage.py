@@ -33,6 +33,7 @@ from dra_core.kube.client import load_client
 from dra_core.plugins import from_objects
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
 from tests.node.apiproxy import ApiProxy
 
@@ -77,8 +78,8 @@ def root() -> Iterator[Path]:
 
 
 @pytest.fixture
-def node(kube_api) -> Iterator[str]:
-    helpers.create_node(kube_api, NODE)
+def node(kube_api, dra_kube_client) -> Iterator[str]:
+    create_ready_node(dra_kube_client, NODE)
     helpers.create_device_class(kube_api, DRIVER, driver=DRIVER)
     yield NODE
     helpers.delete_device_class(kube_api, DRIVER)
@@ -121,15 +122,8 @@ def test_reboot_while_the_api_server_is_unreachable(
     backend = RecordingBackend()
     boot_id = root / "boot_id"
     boot_id.write_text("boot-1\n")
-    settings = AgentSettings(
-        node_name=node,
-        registration_dir=root / "registry",
-        plugins_dir=root / "plugins",
-        cdi_dir=root / "cdi",
-        http_port=0,
-        poll_interval=0.5,
-        boot_id_file=boot_id,
-        reconcile_interval=4.0,
+    settings = AgentSettings.below(
+        root, node, poll_interval=0.5, boot_id_file=boot_id, reconcile_interval=4.0
     )
 
     # The agent reaches the API server only through the proxy.

@@ -38,8 +38,16 @@ def _canon_counters(counters):
 class FakeApi:
     """The fake server plus a KubeClient-compatible ``request``/``get``."""
 
-    def __init__(self, *, gates_off: tuple[str, ...] = (), counters_beside: bool = False):
+    def __init__(
+        self,
+        *,
+        gates_off: tuple[str, ...] = (),
+        counters_beside: bool = False,
+        version: str = "v1.37.2",
+    ):
         self.slices: dict[str, dict[str, Any]] = {}
+        self.version = version
+        self.api = None  # KubeClient.api: no real client behind this one
         self.nodes: dict[str, str] = {}
         self.gates_off = set(gates_off)
         self.counters_beside = counters_beside
@@ -63,6 +71,10 @@ class FakeApi:
                 body["metadata"]["name"] = body["metadata"].pop("generateName") + "x"
                 return self._server_side(body, None)
             self.log.append((method, path))
+            if path == "/version":
+                return {"gitVersion": self.version}
+            if path == "/apis/resource.k8s.io":
+                return {"versions": [{"version": "v1"}]}
             if path.startswith("/api/v1/nodes/"):
                 name = path.rsplit("/", 1)[1]
                 if name not in self.nodes:

@@ -35,6 +35,7 @@ from dra_core import (
     Inventory,
     NodeContext,
     PreparedClaim,
+    PreparedClaims,
     PreparedDevice,
     PrepareError,
     hookimpl,
@@ -158,8 +159,6 @@ class FakeBackend:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Claims (UIDs) holding each device, as prepared by this backend instance.
-        self._held: dict[str, set[str]] = {}
         from dra_backend_fake.control import ControlFile
         from dra_backend_fake.schema import ControlSpec
 
@@ -309,14 +308,20 @@ class FakeBackend:
             message = f"whole device {parent}: {entry.message}"
         if entry is None:
             return DeviceHealth(device=device.name, healthy=True)
-        return DeviceHealth(device=device.name, healthy=False, message=message, effect=entry.effect)
+        return DeviceHealth(
+            device=device.name,
+            healthy=False,
+            message=message,
+            effect=entry.effect,
+            reason=entry.reason,
+            taint=entry.taint,
+        )
 
     # -- allocation ----------------------------------------------------------------------------
 
-    def check_allocation(self, claim: AllocatedClaim) -> None:
-        """Refuse devices that are gone, unhealthy, or held by another claim."""
+    def check_allocation(self, claim: AllocatedClaim, prepared: PreparedClaims) -> None:
+        """Refuse devices that are gone, unhealthy, or held by another prepared claim."""
         inventory = self.inventory()
-        uid = claim.ref.uid
         for allocated in claim.devices:
             name = allocated.device
             device = inventory.device(name)
@@ -336,16 +341,15 @@ class FakeBackend:
                 raise AllocationError(msg)
             if allocated.admin_access or device.allow_multiple_allocations:
                 continue
-            with self._lock:
-                for other in self._conflicting(device, inventory):
-                    holders = self._held.get(other, set()) - {uid}
-                    if holders:
-                        what = "is" if other == name else f"conflicts with {other!r}, which is"
-                        msg = (
-                            f"claim {claim.ref}: device {name!r} {what} held by claim "
-                            f"{sorted(holders)[0]}; wait until that claim is released"
-                        )
-                        raise AllocationError(msg)
+            for other in self._conflicting(device, inventory):
+                holders = prepared.holding(other)
+                if holders:
+                    what = "is" if other == name else f"conflicts with {other!r}, which is"
+                    msg = (
+                        f"claim {claim.ref}: device {name!r} {what} held by claim "
+                        f"{holders[0].ref}; wait until that claim is released"
+                    )
+                    raise AllocationError(msg)
 
     @staticmethod
     def _conflicting(device: Device, inventory: Inventory) -> list[str]:
@@ -403,11 +407,10 @@ class FakeBackend:
                     "failPrepare: true (set it to false to let prepare succeed)"
                 )
                 raise PrepareError(msg)
-        common = self._claim_env(claim)
         prepared = []
         for allocated in claim.devices:
             cfg = effective[id(allocated)]
-            env = {**common, **self._device_env(allocated), **(cfg.env if cfg else {})}
+            env = {**self._device_env(allocated), **(cfg.env if cfg else {})}
             nodes: tuple[DeviceNode, ...] = ()
             state: dict[str, object] = {}
             if self.settings.device_nodes_dir is not None:
@@ -418,8 +421,6 @@ class FakeBackend:
                     raise PrepareError(msg) from None
                 nodes = (devnodes.container_node(allocated.device, host),)
                 state["deviceNode"] = str(host)
-            with self._lock:
-                self._held.setdefault(allocated.device, set()).add(uid)
             prepared.append(
                 PreparedDevice(
                     allocation=allocated,
@@ -431,18 +432,26 @@ class FakeBackend:
         return prepared
 
     @staticmethod
-    def _claim_env(claim: AllocatedClaim) -> dict[str, str]:
-        """Environment every device of the claim carries (identical, so never in conflict)."""
+    def claim_edits(claim: AllocatedClaim, devices: Sequence[PreparedDevice]) -> ContainerEdits:
+        """The claim's environment, written once for the claim rather than per device.
+
+        ``DRA_FAKE_CLAIM_<NAME>`` is the claim's own, so a container with two claims sees
+        both; the others are the last claim's there. A variable a device's opaque config
+        sets is left to the device, so the config still wins.
+        """
         by_request: dict[str, list[str]] = {}
         for allocated in claim.devices:
             by_request.setdefault(allocated.base_request, []).append(allocated.device)
+        names = ",".join(d.device for d in claim.devices)
         env = {
             "DRA_FAKE_CLAIM": f"{claim.ref.namespace}/{claim.ref.name}",
-            "DRA_FAKE_DEVICES": ",".join(d.device for d in claim.devices),
+            "DRA_FAKE_DEVICES": names,
+            f"DRA_FAKE_CLAIM_{_env_name(claim.ref.name)}": names,
         }
-        for request, devices in by_request.items():
-            env[f"DRA_FAKE_DEVICE_{_env_name(request)}"] = ",".join(devices)
-        return env
+        for request, requested in by_request.items():
+            env[f"DRA_FAKE_DEVICE_{_env_name(request)}"] = ",".join(requested)
+        configured = {key for d in devices for key in d.edits.env}
+        return ContainerEdits(env={k: v for k, v in env.items() if k not in configured})
 
     @staticmethod
     def _device_env(allocated: AllocatedDevice) -> dict[str, str]:
@@ -480,10 +489,6 @@ class FakeBackend:
                     devnodes.remove_node(directory, path)
         if nodes_dir is not None and _UID.fullmatch(uid):
             devnodes.remove_claim(nodes_dir, uid)
-        with self._lock:
-            for holders in self._held.values():
-                holders.discard(uid)
-            self._held = {d: h for d, h in self._held.items() if h}
         logger.bind(claim=uid).debug("unprepared")
         return True
 
@@ -553,15 +558,24 @@ class FakePlugin:
         return config.decode(parameters)
 
     @hookimpl
-    def dra_check_allocation(self, claim: AllocatedClaim, context: NodeContext) -> None:
-        """Devices must exist in the current inventory, be healthy and not held by another
-        claim (the backend's own view, with the control file re-read, is the freshest)."""
-        self.backend(context).check_allocation(claim)
+    def dra_check_allocation(
+        self, claim: AllocatedClaim, prepared: PreparedClaims, context: NodeContext
+    ) -> None:
+        """Devices must exist in the current inventory (the control file re-read), be healthy
+        and not held by another prepared claim."""
+        self.backend(context).check_allocation(claim, prepared)
 
     @hookimpl
     def dra_prepare(self, claim: AllocatedClaim, context: NodeContext) -> Sequence[PreparedDevice]:
         """Environment (and device nodes) per device, after injected delays and failures."""
         return self.backend(context).prepare(claim)
+
+    @hookimpl
+    def dra_claim_edits(
+        self, claim: AllocatedClaim, devices: Sequence[PreparedDevice]
+    ) -> ContainerEdits:
+        """The claim's name and devices, once for the claim."""
+        return FakeBackend.claim_edits(claim, devices)
 
     @hookimpl
     def dra_unprepare(self, claim: PreparedClaim, context: NodeContext) -> bool:

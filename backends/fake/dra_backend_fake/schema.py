@@ -317,10 +317,15 @@ class InventorySpec(_Strict):
 
 
 class UnhealthySpec(_Strict):
-    """Why a device is unhealthy, and whether running pods are evicted (``NoExecute``)."""
+    """Why a device is unhealthy, and whether running pods are evicted (``NoExecute``);
+    ``reason`` and ``taint`` become the taint's value and key name (`DeviceHealth`)."""
 
     message: str = Field(min_length=1)
     effect: Literal["NoSchedule", "NoExecute"] = "NoSchedule"
+    reason: str = Field(default="", pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+    taint: str = Field(
+        default="unhealthy", pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import pytest
 from dra_backend_fake.testing import node_context, prepared_claim
 from loguru import logger
 
+from dra_core import PreparedClaim, PreparedClaims
 from dra_core.plugins import Hooks, from_objects
 
 
@@ -16,6 +17,8 @@ class Running:
     def __init__(self, hooks: Hooks, context) -> None:
         self.hooks = hooks
         self.context = context
+        #: What the agent's checkpoint would hold: the claims prepared, by UID.
+        self.prepared: dict[str, PreparedClaim] = {}
 
     def discover(self):
         return self.hooks.discover(self.context)
@@ -28,13 +31,20 @@ class Running:
         return {h.device: h for h in reports if not h.healthy}
 
     def check(self, claim):
-        self.hooks.check_allocation(claim, self.discover(), self.context)
+        others = tuple(c for uid, c in self.prepared.items() if uid != claim.ref.uid)
+        self.hooks.check_allocation(claim, self.discover(), self.context, PreparedClaims(others))
 
     def prepare(self, claim):
-        return self.hooks.prepare(claim, self.context)
+        devices = self.hooks.prepare(claim, self.context)
+        self.prepared[claim.ref.uid] = prepared_claim(claim, list(devices))
+        return devices
+
+    def claim_edits(self, claim, prepared):
+        return self.hooks.claim_edits(claim, prepared, self.context)
 
     def unprepare(self, claim, prepared):
         self.hooks.unprepare(prepared_claim(claim, list(prepared)), self.context)
+        self.prepared.pop(claim.ref.uid, None)
 
 
 @pytest.fixture

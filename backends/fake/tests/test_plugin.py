@@ -105,20 +105,24 @@ def test_check_allocation_refuses_devices_held_by_another_claim(start):
 
 
 # ------------------------------------------------------------------ prepare and unprepare
-def test_prepare_gives_environment_per_request_and_claim(start):
+def test_prepare_gives_environment_per_request_once_for_the_claim(start):
     backend = start()
-    claim = allocated_claim(("gpu", "dev-0"), ("gpu", "dev-1"), ("extra/fast", "dev-2"), name="c")
+    claim = allocated_claim(
+        ("gpu", "dev-0"), ("gpu", "dev-1"), ("extra/fast", "dev-2"), name="c.one-2"
+    )
     prepared = backend.prepare(claim)
     assert [p.allocation.device for p in prepared] == ["dev-0", "dev-1", "dev-2"]
     for p in prepared:
-        assert p.edits.env == {
-            "DRA_FAKE_CLAIM": "default/c",
-            "DRA_FAKE_DEVICES": "dev-0,dev-1,dev-2",
-            "DRA_FAKE_DEVICE_GPU": "dev-0,dev-1",
-            "DRA_FAKE_DEVICE_EXTRA": "dev-2",
-        }
+        assert p.edits.env == {}  # nothing per device: the claim's edits hold it once
         assert p.edits.device_nodes == ()
         assert p.state == {}
+    assert backend.claim_edits(claim, prepared).env == {
+        "DRA_FAKE_CLAIM": "default/c.one-2",
+        "DRA_FAKE_CLAIM_C_ONE_2": "dev-0,dev-1,dev-2",
+        "DRA_FAKE_DEVICES": "dev-0,dev-1,dev-2",
+        "DRA_FAKE_DEVICE_GPU": "dev-0,dev-1",
+        "DRA_FAKE_DEVICE_EXTRA": "dev-2",
+    }
 
 
 def test_prepare_shared_device_carries_share_information(start):
@@ -148,7 +152,8 @@ def test_opaque_config_adds_env_fails_or_sleeps(start):
     claim = allocated_claim(("r", "dev-0"), configs={"r": (env_config,)})
     (prepared,) = backend.prepare(claim)
     assert prepared.edits.env["GREETING"] == "hello"
-    assert prepared.edits.env["DRA_FAKE_CLAIM"] == "mine"  # the config wins
+    assert prepared.edits.env["DRA_FAKE_CLAIM"] == "mine"  # the config wins:
+    assert "DRA_FAKE_CLAIM" not in backend.claim_edits(claim, [prepared]).env  # not set twice
 
     failing = decode({**CONFIG, "failPrepare": True})
     with pytest.raises(HookError) as info:

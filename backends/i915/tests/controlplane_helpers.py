@@ -31,6 +31,7 @@ from dra_core.manifests import device_class_manifests
 from dra_core.plugins import Hooks, from_objects
 from dra_core.runtime import Agent, AgentSettings
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
 
 DRIVER = "gpu.intel.com"
@@ -86,14 +87,13 @@ def agent_fixtures(
             helpers.delete_device_class(kube_api, body["metadata"]["name"])
 
     @pytest.fixture(scope="module")
-    def agent(control_plane, kube_api, classes, short_dir, fs, hooks) -> Iterator[Agent]:
-        helpers.create_node(kube_api, node)
-        settings = AgentSettings(
-            node_name=node,
-            registration_dir=short_dir / "registry",
-            plugins_dir=short_dir / "plugins",
-            cdi_dir=short_dir / "cdi",
-            http_port=0,
+    def agent(
+        control_plane, kube_api, dra_kube_client, classes, short_dir, fs, hooks
+    ) -> Iterator[Agent]:
+        create_ready_node(dra_kube_client, node)
+        settings = AgentSettings.below(
+            short_dir,
+            node,
             poll_interval=0.5,
             backend_options={"sysfs_root": str(fs.sys), "devfs_root": str(fs.dev), **options},
         )

@@ -38,6 +38,7 @@ from backends.i915.tests import controlplane_helpers as cp
 from dra_core import ClaimRef
 from dra_core.checkpoint import Checkpoint
 from dra_core.testing.kubelet import FakeKubelet
+from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
 
 # VFs made on demand are published only with partitionable devices on.
@@ -301,8 +302,8 @@ class AgentProcess:
 
 
 @pytest.fixture
-def crash_node(kube_api, classes) -> Iterator[str]:
-    helpers.create_node(kube_api, CRASH_NODE)
+def crash_node(kube_api, dra_kube_client, classes) -> Iterator[str]:
+    create_ready_node(dra_kube_client, CRASH_NODE)
     yield CRASH_NODE
     helpers.delete_node(kube_api, CRASH_NODE)
 

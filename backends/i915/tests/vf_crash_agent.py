@@ -51,12 +51,9 @@ def main() -> None:
     backend = plugin.I915Backend(
         writer=RemoteKernel(kernel), memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})), poll=0.01
     )
-    settings = AgentSettings(
-        node_name=node,
-        registration_dir=Path(root) / "registry",
-        plugins_dir=Path(root) / "plugins",
-        cdi_dir=Path(root) / "cdi",
-        http_port=0,
+    settings = AgentSettings.below(
+        Path(root),
+        node,
         poll_interval=0.5,
         backend_options={"sysfs_root": sysfs, "devfs_root": devfs},
     )
