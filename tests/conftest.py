@@ -3,4 +3,5 @@ pytest_plugins = [
     "tests.realnode.fixtures",
     "tests.deploy.fixtures",
     "tests.cdicheck",
+    "pytester",  # tests of the pytest plugin run pytest themselves
 ]

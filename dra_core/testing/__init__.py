@@ -1,1 +1,8 @@
-"""Test helpers for dra-core and for backend authors (fakes of the kubelet and friends)."""
+"""The test kit of dra-core, for its own tests and for backend authors (``dra-core[testing]``).
+
+``plugin``: the pytest plugin (control plane, ready Node, agent, kubelet, real node fixtures);
+``agent``: a node agent started for a test; ``scenario``: Nodes, DeviceClasses, claims, pods
+and waits; ``kubelet``: the kubelet's side of the agent's sockets; ``fakeapi``: an in-memory
+API server for unit tests; ``conformance``: the conformance suite for backends;
+``controlplane`` and ``node``: the real control plane and node behind the fixtures.
+"""

@@ -46,7 +46,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,15 +60,17 @@ import pytest
 import yaml
 
 from dra_core.releases import GATES_ANNOTATION, gate_defaults
+from dra_core.testing.agent import RunningAgent, start_agent
 from dra_core.testing.kubelet import FakeKubelet
 from dra_core.testing.scenario import (
     RESOURCE_API,
     claim_body,
     claim_ref,
-    create_ready_node,
     delete_pod_now,
+    delete_quietly,
     pod_body,
     published_slices,
+    ready_node,
     wait_for,
     wait_for_allocation,
 )
@@ -128,91 +129,16 @@ def _dra_core(*args: str) -> str:
 
 
 @dataclass
-class AgentUnderTest:
-    """The backend's node agent, a process of its own, and what the suite knows about it."""
+class AgentUnderTest(RunningAgent):
+    """The backend's node agent, a process of its own (:func:`~dra_core.testing.agent.start_agent`
+    with ``process=True``), and what the suite knows about it."""
 
-    backend: str
-    driver: str
-    node: str
-    root: Path
-    kubeconfig: str
-    backend_args: Sequence[str]
     #: ``dra-core discover``'s slices: every device the backend found.
-    discovered: list[dict[str, Any]]
+    discovered: list[dict[str, Any]] = field(default_factory=list)
     #: The same for the test's API server (its release and gates): what the agent publishes.
-    for_server: list[dict[str, Any]]
+    for_server: list[dict[str, Any]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     refused_classes: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def cdi_dir(self) -> Path:
-        return self.root / "cdi"
-
-    @property
-    def registration_socket(self) -> Path:
-        return self.root / "registry" / f"{self.driver}-reg.sock"
-
-    def argv(self, crash_after_prepare: bool) -> list[str]:
-        program = ["-c", _CRASH_AFTER_PREPARE] if crash_after_prepare else ["-m", "dra_core"]
-        return [
-            sys.executable,
-            *program,
-            "--log-level",
-            "DEBUG",
-            "run",
-            "--backend",
-            self.backend,
-            "--node-name",
-            self.node,
-            "--kubeconfig",
-            self.kubeconfig,
-            "--registration-dir",
-            str(self.root / "registry"),
-            "--plugins-dir",
-            str(self.root / "plugins"),
-            "--cdi-dir",
-            str(self.cdi_dir),
-            "--http-port",
-            "0",
-            "--poll-interval",
-            "0.5",
-            *self.backend_args,
-        ]
-
-    def start(self, *, crash_after_prepare: bool = False) -> None:
-        with (self.root / "agent.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(crash_after_prepare), stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_for(f"the {self.backend} agent to answer GetInfo", self._answers, 30, 0.05)
-
-    def _answers(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            msg = f"the agent exited with {self.proc.returncode}:\n{self.log_tail()}"
-            raise AssertionError(msg)
-        with FakeKubelet(self.registration_socket) as peer:
-            peer.get_info()
-        return True
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kubelet(self) -> FakeKubelet:
-        peer = FakeKubelet(self.registration_socket, timeout=60)
-        peer.register()
-        return peer
-
-    def log_tail(self, chars: int = 4000) -> str:
-        path = self.root / "agent.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def published(self, client: KubeClient) -> list[dict[str, Any]]:
         """The agent's ResourceSlices once it has written all of them."""
@@ -271,33 +197,32 @@ class BackendConformance:
             *_release_flags(dra_control_plane),
         )  # fmt: skip
         root = Path(tempfile.mkdtemp(prefix="dra-conf-", dir="/tmp"))  # short socket paths
-        agent = AgentUnderTest(
-            backend=cls.backend,
-            driver=discovered[0]["spec"]["driver"] if discovered else "",
-            node=node,
+        running = start_agent(
+            cls.backend,
             root=root,
+            node=node,
             kubeconfig=str(dra_control_plane.kubeconfig_path),
-            backend_args=backend_args,
+            process=True,  # as operators run it, and a crash must not take the tests along
+            extra_args=backend_args,
+            driver=discovered[0]["spec"]["driver"] if discovered else None,
+            start=False,
+        )
+        agent = AgentUnderTest(
+            **vars(running),
             discovered=discovered,
             for_server=[s for s in yaml.safe_load_all(printed) if s],
         )
-        create_ready_node(dra_kube_client, node)
-        created = cls._create_classes(dra_kube_client, agent)
-        agent.start()
-        try:
-            yield agent
-        finally:
-            agent.stop()
-            for name in created:
-                _delete(dra_kube_client, f"{RESOURCE_API}/deviceclasses/{name}")
-            _delete(dra_kube_client, f"/api/v1/nodes/{node}")
-            _delete(
-                dra_kube_client,
-                f"{RESOURCE_API}/resourceslices",
-                {"fieldSelector": f"spec.nodeName={node}"},
-            )
-            if os.environ.get("DRA_CONFORMANCE_KEEP") != "1":
-                shutil.rmtree(root, ignore_errors=True)
+        with ready_node(dra_kube_client, node):
+            created = cls._create_classes(dra_kube_client, agent)
+            try:
+                agent.start()
+                yield agent
+            finally:
+                agent.stop()
+                for name in created:
+                    delete_quietly(dra_kube_client, f"{RESOURCE_API}/deviceclasses/{name}")
+                if os.environ.get("DRA_CONFORMANCE_KEEP") != "1":
+                    shutil.rmtree(root, ignore_errors=True)
 
     @classmethod
     def _create_classes(cls, client: KubeClient, agent: AgentUnderTest) -> list[str]:
@@ -428,7 +353,7 @@ class BackendConformance:
             pytest.skip("no DeviceClass to request a device with")
         ref = _allocate(dra_kube_client, dra_namespace, agent, agent.classes[0])
         agent.stop()
-        agent.start(crash_after_prepare=True)
+        agent.start(program=("-c", _CRASH_AFTER_PREPARE))
         with contextlib.suppress(grpc.RpcError), agent.kubelet() as kubelet:
             kubelet.prepare([ref])  # the call dies with the agent: that is the test
         assert agent.proc is not None
@@ -540,7 +465,7 @@ def check_example(client: KubeClient, path: Path, namespace: str) -> None:
             assert created["metadata"]["name"] == body["metadata"]["name"], created
     finally:
         if own:
-            _delete(client, f"/api/v1/namespaces/{namespace}")
+            delete_quietly(client, f"/api/v1/namespaces/{namespace}")
 
 
 def _device_names(slices: Sequence[Mapping[str, Any]]) -> set[str]:
@@ -602,7 +527,7 @@ def _prepared(kubelet: FakeKubelet, ref: ClaimRef, what: str) -> ClaimResult:
 def _release(client: KubeClient, namespace: str, ref: ClaimRef) -> None:
     """Delete the claim's pod and the claim, so the scheduler frees its device."""
     delete_pod_now(client, namespace, f"pod-{ref.name}")
-    _delete(client, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims/{ref.name}")
+    delete_quietly(client, f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims/{ref.name}")
 
     def gone() -> bool:
         from dra_core.kube.client import ApiError
@@ -616,13 +541,3 @@ def _release(client: KubeClient, namespace: str, ref: ClaimRef) -> None:
         return False
 
     wait_for(f"ResourceClaim {namespace}/{ref.name} to be deleted", gone, 30)
-
-
-def _delete(client: KubeClient, path: str, query: Mapping[str, str] | None = None) -> None:
-    from dra_core.kube.client import ApiError
-
-    try:
-        client.request("DELETE", path, query=query)
-    except ApiError as exc:
-        if not exc.not_found:
-            raise

@@ -13,6 +13,25 @@ Fixtures:
     scenario functions of :mod:`dra_core.testing.scenario` take it.
 ``dra_namespace`` (function)
     A fresh namespace with its ``default`` ServiceAccount, deleted afterwards.
+``dra_ready_node`` (function)
+    The name of a new Node the scheduler places pods on (no kubelet behind it:
+    :func:`~dra_core.testing.scenario.create_ready_node`), deleted afterwards.
+``dra_agent`` (function)
+    A factory: ``dra_agent(backend, *, options=None, node=None, process=False, ...)`` starts the
+    node agent running ``backend`` (an installed backend's entry-point name, or backend
+    objects) against the control plane, its directories below a short temporary directory,
+    and returns a :class:`~dra_core.testing.agent.RunningAgent` once it serves (``.agent``,
+    ``.settings``, ``.registration_socket``, ``.node``, ``.driver``); without ``node`` it gets a
+    ready Node of its own. Agents, their Nodes and directories go after the test.
+``dra_kubelet`` (function)
+    A factory: ``dra_kubelet(agent)`` returns a :class:`~dra_core.testing.kubelet.FakeKubelet`
+    registered with that agent, closed after the test.
+``dra_real_node`` (session)
+    A started :class:`~dra_core.testing.node.Node` (containerd, runc, kubelet) registered with
+    the control plane, for tests marked ``realnode``; stopped at the end (which fails if the
+    host is left changed). It needs root; without root, or without its binaries
+    (``DRA_TEST_NODE_BINARIES``, a cached build, or a build now with Go), its tests are skipped
+    with the reason, and fail in CI. ``dra_real_node_binaries`` (session) is their directory.
 
 Tests that use them are marked ``controlplane`` (``-m "not controlplane"`` deselects them).
 The binaries are provided once, before the first test (outside any per-test timeout):
@@ -26,22 +45,30 @@ the release has, ``default`` keeps the release's defaults, as most clusters run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 if TYPE_CHECKING:  # the plugin loads in every pytest session: import the heavy parts lazily
     from dra_core.kube.client import KubeClient
+    from dra_core.testing.agent import RunningAgent
     from dra_core.testing.controlplane import ControlPlane
+    from dra_core.testing.kubelet import FakeKubelet
+    from dra_core.testing.node import Node as RealNode
 
 MARKER = "controlplane"
+REALNODE_MARKER = "realnode"
 _STATE: dict[str, Any] = {}
+#: What the real node's fixtures found (binaries, or why there are none) and how they went.
+_NODE_STATE: dict[str, Any] = {}
 
 
 def _in_ci() -> bool:
@@ -56,9 +83,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        f"{REALNODE_MARKER}: runs pods on a real node (kubelet, containerd, runc); needs root",
+    )
+    config.addinivalue_line(
+        "markers",
         "requires_feature(*gates): needs these feature gates on in the test control plane; "
         "skipped, naming them, where its API server has one off (DRA_K8S_VERSION, "
         "DRA_TEST_GATES)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "all_mode_over_counters: has a claim with allocationMode All that can select devices "
+        "consuming counters; skipped where the scheduler crashes on it (Kubernetes 1.35 with "
+        "DRAPartitionableDevices on, RELEASE.md)",
     )
 
 
@@ -71,8 +108,15 @@ def _release_and_gates() -> tuple[str, str]:
     return version, gates
 
 
-def _wanted(session: pytest.Session) -> bool:
-    return any(item.get_closest_marker(MARKER) for item in session.items)
+def _wanted(session: pytest.Session, marker: str = MARKER) -> bool:
+    return any(item.get_closest_marker(marker) for item in session.items)
+
+
+def skip_or_fail(msg: str) -> NoReturn:
+    """Skip the test with ``msg``, or fail it where ``CI`` is true (CI must not skip)."""
+    if _in_ci():
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -85,7 +129,11 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Provide the binaries once, before any test (and its timeout) starts."""
-    if session.config.option.collectonly or not _wanted(session):
+    if session.config.option.collectonly:
+        return
+    if _wanted(session, REALNODE_MARKER):
+        _provide_node_binaries(session)
+    if not _wanted(session):
         return
     from dra_core.testing.controlplane import BinariesUnavailable, find_binaries
 
@@ -117,6 +165,33 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if tr is not None:
         where = _STATE.get("binaries") or "FAILED"
         tr.write_line(f"[controlplane] binaries: {where} ({_STATE['binaries_seconds']:.1f}s)")
+
+
+def _provide_node_binaries(session: pytest.Session) -> None:
+    """The real node's binaries, provided once before any test when a test is marked
+    ``realnode``; why they are not there is kept for the tests to report."""
+    from dra_core.testing.controlplane import BinariesUnavailable, selected_k8s_version
+    from dra_core.testing.node import find_node_binaries
+
+    if os.geteuid() != 0:
+        _NODE_STATE["error"] = "a real node needs root (the kubelet and containerd run as root)"
+        return
+    if not os.environ.get("DRA_TEST_NODE_BINARIES") and shutil.which("go") is None:
+        _NODE_STATE["error"] = (
+            "node binaries unavailable: DRA_TEST_NODE_BINARIES is not set and no Go toolchain "
+            "is on PATH to build them (dra_core/testing/node-build.sh)"
+        )
+        return
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = tr.write_line if tr is not None else print
+    say("[realnode] providing binaries via dra_core/testing/node-build.sh ...")
+    started = time.monotonic()
+    try:
+        _NODE_STATE["binaries"] = find_node_binaries(progress=say, version=selected_k8s_version())
+    except (BinariesUnavailable, ValueError) as e:
+        _NODE_STATE["error"] = str(e)
+    where = _NODE_STATE.get("binaries", "FAILED")
+    say(f"[realnode] binaries: {where} ({time.monotonic() - started:.1f}s)")
 
 
 def _binaries_or_fail() -> Path:
@@ -186,6 +261,108 @@ def dra_namespace(dra_control_plane: ControlPlane, dra_kube_client: KubeClient) 
         delete_namespace(dra_kube_client, name)
 
 
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def dra_ready_node(dra_kube_client: KubeClient) -> Iterator[str]:
+    """The name of a new Node the scheduler places pods on, deleted after the test.
+
+    No kubelet runs behind it: :func:`~dra_core.testing.scenario.create_ready_node` reports it
+    Ready and lifts the ``not-ready`` taint every new Node gets, as a kubelet would."""
+    from dra_core.testing.scenario import ready_node
+
+    with ready_node(dra_kube_client, _unique("dra-node")) as name:
+        yield name
+
+
+@pytest.fixture
+def dra_agent(
+    dra_control_plane: ControlPlane, dra_kube_client: KubeClient
+) -> Iterator[Callable[..., RunningAgent]]:
+    """A factory that starts node agents against the control plane; they stop after the test.
+
+    ``dra_agent(backend, *, options=None, node=None, name=None, process=False, extra_args=(),
+    **settings)``: ``backend`` is an installed backend's entry-point name or backend objects
+    (a class, factory or object with hook implementations, named ``name``); ``options`` its
+    option values (``_`` for ``-``); ``node`` an existing Node (default: a new ready one);
+    ``settings`` other :class:`~dra_core.runtime.AgentSettings` fields. ``process=True`` runs
+    ``python -m dra_core run`` instead of an agent in the test's process (see
+    :func:`dra_core.testing.agent.start_agent`). Returns the agent serving its sockets; its
+    ResourceSlices may still be on their way (``scenario.published_slices``)."""
+    from dra_core.testing.agent import start_agent
+    from dra_core.testing.scenario import ready_node
+
+    with contextlib.ExitStack() as stack:
+
+        def start(backend: str | object, *, node: str | None = None, **kwargs: Any) -> RunningAgent:
+            if node is None:
+                node = stack.enter_context(ready_node(dra_kube_client, _unique("dra-agent")))
+            # Unix socket paths are short; pytest's tmp_path can be too long for them.
+            root = Path(tempfile.mkdtemp(prefix="dra-agent-", dir="/tmp"))
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
+            running = start_agent(
+                backend,
+                root=root,
+                node=node,
+                kubeconfig=str(dra_control_plane.kubeconfig_path),
+                start=False,
+                **kwargs,
+            )
+            stack.callback(running.stop)  # also when it fails to start: what did start stops
+            running.start()
+            return running
+
+        yield start
+
+
+@pytest.fixture
+def dra_kubelet() -> Iterator[Callable[[RunningAgent], FakeKubelet]]:
+    """A factory: ``dra_kubelet(agent)`` is a :class:`~dra_core.testing.kubelet.FakeKubelet`
+    registered with ``agent`` (from ``dra_agent``) as the kubelet registers, closed after the
+    test."""
+    with contextlib.ExitStack() as stack:
+
+        def connect(agent: RunningAgent) -> FakeKubelet:
+            return stack.enter_context(agent.kubelet())
+
+        yield connect
+
+
+@pytest.fixture(scope="session")
+def dra_real_node_binaries() -> Path:
+    """The directory of the real node's binaries (containerd, runc, kubelet...)."""
+    if "binaries" not in _NODE_STATE:
+        skip_or_fail(_NODE_STATE.get("error", "the real node's binaries were not provided"))
+    binaries: Path = _NODE_STATE["binaries"]
+    return binaries
+
+
+@pytest.fixture(scope="session")
+def dra_real_node(
+    dra_real_node_binaries: Path, dra_control_plane: ControlPlane
+) -> Iterator[RealNode]:  # the binaries first: a test skipped for them starts no control plane
+    """A real node (containerd, runc, kubelet) of the control plane, shared by the session
+    (see the module's documentation)."""
+    from dra_core.testing.node import Node
+
+    if "start_error" in _NODE_STATE:  # don't retry a failed start for every test
+        pytest.fail(_NODE_STATE["start_error"], pytrace=False)
+    node = Node(dra_control_plane, dra_real_node_binaries, name="dra-real-node")
+    started = time.monotonic()
+    try:
+        node.start()
+    except Exception as e:  # noqa: BLE001 - reported once, for every test that needs it
+        _NODE_STATE["start_error"] = f"the real node failed to start: {e}"
+        pytest.fail(_NODE_STATE["start_error"], pytrace=False)
+    _NODE_STATE["start_seconds"] = time.monotonic() - started
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
 @pytest.fixture(autouse=True)
 def _dra_requires_feature(request: pytest.FixtureRequest) -> None:
     """Skip a test marked ``requires_feature`` when the running API server (asked, not assumed
@@ -202,7 +379,29 @@ def _dra_requires_feature(request: pytest.FixtureRequest) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def _dra_all_mode_over_counters(request: pytest.FixtureRequest) -> None:
+    """Skip a test marked ``all_mode_over_counters`` where its claim would crash the scheduler
+    (and with it every later test of the session)."""
+    if request.node.get_closest_marker("all_mode_over_counters") is None:
+        return
+    from dra_core.releases import all_mode_over_counters_crashes_scheduler
+
+    plane: ControlPlane = request.getfixturevalue("dra_control_plane")
+    if all_mode_over_counters_crashes_scheduler(plane.k8s_version) and not plane.missing_gates(
+        "DRAPartitionableDevices"
+    ):
+        pytest.skip(
+            f"the kube-scheduler of Kubernetes {plane.k8s_version} crashes on a claim with "
+            "allocationMode All over devices that consume counters when "
+            "DRAPartitionableDevices is on (fixed in 1.36; RELEASE.md)"
+        )
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if "start_seconds" in _NODE_STATE:
+        seconds = _NODE_STATE["start_seconds"]
+        terminalreporter.write_line(f"[realnode] node started in {seconds:.1f}s")
     if not any(k in _STATE for k in ("binaries_seconds", "start_seconds")):
         return
     parts = []

@@ -18,8 +18,9 @@ Facts these functions rely on, which a test cluster without kubelets makes visib
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from dra_core.model import ClaimRef
@@ -35,10 +36,12 @@ __all__ = (
     "create_ready_node",
     "delete_namespace",
     "delete_pod_now",
+    "delete_quietly",
     "device_class_body",
     "node_body",
     "pod_body",
     "published_slices",
+    "ready_node",
     "wait_for",
     "wait_for_allocation",
     "wait_for_service_account",
@@ -119,15 +122,21 @@ def wait_for_service_account(client: Requester, namespace: str, timeout: float =
     )
 
 
-def delete_namespace(client: Requester, name: str) -> None:
-    """Delete namespace ``name`` (its objects go with it, in the background); gone is fine."""
+def delete_quietly(client: Requester, path: str, query: Mapping[str, str] | None = None) -> None:
+    """``DELETE path`` (with ``query``, e.g. a field selector for a collection); an object
+    already gone is fine."""
     from dra_core.kube.client import ApiError
 
     try:
-        client.request("DELETE", f"/api/v1/namespaces/{name}")
+        client.request("DELETE", path, query=query)
     except ApiError as exc:
         if not exc.not_found:
             raise
+
+
+def delete_namespace(client: Requester, name: str) -> None:
+    """Delete namespace ``name`` (its objects go with it, in the background); gone is fine."""
+    delete_quietly(client, f"/api/v1/namespaces/{name}")
 
 
 # ---------------------------------------------------------------------------- nodes
@@ -222,6 +231,19 @@ def create_ready_node(
             content_type=MERGE_PATCH,
         )
     return node
+
+
+@contextlib.contextmanager
+def ready_node(client: Requester, name: str, **fields: Any) -> Iterator[str]:
+    """:func:`create_ready_node` ``name`` (``fields`` go to it) for the ``with`` block; then
+    delete the Node and the ResourceSlices published for it (an agent leaves them behind)."""
+    create_ready_node(client, name, **fields)
+    try:
+        yield name
+    finally:
+        delete_quietly(client, f"/api/v1/nodes/{name}")
+        query = {"fieldSelector": f"spec.nodeName={name}"}
+        delete_quietly(client, f"{RESOURCE_API}/resourceslices", query)
 
 
 # ---------------------------------------------------------------------------- classes and claims

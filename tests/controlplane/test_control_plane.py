@@ -7,20 +7,11 @@ from kubernetes.client.exceptions import ApiException
 
 from dra_core.releases import gates_on
 from dra_core.testing.controlplane import selected_k8s_version
-from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers as h
 
 pytestmark = pytest.mark.controlplane
 
 DRIVER = h.TEST_DRIVER
-
-
-@pytest.fixture
-def fake_node(kube_api, dra_kube_client):
-    node = create_ready_node(dra_kube_client, h.unique_name("node"))
-    name = node["metadata"]["name"]
-    yield name
-    h.delete_node(kube_api, name)
 
 
 @pytest.fixture
@@ -55,9 +46,9 @@ def test_the_api_server_has_the_gates_the_harness_chose(control_plane):
     assert control_plane.missing_gates(*expected) == [g for g, on in expected.items() if not on]
 
 
-def test_valid_resource_slice_is_accepted(kube_api, fake_node):
+def test_valid_resource_slice_is_accepted(kube_api, dra_ready_node):
     name = h.unique_name("slice")
-    body = h.resource_slice_body(name, fake_node, _devices(128))
+    body = h.resource_slice_body(name, dra_ready_node, _devices(128))
     created = h.create_resource_slice(kube_api, body)
     try:
         assert created["spec"]["driver"] == DRIVER
@@ -80,17 +71,19 @@ def test_valid_resource_slice_is_accepted(kube_api, fake_node):
         ),
     ],
 )
-def test_invalid_resource_slice_is_rejected(kube_api, fake_node, case, devices, expect):
-    body = h.resource_slice_body(h.unique_name("slice"), fake_node, devices)
+def test_invalid_resource_slice_is_rejected(kube_api, dra_ready_node, case, devices, expect):
+    body = h.resource_slice_body(h.unique_name("slice"), dra_ready_node, devices)
     with pytest.raises(ApiException) as exc:
         h.create_resource_slice(kube_api, body)
     assert exc.value.status == 422, exc.value.body
     assert expect in exc.value.body, exc.value.body
 
 
-def test_scheduler_allocates_claim_and_binds_pod(kube_api, namespace, fake_node, device_class):
+def test_scheduler_allocates_claim_and_binds_pod(kube_api, namespace, dra_ready_node, device_class):
     slice_name = h.unique_name("slice")
-    h.create_resource_slice(kube_api, h.resource_slice_body(slice_name, fake_node, _devices(2)))
+    h.create_resource_slice(
+        kube_api, h.resource_slice_body(slice_name, dra_ready_node, _devices(2))
+    )
     try:
         h.create_resource_claim(kube_api, namespace, h.resource_claim_body("claim1", device_class))
         h.create_pod(
@@ -99,30 +92,32 @@ def test_scheduler_allocates_claim_and_binds_pod(kube_api, namespace, fake_node,
             h.pod_body("pod1", [{"name": "dev", "resourceClaimName": "claim1"}]),
         )
         pod = h.wait_for_pod_scheduled(kube_api, namespace, "pod1", timeout=60)
-        assert pod["spec"]["nodeName"] == fake_node
+        assert pod["spec"]["nodeName"] == dra_ready_node
 
         claim = h.wait_for_claim_allocated(kube_api, namespace, "claim1", timeout=30)
         results = claim["status"]["allocation"]["devices"]["results"]
         assert len(results) == 1, results
         r = results[0]
         assert r["driver"] == DRIVER
-        assert r["pool"] == fake_node
+        assert r["pool"] == dra_ready_node
         assert r["device"] in ("dev-0", "dev-1")
         assert r["request"] == "req"
         reserved = claim["status"].get("reservedFor", [])
         assert [x["name"] for x in reserved] == ["pod1"], reserved
         # The allocation pins the claim to the fake node.
         terms = claim["status"]["allocation"]["nodeSelector"]["nodeSelectorTerms"]
-        assert fake_node in str(terms)
+        assert dra_ready_node in str(terms)
     finally:
         h.delete_pod(kube_api, namespace, "pod1")
         h.delete_resource_slice(kube_api, slice_name)
 
 
-def test_claim_template_creates_claim_for_pod(kube_api, namespace, fake_node, device_class):
+def test_claim_template_creates_claim_for_pod(kube_api, namespace, dra_ready_node, device_class):
     """The resourceclaim controller (kube-controller-manager) turns a template into a claim."""
     slice_name = h.unique_name("slice")
-    h.create_resource_slice(kube_api, h.resource_slice_body(slice_name, fake_node, _devices(1)))
+    h.create_resource_slice(
+        kube_api, h.resource_slice_body(slice_name, dra_ready_node, _devices(1))
+    )
     try:
         spec = h.resource_claim_body("unused", device_class)["spec"]
         h.create_resource_claim_template(kube_api, namespace, "tmpl", spec)
@@ -132,7 +127,7 @@ def test_claim_template_creates_claim_for_pod(kube_api, namespace, fake_node, de
             h.pod_body("pod2", [{"name": "dev", "resourceClaimTemplateName": "tmpl"}]),
         )
         pod = h.wait_for_pod_scheduled(kube_api, namespace, "pod2", timeout=60)
-        assert pod["spec"]["nodeName"] == fake_node
+        assert pod["spec"]["nodeName"] == dra_ready_node
         statuses = pod["status"].get("resourceClaimStatuses", [])
         assert len(statuses) == 1 and statuses[0].get("resourceClaimName"), statuses
         claim = h.wait_for_claim_allocated(

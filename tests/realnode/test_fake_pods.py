@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+from dra_backend_fake.testing import write_control
 
 from tests.controlplane import helpers
 from tests.realnode import pods
@@ -23,7 +24,7 @@ def spec_gone(node, uid: str) -> bool:
 
 
 def test_template_claim_reaches_the_container_and_is_released(
-    fake_agent, real_node, kube_api, namespace
+    fake_agent, fake_device_nodes, real_node, kube_api, namespace
 ):
     pods.create_template(
         kube_api, namespace, pods.claim_template("one", FAKE, selectors=pods.plain_fake_device(0))
@@ -40,7 +41,7 @@ def test_template_claim_reaches_the_container_and_is_released(
     helpers.wait_for(
         lambda: spec_gone(real_node, uid), 60, "the claim unprepared (CDI spec removed)"
     )
-    assert not (fake_agent.root / "dev" / uid).exists()
+    assert not (fake_device_nodes / uid).exists()
 
     pods.start(kube_api, namespace, real_node, "second", pods.from_template("one"))
     assert pods.container_view(real_node, namespace, "second").env["DRA_FAKE_DEVICES"] == "dev-0"
@@ -116,7 +117,9 @@ def _pod_exists(api, namespace: str, name: str) -> bool:
 
 
 @pytest.mark.requires_feature("ResourceHealthStatus")
-def test_device_health_reaches_the_pod_status(fake_agent, real_node, kube_api, namespace):
+def test_device_health_reaches_the_pod_status(
+    fake_agent, fake_control, real_node, kube_api, namespace
+):
     # A claim named as the pod's entry for it: the 1.34 kubelet looks a container's claim up
     # by that entry's name, so the health of a claim made from a template (named otherwise)
     # never reaches the pod status there; 1.35 reads the claim's name from the pod status.
@@ -135,13 +138,13 @@ def test_device_health_reaches_the_pod_status(fake_agent, real_node, kube_api, n
     helpers.wait_for(
         lambda: "Healthy" in health().values(), 30, "the device Healthy in the pod status"
     )
-    fake_agent.set_control({"unhealthy": {"dev-2": "fan on fire"}})
+    write_control(fake_control, {"unhealthy": {"dev-2": "fan on fire"}})
     helpers.wait_for(
         lambda: "Unhealthy" in health().values(), 30, "the device Unhealthy in the pod status"
     )
     (resource,) = health()
     assert resource.endswith("dev-2"), resource
-    fake_agent.set_control({})
+    write_control(fake_control, {})
     helpers.wait_for(lambda: set(health().values()) == {"Healthy"}, 30, "the device Healthy again")
 
 

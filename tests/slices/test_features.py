@@ -35,7 +35,7 @@ from dra_core.slices.features import (
     safe_inventory,
     used_fields,
 )
-from tests.slices.fakeapi import FakeApi
+from dra_core.testing.fakeapi import FakeApi
 from tests.slices.test_build import DRIVER, NODE, plain, sriov_inventory
 from tests.slices.test_publisher import names_in, publisher
 

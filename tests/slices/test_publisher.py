@@ -12,7 +12,7 @@ from dra_core.kube.client import ApiError
 from dra_core.kube.retry import Backoff
 from dra_core.model import Capacity, Device, Inventory, ModelError, RequestPolicy, Taint
 from dra_core.slices.publisher import PublisherSettings, SlicePublisher
-from tests.slices.fakeapi import SLICES, FakeApi
+from dra_core.testing.fakeapi import SLICES, FakeApi
 from tests.slices.test_build import plain, sriov_inventory
 
 DRIVER = "gpu.example.com"

@@ -27,7 +27,7 @@ class TestFakeConformance(BackendConformance):
         return ("--control-file", str(control), "--control-interval", "0.2")
 
     def set_health(self, agent: AgentUnderTest, device: str, healthy: bool) -> bool:
-        control = Path(agent.backend_args[1])
+        control = Path(agent.extra_args[1])  # the backend_args above
         unhealthy = {} if healthy else {device: "conformance: made unhealthy"}
         temporary = control.with_suffix(".tmp")
         temporary.write_text(yaml.safe_dump({"unhealthy": unhealthy}))

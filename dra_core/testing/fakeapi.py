@@ -1,10 +1,23 @@
-"""An in-memory stand-in for the API server's ResourceSlice and Node endpoints.
+"""An in-memory fake of the API server's ResourceSlice and Node endpoints, for unit tests of
+code that talks to the API (it has the ``request`` and ``get`` of
+:class:`~dra_core.kube.client.KubeClient`)::
 
-It behaves like the real one where the publisher cares: resource versions and 409 on stale
+    from dra_core.testing.fakeapi import FakeApi
+
+    api = FakeApi(gates_off=("DRADeviceTaints",))
+    api.nodes["node-1"] = "uid-1"              # a Node the code may look up
+    api.failures.append(ApiError("PUT", "...", 500, "boom"))  # the next request fails
+
+It behaves like the real one where the slice publisher cares: resource versions and 409 on stale
 updates, 409 on creating an existing name, 404s, field selectors, quantities returned in
 canonical form, ``timeAdded`` stamped on taints, gated fields dropped when a gate is off,
 dry-run creates (logged as ``DRYRUN``, nothing stored) and the counter layout of 1.35+ or, with
 ``counters_beside``, of 1.34 (counter sets in the slice of the devices that consume them).
+
+What it does not do, for which a test needs the real API server (the ``dra_control_plane``
+fixture): any other resource (claims, pods, DeviceClasses), watches, label selectors,
+validation of the objects (names, limits, CEL) and admission, authentication, and server-side
+apply. ``request`` fails with ``AssertionError`` on a path it does not serve.
 """
 
 from __future__ import annotations
@@ -12,10 +25,13 @@ from __future__ import annotations
 import copy
 import threading
 import uuid
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
 
 from dra_core.kube.client import ApiError
 from dra_core.quantity import parse_quantity
+
+__all__ = ("SLICES", "FakeApi", "canonical")
 
 SLICES = "/apis/resource.k8s.io/v1/resourceslices"
 
@@ -31,12 +47,18 @@ def canonical(q: str) -> str:
     return q
 
 
-def _canon_counters(counters):
+def _canon_counters(counters: Mapping[str, Any]) -> dict[str, Any]:
     return {k: {"value": canonical(v["value"])} for k, v in counters.items()}
 
 
 class FakeApi:
-    """The fake server plus a KubeClient-compatible ``request``/``get``."""
+    """The fake server plus a KubeClient-compatible ``request``/``get``.
+
+    ``gates_off`` names feature gates the fake server has off (their fields are dropped as the
+    real one drops them), ``version`` is what ``/version`` answers. Tests read ``slices`` (by
+    name), ``log`` (method and path of every request), ``writes()``; they make requests fail
+    by appending to ``failures`` and run code between a write and its effect with
+    ``before_write(method, name)``."""
 
     def __init__(
         self,
@@ -44,24 +66,34 @@ class FakeApi:
         gates_off: tuple[str, ...] = (),
         counters_beside: bool = False,
         version: str = "v1.37.2",
-    ):
+    ) -> None:
         self.slices: dict[str, dict[str, Any]] = {}
         self.version = version
-        self.api = None  # KubeClient.api: no real client behind this one
+        self.api: Any = None  # KubeClient.api: no real client behind this one
         self.nodes: dict[str, str] = {}
         self.gates_off = set(gates_off)
         self.counters_beside = counters_beside
         self.log: list[tuple[str, str]] = []
         self.failures: list[ApiError] = []
-        self.before_write = None  # callable(method, name) run before a write is applied
+        #: Called with the method and the slice's name before a write is applied.
+        self.before_write: Callable[[str, str], None] | None = None
         self._rv = 100
         self._lock = threading.RLock()
 
     # -- what the publisher calls -------------------------------------------------------------
-    def get(self, path: str, query=None) -> Any:
+    def get(self, path: str, query: Mapping[str, str] | None = None) -> Any:
         return self.request("GET", path, query=query)
 
-    def request(self, method: str, path: str, *, body=None, query=None, content_type=None) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
         with self._lock:
             if self.failures:
                 raise self.failures.pop(0)
@@ -84,6 +116,8 @@ class FakeApi:
                 return self._list((query or {}).get("fieldSelector", ""))
             if path == SLICES and method == "POST":
                 return self._create(body)
+            if not path.startswith(f"{SLICES}/"):
+                self._refuse(method, path)
             name = path[len(SLICES) + 1 :]
             if method == "GET":
                 if name not in self.slices:
@@ -98,9 +132,9 @@ class FakeApi:
                     raise ApiError(method, path, 404, "not found")
                 del self.slices[name]
                 return {"kind": "Status", "status": "Success"}
-            raise AssertionError(f"unexpected {method} {path}")
+            self._refuse(method, path)
 
-    # -- helpers for tests --------------------------------------------------------------------
+    # -- for the tests ------------------------------------------------------------------------
     def writes(self) -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.log if m in ("POST", "PUT", "DELETE")]
 
@@ -117,6 +151,14 @@ class FakeApi:
         return [self.slices[n] for n in sorted(self.slices)]
 
     # -- internals ----------------------------------------------------------------------------
+    @staticmethod
+    def _refuse(method: str, path: str) -> NoReturn:
+        msg = (
+            f"the fake API server does not serve {method} {path}; test this against the real "
+            "API server (the dra_control_plane fixture)"
+        )
+        raise AssertionError(msg)
+
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
