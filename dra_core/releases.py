@@ -13,6 +13,7 @@ __all__ = (
     "DRA_GATE_DEFAULTS",
     "SUPPORTED_MINORS",
     "ReleaseError",
+    "all_mode_over_counters_crashes_scheduler",
     "counter_sets_beside_devices",
     "default_on_since",
     "gate_defaults",
@@ -86,6 +87,11 @@ _TAINTS_PER_DEVICE = {34: 4}
 #: ``CmpRequestOverCapacity(..., device.slice, r.deviceIndex)``; fixed in 1.35): a share of a
 #: shared device is allocated only when the device is the first of its slice.
 _SHARES_CHECKED_AGAINST_FIRST_DEVICE = frozenset({34})
+#: Releases whose scheduler crashes (a nil pointer in its allocator's counter check, seen with
+#: 1.35.4) on a claim with ``allocationMode: All`` that can select a device consuming counters,
+#: with DRAPartitionableDevices on: the "All" path builds its devices without their pool
+#: (``checkAvailableCounters`` reads ``device.pool``); 1.36 sets it.
+_ALL_MODE_OVER_COUNTERS_CRASHES_SCHEDULER = frozenset({35})
 
 # v1.34.4, 1.34, v1.36.0-gke.1200 (a provider's build), 1.36+ (a provider's minor).
 _VERSION = re.compile(r"v?1\.(\d+)\+?(\.\d+)?([-+].*)?")
@@ -127,6 +133,12 @@ def shared_devices_first(version: str) -> bool:
     """Whether each shared device must be the first of its slice for the scheduler of
     ``version`` to allocate shares of it (1.34)."""
     return k8s_minor(version) in _SHARES_CHECKED_AGAINST_FIRST_DEVICE
+
+
+def all_mode_over_counters_crashes_scheduler(version: str) -> bool:
+    """Whether the scheduler of ``version`` crashes on an ``allocationMode: All`` claim that
+    can select a device consuming counters, when DRAPartitionableDevices is on (1.35)."""
+    return k8s_minor(version) in _ALL_MODE_OVER_COUNTERS_CRASHES_SCHEDULER
 
 
 def taints_per_device(version: str) -> int | None:

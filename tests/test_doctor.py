@@ -636,3 +636,32 @@ def test_fake_backend_reports_an_invalid_control_file(tmp_path):
     check = by_name(checks, "control file")
     assert check.status == "fail"
     assert "device name 'dev-0' is already in the inventory" in check.found
+
+
+@pytest.mark.parametrize(
+    ("git_version", "dropped", "warned"),
+    [
+        ("v1.35.4", frozenset(), True),
+        ("v1.36.3", frozenset(), False),
+        ("v1.34.4", frozenset(), False),
+        ("v1.35.4", frozenset({"sharedCounters", "consumesCounters"}), False),
+    ],
+)
+def test_doctor_warns_where_the_scheduler_crashes_on_all_mode_over_counters(
+    git_version, dropped, warned
+):
+    from dra_backend_fake.inventory import build, default_specs
+
+    from dra_core.doctor.cluster import _scheduler_bug_checks
+    from dra_core.model import Inventory
+    from dra_core.slices.features import ServerFeatures
+
+    server = ServerFeatures(dropped=dropped)
+    checks = _scheduler_bug_checks({"gitVersion": git_version}, server, build(default_specs()))
+    assert [c.status for c in checks] == (["warn"] if warned else [])
+    if warned:
+        assert "crashes on a claim with allocationMode All" in checks[0].found
+        assert "5 devices consuming counters here (e.g. big-0)" in checks[0].found
+        assert checks[0].fix.startswith("upgrade the control plane to 1.36")
+    # Nothing consuming counters on this node: nothing to warn about.
+    assert _scheduler_bug_checks({"gitVersion": git_version}, server, Inventory()) == []

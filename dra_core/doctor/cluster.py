@@ -14,8 +14,10 @@ from dra_core.doctor.runtime import RuntimeInfo, parse_version
 from dra_core.hookspecs import DoctorCheck
 from dra_core.kube.client import ApiError, KubeClient, load_client
 from dra_core.model import Inventory, is_dns_subdomain
+from dra_core.releases import ReleaseError, all_mode_over_counters_crashes_scheduler
 from dra_core.slices.features import (
     FEATURES,
+    PARTITIONABLE,
     Feature,
     LeftOut,
     ServerFeatures,
@@ -140,9 +142,32 @@ def api_checks(
         for e in entries
         if e.feature not in FEATURES
     ]
-    return (
-        checks + [_feature_check(server, f, inventory, left_out.get(f)) for f in FEATURES] + limits
-    )
+    checks += [_feature_check(server, f, inventory, left_out.get(f)) for f in FEATURES]
+    return checks + limits + _scheduler_bug_checks(version, server, inventory)
+
+
+def _scheduler_bug_checks(
+    version: dict[str, str], server: ServerFeatures, inventory: Inventory | None
+) -> list[DoctorCheck]:
+    """A warning where the cluster's scheduler is known to crash on what this node publishes."""
+    git_version = version.get("gitVersion", "")
+    try:
+        crashes = all_mode_over_counters_crashes_scheduler(git_version)
+    except ReleaseError:
+        return []
+    consuming = [d.name for d in inventory.devices if d.consumes_counters] if inventory else []
+    if not (crashes and server.keeps(PARTITIONABLE) and consuming):
+        return []
+    return [
+        DoctorCheck.warn(
+            "allocationMode All over devices that consume counters",
+            f"the kube-scheduler of Kubernetes {git_version} crashes on a claim with "
+            f"allocationMode All that can select one of {len(consuming)} devices consuming "
+            f"counters here (e.g. {consuming[0]})",
+            "upgrade the control plane to 1.36 or later, or request these devices with "
+            "allocationMode ExactCount (a selector can name every device)",
+        )
+    ]
 
 
 def _skip_features(why: str) -> list[DoctorCheck]:

@@ -94,6 +94,7 @@ def sriov_writes(kernel: FakeKernel, since: int) -> list[tuple[str, str]]:
     return [w for w in kernel.writes[since:] if "sriov" in w[0] or "prelim_iov" in w[0]]
 
 
+@pytest.mark.all_mode_over_counters
 def test_monitor_beside_workloads_on_the_same_gpus(
     agent, kubelet, kube_api, namespace, admin_namespace, fs, kernel, short_dir
 ):
@@ -146,6 +147,7 @@ def test_monitor_beside_workloads_on_the_same_gpus(
 
 
 @pytest.mark.requires_feature("DRAPartitionableDevices")
+@pytest.mark.all_mode_over_counters
 def test_monitor_over_vfs_creates_and_removes_none(
     agent, kubelet, kube_api, namespace, admin_namespace, fs, kernel, short_dir
 ):

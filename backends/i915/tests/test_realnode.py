@@ -155,6 +155,7 @@ def test_shared_gpu(i915_agent, real_node, fs, kube_api, namespace):
         assert_gpu(view, fs, A770)
 
 
+@pytest.mark.all_mode_over_counters
 def test_monitoring_sees_every_gpu_beside_a_workload(
     i915_agent, real_node, control_plane, fs, kube_api, namespace
 ):
