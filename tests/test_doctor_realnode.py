@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dra_core.doctor import FEATURES
+from tests.test_doctor_controlplane import release_warnings
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.realnode]
 
@@ -37,12 +37,12 @@ def doctor(real_node, control_plane, *args: str) -> tuple[int, dict[str, dict]]:
 def test_the_real_node_has_what_the_agent_needs(real_node, control_plane):
     code, sections = doctor(real_node, control_plane, "--cdi-dir", str(real_node.cdi_dir))
     # A feature whose gate the release has off is rightly a warning (test_doctor_controlplane.py).
-    gated_off = {f.name for f in FEATURES if control_plane.missing_gates(f.gate)}
+    warned = release_warnings(control_plane)
     failed = [
         c
         for s in sections.values()
         for c in s.values()
-        if c["status"] != "ok" and c["name"] not in gated_off
+        if c["status"] != "ok" and c["name"] not in warned
     ]
     assert (code, failed) == (0, [])
     assert sections["kubelet"]["kubelet version"]["found"] == (

@@ -26,6 +26,7 @@ from dra_core.slices.features import (
 )
 
 __all__ = (
+    "ALL_MODE_OVER_COUNTERS",
     "api_checks",
     "cluster_checks",
     "kubelet_version_check",
@@ -146,6 +147,10 @@ def api_checks(
     return checks + limits + _scheduler_bug_checks(version, server, inventory)
 
 
+#: The check that warns where the scheduler crashes on allocationMode All over counters.
+ALL_MODE_OVER_COUNTERS = "allocationMode All over devices that consume counters"
+
+
 def _scheduler_bug_checks(
     version: dict[str, str], server: ServerFeatures, inventory: Inventory | None
 ) -> list[DoctorCheck]:
@@ -160,7 +165,7 @@ def _scheduler_bug_checks(
         return []
     return [
         DoctorCheck.warn(
-            "allocationMode All over devices that consume counters",
+            ALL_MODE_OVER_COUNTERS,
             f"the kube-scheduler of Kubernetes {git_version} crashes on a claim with "
             f"allocationMode All that can select one of {len(consuming)} devices consuming "
             f"counters here (e.g. {consuming[0]})",
