@@ -11,6 +11,7 @@ import signal
 import pytest
 from dra_backend_fake.testing import write_control
 
+from dra_core.releases import k8s_minor
 from tests.controlplane import helpers
 from tests.realnode import pods
 
@@ -118,13 +119,22 @@ def _pod_exists(api, namespace: str, name: str) -> bool:
 
 @pytest.mark.requires_feature("ResourceHealthStatus")
 def test_device_health_reaches_the_pod_status(
-    fake_agent, fake_control, real_node, kube_api, namespace
+    fake_agent, fake_control, real_node, control_plane, kube_api, namespace
 ):
-    # A claim named as the pod's entry for it: the 1.34 kubelet looks a container's claim up
-    # by that entry's name, so the health of a claim made from a template (named otherwise)
-    # never reaches the pod status there; 1.35 reads the claim's name from the pod status.
-    pods.create_claim(kube_api, namespace, "dev", FAKE, selectors=pods.plain_fake_device(2))
-    pods.start(kube_api, namespace, real_node, "watched", {"dev": {"resourceClaimName": "dev"}})
+    # How the kubelet finds a container's claim for its health differs by release: 1.34 looks
+    # it up by the pod's entry name (a claim named as the entry), 1.35 only through the pod
+    # status's claim statuses (claims made from a template); 1.36 on finds both. So the test
+    # uses the form its release's kubelet finds: a template from 1.35 on.
+    selectors = pods.plain_fake_device(2)
+    if k8s_minor(control_plane.k8s_version) == 34:
+        pods.create_claim(kube_api, namespace, "dev", FAKE, selectors=selectors)
+        claim = {"resourceClaimName": "dev"}
+    else:
+        pods.create_template(
+            kube_api, namespace, pods.claim_template("dev", FAKE, selectors=selectors)
+        )
+        claim = {"resourceClaimTemplateName": "dev"}
+    pods.start(kube_api, namespace, real_node, "watched", {"dev": claim})
 
     def health() -> dict[str, str]:
         status = helpers.get_pod(kube_api, namespace, "watched")["status"]
