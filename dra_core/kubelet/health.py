@@ -20,15 +20,11 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from loguru import logger
 
-from dra_core.kubelet.proto import (
-    health_v1_pb2,
-    health_v1_pb2_grpc,
-    health_v1alpha1_pb2,
-    health_v1alpha1_pb2_grpc,
-)
+from dra_core.kubelet.grpcserver import CallContext, GrpcServer
+from dra_core.kubelet.proto import health_v1_pb2, health_v1alpha1_pb2
 
 __all__ = [
     "HEALTH_CHECK_TIMEOUT_SECONDS",
@@ -46,7 +42,6 @@ HEALTH_CHECK_TIMEOUT_SECONDS = 30
 RESEND_INTERVAL = 10.0
 #: The kubelet keeps at most this many characters of a health message.
 MESSAGE_LIMIT = 1024
-_POLL = 0.5  # how often a waiting stream looks at the stop event and its context
 
 
 @dataclass(frozen=True)
@@ -68,8 +63,12 @@ class HealthView(Protocol):
         ...
 
     def wait_changed(self, last_version: int, timeout: float) -> int:
-        """Block until the version differs from ``last_version`` or ``timeout`` seconds pass;
-        return the current version (versions are >= 0)."""
+        """Block until the version differs from ``last_version``, ``timeout`` seconds pass or
+        `wake` is called; return the current version (versions are >= 0)."""
+        ...
+
+    def wake(self) -> None:
+        """Return every `wait_changed` now (a stream whose call ended stops waiting)."""
         ...
 
 
@@ -80,6 +79,7 @@ class HealthBoard:
         self._cond = threading.Condition()
         self._states: tuple[DeviceHealthState, ...] = tuple(states or ())
         self._version = 0
+        self._wakeups = 0
 
     @property
     def version(self) -> int:
@@ -102,8 +102,17 @@ class HealthBoard:
 
     def wait_changed(self, last_version: int, timeout: float) -> int:
         with self._cond:
-            self._cond.wait_for(lambda: self._version != last_version, timeout=max(timeout, 0.0))
+            wakeups = self._wakeups
+            self._cond.wait_for(
+                lambda: self._version != last_version or self._wakeups != wakeups,
+                timeout=max(timeout, 0.0),
+            )
             return self._version
+
+    def wake(self) -> None:
+        with self._cond:
+            self._wakeups += 1
+            self._cond.notify_all()
 
 
 #: HealthStatus value names by `DeviceHealthState.healthy`; both versions share them.
@@ -146,53 +155,58 @@ class _HealthStream:
         self._resend_interval = resend_interval
 
     @property
+    def service(self) -> ServiceDescriptor:
+        """The gRPC service this serves."""
+        service: ServiceDescriptor = self._messages.DESCRIPTOR.services_by_name["DRAResourceHealth"]
+        return service
+
+    @property
     def service_name(self) -> str:
         """The full gRPC service name, which is also its registration string."""
-        name: str = self._messages.DESCRIPTOR.services_by_name["DRAResourceHealth"].full_name
-        return name
+        return self.service.full_name
 
-    def NodeWatchResources(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def NodeWatchResources(self, request: Any, context: CallContext) -> Iterator[Any]:
         service = self.service_name
         logger.info("kubelet opened the device health stream ({})", service)
+        context.add_callback(self._view.wake)  # the wait below ends with the call
         version = self._view.wait_changed(-1, 0.0)
         yield _message(self._messages, self._view.snapshot())
         sent_at = time.monotonic()
         while not self._stop.is_set() and context.is_active():
             remaining = self._resend_interval - (time.monotonic() - sent_at)
-            current = self._view.wait_changed(version, min(_POLL, max(remaining, 0.0)))
-            if current == version and time.monotonic() - sent_at < self._resend_interval:
-                continue
+            current = self._view.wait_changed(version, max(remaining, 0.0))
             if self._stop.is_set() or not context.is_active():
                 break
+            if current == version and time.monotonic() - sent_at < self._resend_interval:
+                continue
             version = current
             yield _message(self._messages, self._view.snapshot())
             sent_at = time.monotonic()
         logger.info("device health stream ended ({})", service)
 
 
-class HealthServicer(_HealthStream, health_v1_pb2_grpc.DRAResourceHealthServicer):
+class HealthServicer(_HealthStream):
     """``v1.DRAResourceHealth``, the version kubelets 1.37 and later prefer."""
 
     _messages: ClassVar[ModuleType] = health_v1_pb2
 
 
-class HealthV1alpha1Servicer(_HealthStream, health_v1alpha1_pb2_grpc.DRAResourceHealthServicer):
+class HealthV1alpha1Servicer(_HealthStream):
     """``v1alpha1.DRAResourceHealth``, for kubelets 1.34 to 1.36."""
 
     _messages: ClassVar[ModuleType] = health_v1alpha1_pb2
 
 
 def add_health_servicers(
-    server: grpc.Server,
+    server: GrpcServer,
     view: HealthView,
     stop: threading.Event,
     *,
     resend_interval: float = RESEND_INTERVAL,
 ) -> None:
     """Serve ``view`` on ``server`` as both v1 and v1alpha1; streams end when ``stop`` is set."""
-    health_v1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-        HealthServicer(view, stop, resend_interval=resend_interval), server
-    )
-    health_v1alpha1_pb2_grpc.add_DRAResourceHealthServicer_to_server(
-        HealthV1alpha1Servicer(view, stop, resend_interval=resend_interval), server
-    )
+    for servicer in (
+        HealthServicer(view, stop, resend_interval=resend_interval),
+        HealthV1alpha1Servicer(view, stop, resend_interval=resend_interval),
+    ):
+        server.add_service(servicer.service, servicer)

@@ -11,10 +11,10 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import grpc
 from loguru import logger
 
-from dra_core.kubelet.proto import pluginregistration_pb2, pluginregistration_pb2_grpc
+from dra_core.kubelet.grpcserver import CallContext
+from dra_core.kubelet.proto import pluginregistration_pb2
 
 __all__ = [
     "DRA_PLUGIN_TYPE",
@@ -48,7 +48,7 @@ class RegistrationStatus:
     error: str = ""
 
 
-class RegistrationServicer(pluginregistration_pb2_grpc.RegistrationServicer):
+class RegistrationServicer:
     """Answers the kubelet's plugin watcher; `registered` is set once the kubelet accepts us."""
 
     def __init__(self, driver_name: str, endpoint: str, versions: Sequence[str]) -> None:
@@ -71,7 +71,7 @@ class RegistrationServicer(pluginregistration_pb2_grpc.RegistrationServicer):
             return self._status
 
     def GetInfo(
-        self, request: pluginregistration_pb2.InfoRequest, context: grpc.ServicerContext
+        self, request: pluginregistration_pb2.InfoRequest, context: CallContext
     ) -> pluginregistration_pb2.PluginInfo:
         logger.debug("kubelet GetInfo: answering {}", list(self._info.supported_versions))
         info = pluginregistration_pb2.PluginInfo()
@@ -79,7 +79,7 @@ class RegistrationServicer(pluginregistration_pb2_grpc.RegistrationServicer):
         return info
 
     def NotifyRegistrationStatus(
-        self, request: pluginregistration_pb2.RegistrationStatus, context: grpc.ServicerContext
+        self, request: pluginregistration_pb2.RegistrationStatus, context: CallContext
     ) -> pluginregistration_pb2.RegistrationStatusResponse:
         status = RegistrationStatus(registered=request.plugin_registered, error=request.error)
         with self._lock:

@@ -9,20 +9,16 @@ small server and socket, so that the kubelet only finds the plugin once it can b
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from loguru import logger
 
+from dra_core.kubelet.grpcclient import unary_call
+from dra_core.kubelet.grpcserver import GrpcServer
+from dra_core.kubelet.grpcwire import RpcError, Status
 from dra_core.kubelet.health import RESEND_INTERVAL, HealthView, add_health_servicers
-from dra_core.kubelet.proto import (
-    dra_v1_pb2,
-    dra_v1_pb2_grpc,
-    pluginregistration_pb2,
-    pluginregistration_pb2_grpc,
-)
+from dra_core.kubelet.proto import dra_v1_pb2, pluginregistration_pb2
 from dra_core.kubelet.registration import (
     DRA_PLUGIN_TYPE,
     RegistrationServicer,
@@ -43,6 +39,7 @@ __all__ = ["KubeletPlugin", "KubeletPluginError", "KubeletPluginSettings"]
 
 #: Extra DRA server threads when health is served: each open health stream holds one.
 _HEALTH_THREADS = 2
+_REGISTRATION_SERVICE = pluginregistration_pb2.DESCRIPTOR.services_by_name["Registration"]
 
 
 class KubeletPluginError(RuntimeError):
@@ -75,17 +72,14 @@ class KubeletPluginSettings:
     health_resend_interval: float = RESEND_INTERVAL
 
 
-def _bind(server: grpc.Server, path: Path, mode: int) -> None:
+def _bind(server: GrpcServer, path: Path, mode: int) -> None:
     try:
         prepare_socket(path)
-        port = server.add_insecure_port(f"unix://{path}")
-    except (OSError, RuntimeError) as exc:
+        server.listen(path)
+        path.chmod(mode)
+    except (OSError, SocketError) as exc:
         msg = f"cannot listen on {path}: {exc}; check that the directory is writable"
         raise KubeletPluginError(msg) from exc
-    if port == 0 or not path.exists():
-        msg = f"cannot listen on {path}; check that the directory is writable"
-        raise KubeletPluginError(msg)
-    path.chmod(mode)
 
 
 class KubeletPlugin:
@@ -112,8 +106,8 @@ class KubeletPlugin:
             str(self._paths.dra),
             supported_versions(health=settings.health is not None),
         )
-        self._dra_server: grpc.Server | None = None
-        self._registration_server: grpc.Server | None = None
+        self._dra_server: GrpcServer | None = None
+        self._registration_server: GrpcServer | None = None
         self._lock = threading.Lock()
 
     @property
@@ -152,9 +146,7 @@ class KubeletPlugin:
             self._stop.clear()
             settings = self.settings
             workers = settings.max_workers + (_HEALTH_THREADS if settings.health else 0)
-            dra_server = grpc.server(
-                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dra-grpc")
-            )
+            dra_server = GrpcServer("dra", workers=workers)
             add_dra_servicers(dra_server, self._service)
             if settings.health is not None:
                 add_health_servicers(
@@ -167,17 +159,14 @@ class KubeletPlugin:
             dra_server.start()
             self._dra_server = dra_server
             try:
-                registration_server = grpc.server(
-                    ThreadPoolExecutor(max_workers=2, thread_name_prefix="dra-registration")
-                )
-                pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(
-                    self._registration, registration_server
-                )
+                # Registration calls return at once: answered on the connection's thread.
+                registration_server = GrpcServer("registration", workers=None)
+                registration_server.add_service(_REGISTRATION_SERVICE, self._registration)
                 _bind(registration_server, self._paths.registration, settings.socket_mode)
                 registration_server.start()
             except BaseException:
                 self._dra_server = None
-                dra_server.stop(None).wait()
+                dra_server.stop(None)
                 remove_socket(self._paths.dra)
                 raise
             self._registration_server = registration_server
@@ -197,11 +186,11 @@ class KubeletPlugin:
             registration_server, self._registration_server = self._registration_server, None
             dra_server, self._dra_server = self._dra_server, None
         if registration_server is not None:
-            registration_server.stop(None).wait()
+            registration_server.stop(None)
             remove_socket(self._paths.registration)
             self.registered.clear()
         if dra_server is not None:
-            dra_server.stop(grace).wait()
+            dra_server.stop(grace)
             remove_socket(self._paths.dra)
             logger.info("stopped serving the kubelet")
 
@@ -214,34 +203,31 @@ class KubeletPlugin:
         slow API server), a DRA call that times out in the queue is not a problem.
         """
         problems: list[str] = []
-        with grpc.insecure_channel(f"unix://{self._paths.registration}") as channel:
-            stub = pluginregistration_pb2_grpc.RegistrationStub(channel)
-            try:
-                info = stub.GetInfo(pluginregistration_pb2.InfoRequest(), timeout=timeout)
-            except grpc.RpcError as exc:
-                problems.append(f"registration socket {self._paths.registration}: {_rpc_text(exc)}")
-            else:
-                if info.type != DRA_PLUGIN_TYPE or info.name != self.settings.driver_name:
-                    problems.append(
-                        f"registration socket {self._paths.registration}: GetInfo answered "
-                        f"type {info.type!r} name {info.name!r}, not this plugin"
-                    )
-        with grpc.insecure_channel(f"unix://{self._paths.dra}") as channel:
-            dra = dra_v1_pb2_grpc.DRAPluginStub(channel)
-            try:
-                dra.NodeUnprepareResources(
-                    dra_v1_pb2.NodeUnprepareResourcesRequest(), timeout=timeout
+        try:
+            info = unary_call(
+                self._paths.registration,
+                _REGISTRATION_SERVICE.methods_by_name["GetInfo"],
+                pluginregistration_pb2.InfoRequest(),
+                timeout=timeout,
+            )
+        except RpcError as exc:
+            problems.append(f"registration socket {self._paths.registration}: {exc}")
+        else:
+            if info.type != DRA_PLUGIN_TYPE or info.name != self.settings.driver_name:
+                problems.append(
+                    f"registration socket {self._paths.registration}: GetInfo answered "
+                    f"type {info.type!r} name {info.name!r}, not this plugin"
                 )
-            except grpc.RpcError as exc:
-                queued = isinstance(exc, grpc.Call) and (
-                    exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                )
-                if not (busy and queued):
-                    problems.append(f"DRA socket {self._paths.dra}: {_rpc_text(exc)}")
+        try:
+            unary_call(
+                self._paths.dra,
+                dra_v1_pb2.DESCRIPTOR.services_by_name["DRAPlugin"].methods_by_name[
+                    "NodeUnprepareResources"
+                ],
+                dra_v1_pb2.NodeUnprepareResourcesRequest(),
+                timeout=timeout,
+            )
+        except RpcError as exc:
+            if not (busy and exc.status == Status.DEADLINE_EXCEEDED):
+                problems.append(f"DRA socket {self._paths.dra}: {exc}")
         return problems
-
-
-def _rpc_text(exc: grpc.RpcError) -> str:
-    if isinstance(exc, grpc.Call):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)

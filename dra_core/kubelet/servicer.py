@@ -18,16 +18,11 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, Final
 
-import grpc
 from loguru import logger
 
 from dra_core.errors import RETRY_NOTE, consequence
-from dra_core.kubelet.proto import (
-    dra_v1_pb2,
-    dra_v1_pb2_grpc,
-    dra_v1beta1_pb2,
-    dra_v1beta1_pb2_grpc,
-)
+from dra_core.kubelet.grpcserver import CallContext, GrpcServer
+from dra_core.kubelet.proto import dra_v1_pb2, dra_v1beta1_pb2
 from dra_core.kubelet.service import NodeService
 from dra_core.model import ClaimRef, ClaimResult, ModelError, validate_claim_ref
 
@@ -182,21 +177,21 @@ class _DRAService:
         return response
 
 
-class DRAv1Servicer(dra_v1_pb2_grpc.DRAPluginServicer):
+class DRAv1Servicer:
     """``k8s.io.kubelet.pkg.apis.dra.v1.DRAPlugin``: sets ``share_id`` when a device has one."""
 
     def __init__(self, service: NodeService) -> None:
         self._impl = _DRAService(service, dra_v1_pb2, share_id=True)
 
     def NodePrepareResources(
-        self, request: dra_v1_pb2.NodePrepareResourcesRequest, context: grpc.ServicerContext
+        self, request: dra_v1_pb2.NodePrepareResourcesRequest, context: CallContext
     ) -> dra_v1_pb2.NodePrepareResourcesResponse:
         deadline = answer_by(context.time_remaining())
         response: dra_v1_pb2.NodePrepareResourcesResponse = self._impl.prepare(request, deadline)
         return response
 
     def NodeUnprepareResources(
-        self, request: dra_v1_pb2.NodeUnprepareResourcesRequest, context: grpc.ServicerContext
+        self, request: dra_v1_pb2.NodeUnprepareResourcesRequest, context: CallContext
     ) -> dra_v1_pb2.NodeUnprepareResourcesResponse:
         deadline = answer_by(context.time_remaining())
         response: dra_v1_pb2.NodeUnprepareResourcesResponse = self._impl.unprepare(
@@ -205,14 +200,14 @@ class DRAv1Servicer(dra_v1_pb2_grpc.DRAPluginServicer):
         return response
 
 
-class DRAv1beta1Servicer(dra_v1beta1_pb2_grpc.DRAPluginServicer):
+class DRAv1beta1Servicer:
     """``k8s.io.kubelet.pkg.apis.dra.v1beta1.DRAPlugin``: as v1, without ``share_id``."""
 
     def __init__(self, service: NodeService) -> None:
         self._impl = _DRAService(service, dra_v1beta1_pb2, share_id=False)
 
     def NodePrepareResources(
-        self, request: dra_v1beta1_pb2.NodePrepareResourcesRequest, context: grpc.ServicerContext
+        self, request: dra_v1beta1_pb2.NodePrepareResourcesRequest, context: CallContext
     ) -> dra_v1beta1_pb2.NodePrepareResourcesResponse:
         deadline = answer_by(context.time_remaining())
         response: dra_v1beta1_pb2.NodePrepareResourcesResponse = self._impl.prepare(
@@ -221,7 +216,7 @@ class DRAv1beta1Servicer(dra_v1beta1_pb2_grpc.DRAPluginServicer):
         return response
 
     def NodeUnprepareResources(
-        self, request: dra_v1beta1_pb2.NodeUnprepareResourcesRequest, context: grpc.ServicerContext
+        self, request: dra_v1beta1_pb2.NodeUnprepareResourcesRequest, context: CallContext
     ) -> dra_v1beta1_pb2.NodeUnprepareResourcesResponse:
         deadline = answer_by(context.time_remaining())
         response: dra_v1beta1_pb2.NodeUnprepareResourcesResponse = self._impl.unprepare(
@@ -230,7 +225,9 @@ class DRAv1beta1Servicer(dra_v1beta1_pb2_grpc.DRAPluginServicer):
         return response
 
 
-def add_dra_servicers(server: grpc.Server, service: NodeService) -> None:
+def add_dra_servicers(server: GrpcServer, service: NodeService) -> None:
     """Serve both DRA API versions, backed by ``service``, on ``server``."""
-    dra_v1_pb2_grpc.add_DRAPluginServicer_to_server(DRAv1Servicer(service), server)
-    dra_v1beta1_pb2_grpc.add_DRAPluginServicer_to_server(DRAv1beta1Servicer(service), server)
+    server.add_service(dra_v1_pb2.DESCRIPTOR.services_by_name["DRAPlugin"], DRAv1Servicer(service))
+    server.add_service(
+        dra_v1beta1_pb2.DESCRIPTOR.services_by_name["DRAPlugin"], DRAv1beta1Servicer(service)
+    )

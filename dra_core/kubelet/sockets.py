@@ -33,8 +33,8 @@ DEFAULT_REGISTRATION_DIR = Path("/var/lib/kubelet/plugins_registry")
 DEFAULT_PLUGINS_DIR = Path("/var/lib/kubelet/plugins")
 #: Size of ``sockaddr_un.sun_path``, including the terminating NUL.
 UNIX_PATH_MAX = 108
-#: The longest socket path gRPC's server binds (measured with grpcio 1.85: a 106-byte path is
-#: refused with "Path name should not have more than 107 characters"), below the kernel's.
+#: The longest socket path used, below the kernel's 107 bytes: gRPC clients refuse longer ones
+#: (grpcio 1.85 refuses a 106-byte path: "Path name should not have more than 107 characters").
 LONGEST_SOCKET_PATH = 105
 #: Mode of the socket directories the agent creates: the kubelet makes its own plugin and
 #: registration directories 0750 (it runs as root), and nobody else needs to list them.

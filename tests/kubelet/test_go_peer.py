@@ -7,16 +7,15 @@ import json
 import os
 import subprocess
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
-import grpc
 import pytest
 
 from dra_core.kubelet import DeviceHealthState, HealthBoard, KubeletPlugin, RegistrationServicer
+from dra_core.kubelet.grpcserver import CallContext, GrpcServer
 from dra_core.kubelet.health import add_health_servicers
-from dra_core.kubelet.proto import dra_v1_pb2, dra_v1_pb2_grpc, pluginregistration_pb2_grpc
+from dra_core.kubelet.proto import dra_v1_pb2, pluginregistration_pb2
 
 from .conftest import DRIVER, PluginFactory, TableNodeService, claim
 
@@ -196,17 +195,25 @@ def test_health_stream(
     assert all(d["pool_name"] == "node-1" and d["last_updated_time"] > 0 for d in first)
 
 
-def _serve_health_plugin(sockdir: Path, versions: list[str]) -> tuple[grpc.Server, Path]:
-    """A plugin serving both health versions of one device but advertising ``versions``."""
+def _serve(sockdir: Path, versions: list[str]) -> tuple[GrpcServer, Path]:
+    """A server on a registration and a DRA socket, registration advertising ``versions``;
+    the caller adds the DRA-side services and starts it."""
     reg, dra = sockdir / "reg.sock", sockdir / "dra.sock"
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(
-        RegistrationServicer(DRIVER, str(dra), versions), server
+    server = GrpcServer("test", workers=4)
+    server.add_service(
+        pluginregistration_pb2.DESCRIPTOR.services_by_name["Registration"],
+        RegistrationServicer(DRIVER, str(dra), versions),
     )
+    server.listen(reg)
+    server.listen(dra)
+    return server, reg
+
+
+def _serve_health_plugin(sockdir: Path, versions: list[str]) -> tuple[GrpcServer, Path]:
+    """A plugin serving both health versions of one device but advertising ``versions``."""
+    server, reg = _serve(sockdir, versions)
     board = HealthBoard([DeviceHealthState("node-1", "gpu-0", False, "wedged")])
     add_health_servicers(server, board, threading.Event(), resend_interval=0.2)
-    server.add_insecure_port(f"unix://{reg}")
-    server.add_insecure_port(f"unix://{dra}")
     server.start()
     return server, reg
 
@@ -233,7 +240,7 @@ def test_peer_picks_the_health_version_as_the_kubelet(
             check=False,
         )
     finally:
-        server.stop(None).wait()
+        server.stop(None)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["health_version"] == expected
@@ -252,13 +259,17 @@ def test_peer_picks_the_health_version_as_the_kubelet(
         ]
 
 
-class _SkippingServicer(dra_v1_pb2_grpc.DRAPluginServicer):
+class _SkippingServicer:
     """A broken plugin: answers no claim at all."""
 
-    def NodePrepareResources(self, request, context):  # type: ignore[no-untyped-def]
+    def NodePrepareResources(
+        self, request: dra_v1_pb2.NodePrepareResourcesRequest, context: CallContext
+    ) -> dra_v1_pb2.NodePrepareResourcesResponse:
         return dra_v1_pb2.NodePrepareResourcesResponse()
 
-    def NodeUnprepareResources(self, request, context):  # type: ignore[no-untyped-def]
+    def NodeUnprepareResources(
+        self, request: dra_v1_pb2.NodeUnprepareResourcesRequest, context: CallContext
+    ) -> dra_v1_pb2.NodeUnprepareResourcesResponse:
         return dra_v1_pb2.NodeUnprepareResourcesResponse()
 
 
@@ -282,14 +293,8 @@ def test_peer_rejects_protocol_errors(
     kubeletpeer: Path, sockdir: Path, versions: list[str], args: list[str], error: str
 ) -> None:
     """The peer is not vacuous: it fails where the kubelet would."""
-    reg, dra = sockdir / "reg.sock", sockdir / "dra.sock"
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    pluginregistration_pb2_grpc.add_RegistrationServicer_to_server(
-        RegistrationServicer(DRIVER, str(dra), versions), server
-    )
-    dra_v1_pb2_grpc.add_DRAPluginServicer_to_server(_SkippingServicer(), server)
-    server.add_insecure_port(f"unix://{reg}")
-    server.add_insecure_port(f"unix://{dra}")
+    server, reg = _serve(sockdir, versions)
+    server.add_service(dra_v1_pb2.DESCRIPTOR.services_by_name["DRAPlugin"], _SkippingServicer())
     server.start()
     try:
         result = subprocess.run(
@@ -300,6 +305,6 @@ def test_peer_rejects_protocol_errors(
             check=False,
         )
     finally:
-        server.stop(None).wait()
+        server.stop(None)
     assert result.returncode == 1, result.stdout + result.stderr
     assert error in json.loads(result.stdout)["error"]

@@ -113,7 +113,11 @@ def test_idle_connections_are_cut_and_threads_stay_bounded():
                 sock.close()
         assert server.server.timed_out >= 1
         assert get(server.port, "/healthz") == (200, "ok\n")
-        assert server.server.active <= 1
+        # The handler leaves its slot just after the answer reaches the client.
+        settled = time.monotonic() + 5
+        while server.server.active > 0 and time.monotonic() < settled:
+            time.sleep(0.01)
+        assert server.server.active == 0
 
 
 def test_a_trickling_client_is_cut_at_its_deadline():
