@@ -9,6 +9,7 @@ reaches the API server, so a backend bug is reported with the device and the rul
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class _Limits:
+    """The limits, one field each (a docstring spares dataclass making one at import)."""
+
     devices_per_slice: int = 128
     devices_per_slice_advanced: int = 64  # when any device has taints, counters or list attributes
     counter_sets_per_slice: int = 8
@@ -85,12 +88,18 @@ LIMITS = _Limits()
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_SEMVER = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
-)
 _UID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+@functools.cache
+def _semver() -> re.Pattern[str]:
+    """Compiled when first needed: only version attributes use it, and it takes half a
+    millisecond, as long as the other patterns together."""
+    return re.compile(
+        r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+        r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+        r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    )
 
 
 def _is_label_name(value: str) -> bool:
@@ -521,7 +530,7 @@ def _check_attribute(owner: str, name: str, value: AttributeValue) -> None:
             raise ModelError(msg)
         return
     if isinstance(value, Version):
-        if len(value.value) > LIMITS.attribute_value_length or not _SEMVER.fullmatch(value.value):
+        if len(value.value) > LIMITS.attribute_value_length or not _semver().fullmatch(value.value):
             msg = f"{owner}: attribute {name!r}: {value.value!r} is not a semantic version"
             raise ModelError(msg)
         return

@@ -252,6 +252,8 @@ class Agent:
         )
         self._unsubscribe: Callable[[], None] = lambda: None
         self._health_reports: list[DeviceHealth] = []
+        #: The inventory and health reports the health tracker last had.
+        self._last_polled: tuple[Inventory, list[DeviceHealth]] | None = None
         self.plugin_dir = settings.plugin_dir(self.driver)
         self.context = NodeContext(
             node_name=settings.node_name,
@@ -477,13 +479,19 @@ class Agent:
                 break
 
     def _discover(self) -> None:
-        """Rediscover and check health; publish when the result changed."""
+        """Rediscover and check health; publish when the result changed.
+
+        Most rounds find what the last one found: an inventory equal to the current one is
+        not validated again, and with the same health reports as well the round ends there,
+        as the health tracker would return what it returned last time.
+        """
         from dra_core import metrics
 
         assert self.health is not None
         try:
             inventory = self.hooks.discover(self.context)
-            validate_inventory(inventory)
+            if inventory != self._inventory:  # the current one was validated when it came
+                validate_inventory(inventory)
         except (HookError, ModelError) as exc:
             metrics.DISCOVERY_ERRORS.inc()
             logger.error("discovery failed, keeping the last inventory: {}", exc)
@@ -495,6 +503,10 @@ class Agent:
         except HookError as exc:  # a timeout: the others are logged and skipped inside
             logger.error("health check failed, keeping the health last reported: {}", exc)
             self._stop_if_fatal(exc)
+        polled = (inventory, self._health_reports)
+        if polled == self._last_polled:
+            return
+        self._last_polled = polled
         published = self.health.update(inventory, self._health_reports)
         if published != self._published:
             self._published = published

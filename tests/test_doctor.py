@@ -32,8 +32,10 @@ from dra_core.doctor import (
     run_doctor,
     runtime_checks,
 )
+from dra_core.doctor.cluster import ALL_MODE_OVER_COUNTERS, release_warnings
 from dra_core.kubelet.proto import cri_v1_pb2
 from dra_core.plugins import from_objects
+from dra_core.releases import gates_on
 from dra_core.runtime import AgentSettings
 
 FAKE = "fake.dra-core.dev"
@@ -490,6 +492,20 @@ def test_kubelet_version_decides_the_dra_api(version, status, speaks):
     check = kubelet_version_check(version)
     assert check.status == status
     assert speaks in check.found
+
+
+@pytest.mark.parametrize(
+    ("version", "overrides", "warned"),
+    [
+        ("v1.37.2", {}, set()),
+        ("v1.34.4", {}, {"partitionable devices", "consumable capacity", "device taints"}),
+        ("v1.35.4", {"DRAPartitionableDevices": True, "DRAConsumableCapacity": True,
+                     "DRADeviceTaints": True}, {ALL_MODE_OVER_COUNTERS}),
+        ("v1.36.0", {"DRADeviceTaints": False}, {"device taints"}),
+    ],
+)  # fmt: skip
+def test_release_warnings_name_the_gates_off_and_the_scheduler_crash(version, overrides, warned):
+    assert release_warnings(version, gates_on(version, overrides)) == warned
 
 
 # ------------------------------------------------------------------------------- the report

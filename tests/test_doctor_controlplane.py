@@ -13,11 +13,10 @@ from dra_backend_fake import plugin as fake_plugin
 from dra_backend_fake.inventory import build, default_specs
 
 from dra_core.doctor import FEATURES, DoctorSettings, api_checks, run_doctor
-from dra_core.doctor.cluster import ALL_MODE_OVER_COUNTERS
+from dra_core.doctor.cluster import ALL_MODE_OVER_COUNTERS, release_warnings
 from dra_core.kube.client import KubeClient, load_client
 from dra_core.model import Inventory
 from dra_core.plugins import from_objects
-from dra_core.releases import all_mode_over_counters_crashes_scheduler
 from dra_core.slices.features import release_features
 from dra_core.slices.watch import SLICES_PATH
 from dra_core.testing.controlplane import ControlPlane
@@ -52,18 +51,6 @@ def gates_off(control_plane) -> Iterator[ControlPlane]:
         cp.stop()
 
 
-def release_warnings(control_plane: ControlPlane) -> set[str]:
-    """The API server checks that rightly warn on this release and gates: a feature whose gate
-    is off, and where the scheduler crashes on allocationMode All over counters, that."""
-    gates = control_plane.enabled_gates()
-    warned = {f.name for f in FEATURES if not gates.get(f.gate, False)}
-    if gates.get("DRAPartitionableDevices") and all_mode_over_counters_crashes_scheduler(
-        control_plane.k8s_version
-    ):
-        warned.add(ALL_MODE_OVER_COUNTERS)
-    return warned
-
-
 def statuses(checks) -> dict[str, str]:
     return {c.name: c.status for c in checks}
 
@@ -74,7 +61,9 @@ def test_the_session_api_server_features_are_found_with_one_dry_run(control_plan
     kept = {f.name: control_plane.enabled_gates().get(f.gate, False) for f in FEATURES}
     # The default inventory has devices consuming counters: where the scheduler crashes on an
     # allocationMode All claim over such devices (1.35 with the gate on), doctor warns.
-    crashes = ALL_MODE_OVER_COUNTERS in release_warnings(control_plane)
+    crashes = ALL_MODE_OVER_COUNTERS in release_warnings(
+        control_plane.k8s_version, control_plane.enabled_gates()
+    )
     assert statuses(checks) == {
         "API server": "ok",
         "resource.k8s.io/v1": "ok",
@@ -173,7 +162,7 @@ def test_kubelet_and_runtime_versions_come_from_the_node(
     sections = {s.title: {c.name: c for c in s.checks} for s in report.sections}
     # The checks of features depend on the release's gates (checked by
     # test_the_session_api_server_features_are_found_with_one_dry_run).
-    warned = release_warnings(control_plane)
+    warned = release_warnings(control_plane.k8s_version, control_plane.enabled_gates())
     api = sections["API server"].values()
     assert {c.name for c in api if c.status != "ok"} <= warned
     kubelet = sections["kubelet"]["kubelet version"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_doctor_controlplane import release_warnings
+from dra_core.doctor.cluster import release_warnings
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.realnode]
 
@@ -37,7 +37,7 @@ def doctor(real_node, control_plane, *args: str) -> tuple[int, dict[str, dict]]:
 def test_the_real_node_has_what_the_agent_needs(real_node, control_plane):
     code, sections = doctor(real_node, control_plane, "--cdi-dir", str(real_node.cdi_dir))
     # A feature whose gate the release has off is rightly a warning (test_doctor_controlplane.py).
-    warned = release_warnings(control_plane)
+    warned = release_warnings(control_plane.k8s_version, control_plane.enabled_gates())
     failed = [
         c
         for s in sections.values()

@@ -9,6 +9,7 @@ stored), and what the agent would leave out on this node is computed by the same
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from dra_core.doctor.runtime import RuntimeInfo, parse_version
 from dra_core.hookspecs import DoctorCheck
@@ -30,6 +31,7 @@ __all__ = (
     "api_checks",
     "cluster_checks",
     "kubelet_version_check",
+    "release_warnings",
 )
 
 #: Kubelets from 1.34 speak the DRA gRPC API v1; 1.32 and 1.33 only v1beta1, which the agent
@@ -149,6 +151,17 @@ def api_checks(
 
 #: The check that warns where the scheduler crashes on allocationMode All over counters.
 ALL_MODE_OVER_COUNTERS = "allocationMode All over devices that consume counters"
+
+
+def release_warnings(version: str, gates: Mapping[str, bool]) -> set[str]:
+    """The names of the API server checks that rightly warn on Kubernetes ``version`` with
+    its feature ``gates`` on or off, for a node publishing devices that consume counters: each
+    feature whose gate is off, and `ALL_MODE_OVER_COUNTERS` where the release's scheduler
+    crashes on such claims. Raises `ReleaseError` for a version it cannot read."""
+    warned = {f.name for f in FEATURES if not gates.get(f.gate, False)}
+    if gates.get(PARTITIONABLE.gate) and all_mode_over_counters_crashes_scheduler(version):
+        warned.add(ALL_MODE_OVER_COUNTERS)
+    return warned
 
 
 def _scheduler_bug_checks(

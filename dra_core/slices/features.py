@@ -22,9 +22,11 @@ holds devices or counter sets, never both.
 * without consumable capacity: shared devices are left out, or published as ordinary
   exclusive devices when the backend sets ``Device.exclusive_without_sharing``;
 * without device taints: unhealthy devices (a NoSchedule or NoExecute taint) are left out;
-* on a 1.34 server: devices with more taints than it takes (4) are left out, and so are the
-  devices of a counter group (devices linked by counter sets, which 1.34 wants in one slice
-  with the sets) beyond one slice's limits, in inventory order, so the rest still publish.
+* devices with more taints than the server takes are left out: 16, or 4 on a 1.34 server
+  (discovery checks the backend's taints; the core's health taint comes on top of them);
+* on a 1.34 server: the devices of a counter group (devices linked by counter sets, which
+  1.34 wants in one slice with the sets) beyond one slice's limits are left out, in inventory
+  order, so the rest still publish.
 
 `release_features` says the same from a release and its gates, without asking a server
 (``dra-core discover --kubernetes-version``).
@@ -39,6 +41,7 @@ from typing import Any
 
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.model import (
+    LIMITS,
     Capacity,
     CounterConsumption,
     CounterSet,
@@ -164,7 +167,20 @@ MANY_TAINTS = replace(
     TAINTS,
     without="devices with more taints than it takes are left out",
     cause="the API server (Kubernetes 1.34) takes at most {} taints per device",
-    remedy="Upgrade to Kubernetes 1.35 or later, which takes 16",
+    remedy=f"Upgrade to Kubernetes 1.35 or later, which takes {LIMITS.taints_per_device}",
+)
+#: Past the API's own limit: discovery checks the backend's taints, the health taint comes later.
+TAINTS_WITH_HEALTH = replace(
+    TAINTS,
+    without="unhealthy devices with more taints than it takes are left out",
+    cause=(
+        f"the API server takes at most {LIMITS.taints_per_device} taints per device, the "
+        "health taint this agent adds included"
+    ),
+    remedy=(
+        f"Make the backend report at most {LIMITS.taints_per_device - 1} taints per device, "
+        "leaving room for the health taint"
+    ),
 )
 
 
@@ -338,7 +354,7 @@ def safe_inventory(
         counter_sets = ()
     if not server.keeps(TAINTS):
         _without_taints(selection)
-    elif server.taints_per_device is not None:
+    else:  # whatever the release: the health taint comes after discovery's check
         _within_taint_limit(selection, server.taints_per_device)
     if server.counters_beside_devices:
         counter_sets = _within_slice_limits(selection, counter_sets)
@@ -401,11 +417,18 @@ def _without_taints(selection: _Selection) -> None:
         selection.left_out.append(LeftOut(TAINTS, tuple(dropped)))
 
 
-def _within_taint_limit(selection: _Selection, limit: int) -> None:
+def _within_taint_limit(selection: _Selection, release_limit: int | None) -> None:
+    """Leave out the devices with more taints than the server takes: ``release_limit`` where
+    its release takes fewer than the model allows (1.34), else the model's limit."""
+    limit = LIMITS.taints_per_device if release_limit is None else release_limit
     dropped = [d.name for d in selection.devices if len(d.taints) > limit]
     if dropped:
         selection.devices = [d for d in selection.devices if len(d.taints) <= limit]
-        feature = replace(MANY_TAINTS, cause=MANY_TAINTS.cause.format(limit))
+        feature = (
+            TAINTS_WITH_HEALTH
+            if release_limit is None
+            else replace(MANY_TAINTS, cause=MANY_TAINTS.cause.format(limit))
+        )
         selection.left_out.append(LeftOut(feature, tuple(dropped)))
 
 

@@ -9,16 +9,21 @@ import itertools
 import pytest
 
 from dra_core import metrics
+from dra_core.health import HealthTracker
+from dra_core.kubelet.health import HealthBoard
 from dra_core.model import (
+    LIMITS,
     Capacity,
     CounterConsumption,
     CounterSet,
     Device,
+    DeviceHealth,
     Inventory,
     ModelError,
     RequestPolicy,
     Taint,
     ValidRange,
+    validate_inventory,
 )
 from dra_core.quantity import parse_quantity
 from dra_core.releases import gates_on
@@ -287,6 +292,25 @@ def test_on_1_34_devices_with_more_than_four_taints_are_left_out():
     assert entry.devices == ("many",) and entry.feature.gate == "DRADeviceTaints"
     assert "at most 4 taints" in entry.feature.why
     assert safe_inventory(inventory, ALL_KEPT) == (inventory, ())
+
+
+@pytest.mark.parametrize("server", [ALL_KEPT, BESIDE], ids=["1.35+", "1.34"])
+def test_the_health_taint_counts_against_the_taint_limit(server):
+    # Discovery checks the backend's taints (16 pass); the core's health taint comes on top.
+    limit = server.taints_per_device or LIMITS.taints_per_device
+    backend = tuple(Taint(f"example.com/t{i}", "None") for i in range(limit))
+    inventory = Inventory((Device("full", taints=backend), *plain(1)))
+    validate_inventory(inventory)
+    board = HealthBoard()
+    sick = DeviceHealth("full", healthy=False, message="overheating")
+    tainted = HealthTracker(DRIVER, NODE, board).update(inventory, [sick])
+    assert len(tainted.devices[0].taints) == limit + 1
+    published, left_out = safe_inventory(tainted, server)
+    assert names(published) == ["dev0"]
+    ((entry),) = left_out
+    assert entry.devices == ("full",) and entry.feature.gate == "DRADeviceTaints"
+    assert f"at most {limit} taints" in entry.feature.why
+    assert safe_inventory(inventory, server) == (inventory, ())  # healthy: all published
 
 
 # ---------------------------------------------------------------------------- asking

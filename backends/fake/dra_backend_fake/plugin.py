@@ -169,6 +169,8 @@ class FakeBackend:
         )
         self._built_from = ControlSpec()
         self._inventory = self._compose(self._built_from)
+        #: The health reports last made, and the control spec and inventory they describe.
+        self._last_health: tuple[ControlSpec, Inventory, tuple[DeviceHealth, ...]] | None = None
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -241,9 +243,8 @@ class FakeBackend:
 
     @property
     def control_spec(self) -> ControlSpec:
-        from dra_backend_fake.schema import ControlSpec
-
-        return self.control.spec if self.control is not None else ControlSpec()
+        # Without a control file, the empty spec the inventory was built from, for ever.
+        return self.control.spec if self.control is not None else self._built_from
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -296,10 +297,17 @@ class FakeBackend:
         A partition is unhealthy with its whole device.
         """
         self._refresh()
-        return [self._health_of(device) for device in inventory.devices]
+        spec = self.control_spec
+        last = self._last_health
+        # The agent asks every few seconds: the same spec and inventory give the same reports.
+        if last is None or last[0] is not spec or last[1] is not inventory:
+            last = (spec, inventory, tuple(self._health_of(d, spec) for d in inventory.devices))
+            self._last_health = last
+        return list(last[2])
 
-    def _health_of(self, device: Device) -> DeviceHealth:
-        unhealthy = self.control_spec.unhealthy
+    @staticmethod
+    def _health_of(device: Device, spec: ControlSpec) -> DeviceHealth:
+        unhealthy = spec.unhealthy
         parent = device.attributes.get("parent")
         entry = unhealthy.get(device.name)
         message = entry.message if entry is not None else ""
@@ -332,7 +340,7 @@ class FakeBackend:
                 )
                 raise AllocationError(msg)
             # Only the claim's devices: a prepare's cost must not grow with the inventory.
-            health = self._health_of(device)
+            health = self._health_of(device, self.control_spec)
             if not health.healthy:
                 msg = (
                     f"claim {claim.ref}: device {name!r} is unhealthy ({health.message}); clear "
