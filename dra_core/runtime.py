@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 
 __all__ = ("Agent", "AgentSettings", "resolve_identity")
 
-#: How often `Agent.run` looks at its stop event when no signal wakes it.
-_STOP_CHECK_SECONDS = 5.0
 #: How long a kubelet call that arrives while the agent starts waits for it (of the 45 s the
 #: kubelet gives a call).
 _READY_TIMEOUT_SECONDS = 30.0
@@ -522,6 +520,10 @@ class Agent:
         if self.fatal is None:
             self.fatal = error
         self.stop_event.set()
+        self._wake_run()
+
+    def _wake_run(self) -> None:
+        """Wake `run`'s wait: every stop that comes without a signal calls this."""
         with self._wake_fd_lock, contextlib.suppress(OSError):  # full: run is woken anyway
             if self._wake_fd is not None:
                 os.write(self._wake_fd, b"!")
@@ -544,6 +546,7 @@ class Agent:
     def stop(self) -> None:
         """Stop serving; prepared claims stay prepared and slices stay published."""
         self.stop_event.set()
+        self._wake_run()
         self._wake.set()
         self._reconcile_now.set()
         if self.plugin is not None:
@@ -579,9 +582,9 @@ class Agent:
             self.start()
             try:
                 while not self.stop_event.is_set():
-                    # Handlers run when select returns; the timeout only bounds how long a stop
-                    # requested without a signal (setting the event) waits.
-                    select.select([wake_r], [], [], _STOP_CHECK_SECONDS)
+                    # Handlers run when select returns. No timeout: an idle agent does not
+                    # wake, and a stop without a signal writes to the pipe (`_wake_run`).
+                    select.select([wake_r], [], [])
                     with contextlib.suppress(BlockingIOError):
                         while os.read(wake_r, 64):
                             pass
