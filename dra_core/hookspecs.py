@@ -181,7 +181,8 @@ def dra_stop(context: NodeContext) -> None:
 
     :param context: where the agent runs.
 
-    Raising is logged; the remaining plugins still stop.
+    Raising is logged; the remaining plugins still stop. A `FatalError` is raised after they
+    all stopped, so ``dra-core run`` exits non-zero with its message.
     """
 
 

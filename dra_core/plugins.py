@@ -315,10 +315,20 @@ class Hooks:
             return getattr(self.pm.hook, hook)(**kwargs)
 
     def _each(
-        self, hook: str, fallback: Callable[[HookError], None] | None = None, **kwargs: Any
+        self,
+        hook: str,
+        fallback: Callable[[HookError], None] | None = None,
+        *,
+        fatal_after_all: bool = False,
+        **kwargs: Any,
     ) -> list[tuple[str, Any]]:
-        """Call every implementation separately, so one plugin's failure spares the others."""
+        """Call every implementation separately, so one plugin's failure spares the others.
+
+        An error that stops the agent (`FatalError`) is raised at once, or with
+        ``fatal_after_all`` once every other implementation ran (stopping must reach them all).
+        """
         results = []
+        fatal: HookError | None = None
         for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
             args = {k: v for k, v in kwargs.items() if k in impl.argnames}
             try:
@@ -326,12 +336,18 @@ class Hooks:
             except Exception as exc:
                 error = HookError(impl.plugin_name, hook, exc, backend=self.backend)
                 error.__cause__ = exc
-                if fallback is None or consequence(exc) == "stop":  # never skipped: the agent stops
+                stops = consequence(exc) == "stop"  # never skipped: the agent stops
+                if fallback is None or (stops and not fatal_after_all):
                     raise error from exc
-                fallback(error)
+                if stops:
+                    fatal = fatal or error
+                else:
+                    fallback(error)
                 continue
             if value is not None:
                 results.append((impl.plugin_name, value))
+        if fatal is not None:
+            raise fatal
         return results
 
     def implemented(self, hook: str) -> bool:
@@ -347,10 +363,13 @@ class Hooks:
         self._call("dra_start", context=context)
 
     def stop(self, context: NodeContext) -> None:
+        """Every plugin's ``dra_stop`` runs, whatever another raised; a `FatalError` is
+        raised once all ran (the agent then exits non-zero), any other error is logged."""
+
         def log(error: HookError) -> None:
             logger.opt(exception=error.__cause__).error("{}", error)
 
-        self._each("dra_stop", fallback=log, context=context)
+        self._each("dra_stop", fallback=log, fatal_after_all=True, context=context)
 
     # -- discovery -----------------------------------------------------------------------------
 

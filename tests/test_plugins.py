@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dra_core import BackendIdentity, Inventory, hookimpl
+from dra_core import BackendIdentity, FatalError, Inventory, hookimpl
 from dra_core.plugins import HookError, PluginLoadError, from_objects, load
 from tests.distributions import make_distribution
 
@@ -161,6 +161,38 @@ def test_hook_error_names_plugin_and_hook():
     assert (info.value.hook, info.value.backend) == ("dra_discover", "backend")
     # A failing health source is skipped, not fatal.
     assert hooks.device_health(Inventory(), context=None) == []  # type: ignore[arg-type]
+
+
+def test_every_stop_hook_runs_when_one_raises_a_fatal_error():
+    stopped: list[str] = []
+
+    class Backend:
+        @hookimpl
+        def dra_backend_identity(self):
+            return BackendIdentity("x.example.com", "example.com", "x")
+
+        @hookimpl
+        def dra_stop(self, context):
+            stopped.append("backend")
+            raise FatalError("the device table is corrupt")
+
+    class Watcher:
+        @hookimpl
+        def dra_stop(self, context):
+            stopped.append("watcher")
+            raise OSError("already gone")  # logged; the others still stop
+
+    class Exporter:
+        @hookimpl
+        def dra_stop(self, context):
+            stopped.append("exporter")
+
+    hooks = from_objects("backend", Backend(), ("watcher", Watcher()), ("exporter", Exporter()))
+    with pytest.raises(HookError) as info:
+        hooks.stop(context=None)  # type: ignore[arg-type]
+    assert sorted(stopped) == ["backend", "exporter", "watcher"]
+    assert info.value.plugin == "backend"
+    assert isinstance(info.value.__cause__, FatalError)
 
 
 def test_load_finds_installed_fake_backend():

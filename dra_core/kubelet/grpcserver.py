@@ -168,7 +168,11 @@ class _Connection:
                     ready = self._receive(data)
                 for stream_id, call in ready:
                     self._server.dispatch(self, stream_id, call)
-        except (OSError, H2Error) as exc:
+        except H2Error as exc:  # the client broke HTTP/2: h2 queued a GOAWAY saying how
+            logger.warning("closing a kubelet socket connection that broke HTTP/2: {}", exc)
+            with self._cond, contextlib.suppress(OSError):
+                self._flush()
+        except OSError as exc:
             if not self._closed:
                 logger.debug("gRPC connection closed: {}", exc)
         finally:
@@ -294,7 +298,7 @@ class _Connection:
                 if end:
                     self._h2.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
                 self._flush()
-            except (StreamClosedError, H2Error, OSError):
+            except (H2Error, OSError):  # StreamClosedError is an H2Error
                 return False
             return True
 
@@ -317,7 +321,7 @@ class _Connection:
             try:
                 self._send_trailers(stream_id, call, status, text)
                 self._flush()
-            except (StreamClosedError, H2Error, OSError):
+            except (H2Error, OSError):  # StreamClosedError is an H2Error
                 pass  # the caller left; nothing to answer
 
     def _send_trailers(self, stream_id: int, call: _Call, status: Status, text: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
+from h2.errors import ErrorCodes
+from hyperframe.frame import Frame, GoAwayFrame
 
 from dra_core.kubelet.grpcclient import unary_call
 from dra_core.kubelet.grpcserver import CallContext, GrpcServer, GrpcServerError
@@ -107,6 +110,15 @@ def raw_call(path: Path, method: str, payload: bytes, timeout: float = 5.0) -> b
         call: Any = channel.unary_unary(method)
         answer: bytes = call(payload, timeout=timeout)
         return answer
+
+
+def watch_health(channel: grpc.Channel) -> Any:
+    """A v1 device health stream opened on ``channel``, by grpcio."""
+    return channel.unary_stream(
+        WATCH,
+        request_serializer=health_v1_pb2.NodeWatchResourcesRequest.SerializeToString,
+        response_deserializer=health_v1_pb2.NodeWatchResourcesResponse.FromString,
+    )(health_v1_pb2.NodeWatchResourcesRequest())
 
 
 def get_info(path: Path, timeout: float = 5.0) -> pluginregistration_pb2.PluginInfo:
@@ -260,11 +272,7 @@ def test_a_cancelled_stream_ends_its_call(serve: Callable[..., tuple[GrpcServer,
     health = Health()
     _, path = serve((HEALTH, health))
     with grpc.insecure_channel(f"unix://{path}") as channel:
-        stream = channel.unary_stream(
-            WATCH,
-            request_serializer=health_v1_pb2.NodeWatchResourcesRequest.SerializeToString,
-            response_deserializer=health_v1_pb2.NodeWatchResourcesResponse.FromString,
-        )(health_v1_pb2.NodeWatchResourcesRequest())
+        stream = watch_health(channel)
         next(stream)
         assert not health.ended.is_set()
         stream.cancel()
@@ -284,11 +292,7 @@ def test_stop_ends_streams_and_lets_unary_calls_finish(
     server, path = serve((REGISTRATION, Registration(notify=slow)), (HEALTH, health))
     with grpc.insecure_channel(f"unix://{path}") as channel:
         stub = pluginregistration_pb2_grpc.RegistrationStub(channel)
-        stream = channel.unary_stream(
-            WATCH,
-            request_serializer=health_v1_pb2.NodeWatchResourcesRequest.SerializeToString,
-            response_deserializer=health_v1_pb2.NodeWatchResourcesResponse.FromString,
-        )(health_v1_pb2.NodeWatchResourcesRequest())
+        stream = watch_health(channel)
         next(stream)
         pending = stub.NotifyRegistrationStatus.future(
             pluginregistration_pb2.RegistrationStatus(), timeout=10
@@ -302,6 +306,29 @@ def test_stop_ends_streams_and_lets_unary_calls_finish(
             pending.result(timeout=5)  # answered within the grace period
             stopping.result(timeout=5)
     assert not path.exists() or _refused(path)
+
+
+def test_a_client_breaking_http2_gets_a_goaway_and_the_server_goes_on(
+    serve: Callable[..., tuple[GrpcServer, Path]],
+) -> None:
+    _, path = serve((REGISTRATION, Registration()))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        # The client preface, then a DATA frame on stream 0, which HTTP/2 forbids.
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\0\0\0\0\0\0\0\0\0\0")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    frames = []
+    while len(received) >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(received[:9]))
+        frame.parse_body(memoryview(received[9 : 9 + length]))
+        frames.append(frame)
+        received = received[9 + length :]
+    goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaway and goaway[0].error_code == ErrorCodes.PROTOCOL_ERROR
+    assert get_info(path).name == "x"
 
 
 def _refused(path: Path) -> bool:
@@ -320,11 +347,17 @@ def test_an_idle_server_runs_no_code(serve: Callable[..., tuple[GrpcServer, Path
         stub.GetInfo(pluginregistration_pb2.InfoRequest(), timeout=5)  # a connection is open
         threads = [t for t in threading.enumerate() if t.name.startswith("test-")]
         assert {t.name for t in threads} >= {"test-accept", "test-conn"}
-        time.sleep(0.2)
-        before = {t.native_id: _cpu_ns(t.native_id) for t in threads}
-        time.sleep(1.0)
-        after = {t.native_id: _cpu_ns(t.native_id) for t in threads}
-    assert before == after
+        # A thread that polls (grpcio's server wakes every 200 ms) never has a quiet second;
+        # a few tries let the client's last frames (pings, window updates) be answered first.
+        quiet = False
+        for _ in range(5):
+            before = {t.native_id: _cpu_ns(t.native_id) for t in threads}
+            time.sleep(1.0)
+            after = {t.native_id: _cpu_ns(t.native_id) for t in threads}
+            if before == after:
+                quiet = True
+                break
+    assert quiet, "a thread of the idle server ran in every second watched"
 
 
 def _cpu_ns(tid: int | None) -> int:
