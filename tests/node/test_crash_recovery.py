@@ -213,11 +213,18 @@ def test_after_a_reboot_prepared_claims_are_prepared_again(agent, kube_api, name
         path.unlink()
     agent.start(boot_id="boot-2")
     device = first.devices[0].device_name
-    helpers.wait_for(
-        lambda: agent.state()[2] == [device] and agent.state()[0][ref.uid].boot_id == "boot-2",
-        20,
-        "the claim prepared again after the reboot",
-    )
+
+    def prepared_again() -> bool:
+        # The device comes back before the claim's `completed` record: wait for both.
+        records, _, effects = agent.state()
+        record = records.get(ref.uid)
+        return (
+            effects == [device]
+            and record is not None
+            and (record.boot_id, record.phase) == ("boot-2", "completed")
+        )
+
+    helpers.wait_for(prepared_again, 20, "the claim prepared again after the reboot")
     records, specs, _ = agent.state()
     assert records[ref.uid].phase == "completed"
     assert specs == [f"dra-core.dev-crash_{ref.uid}.json"]
