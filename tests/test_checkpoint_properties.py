@@ -315,3 +315,59 @@ def test_a_valid_file_of_any_records_is_inspected_ok(record: ClaimRecord) -> Non
     with checkpoint_file(raw) as path:
         assert inspect(path).ok
         assert load(path) == {record.uid: record}
+
+
+def _scan_holding(checkpoint: Checkpoint, device: str) -> set[str]:
+    """The UIDs holding ``device`` by looking at every record."""
+    return {
+        uid
+        for uid, record in checkpoint.records().items()
+        if any(
+            d.allocation.device == device and not d.allocation.admin_access
+            for d in record.claim.devices
+        )
+    }
+
+
+_UIDS = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(4)]
+_DEVICES = ["d0", "d1", "d2"]
+_holding_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.sampled_from(_UIDS),
+            st.lists(st.tuples(st.sampled_from(_DEVICES), st.booleans()), max_size=3),
+        ),
+        st.tuples(st.just("remove"), st.sampled_from(_UIDS), st.just([])),
+        st.tuples(st.just("compact"), st.just(""), st.just([])),
+    ),
+    max_size=12,
+)
+
+
+@given(_holding_ops)
+def test_the_device_index_agrees_with_the_records(ops: list[tuple[str, str, list[Any]]]) -> None:
+    """`Checkpoint.holding` answers from an index kept through puts, replacements, removals
+    and compactions, in the writer and in a second instance that reads what it appended."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "checkpoint.json"
+        writer = Checkpoint.open(path, boot_id=BOOT)
+        reader = Checkpoint.open(path, boot_id=BOOT)
+        for op, uid, held in ops:
+            if op == "put":
+                devices = tuple(
+                    PreparedDevice(AllocatedDevice("r", "p", device, admin_access=admin))
+                    for device, admin in held
+                )
+                claim = PreparedClaim(ClaimRef("default", f"c{uid[-1]}", uid), devices)
+                writer.put(ClaimRecord.completed(claim, boot_id=BOOT, driver="gpu.example.com"))
+            elif op == "remove":
+                writer.remove(uid)
+            else:
+                writer.compact()
+            for checkpoint in (writer, reader):
+                for device in _DEVICES:
+                    held_by = {r.uid for r in checkpoint.holding(device)}
+                    assert held_by == _scan_holding(checkpoint, device), (op, device)
+        writer.close()
+        reader.close()

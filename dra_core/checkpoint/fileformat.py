@@ -587,16 +587,35 @@ class State:
     newline: bool = True
     #: True when entries may be appended: a version 2 snapshot on one line.
     appendable: bool = False
+    #: The UIDs of the records holding each device (`PreparedClaim.held_devices`), in the
+    #: order they took it: a prepare's check looks a device up here, not in every record.
+    holders: dict[str, dict[str, None]] = field(default_factory=dict)
 
     def put(self, uid: str, record: ClaimRecord, canon: str) -> None:
+        self._release(uid)
         self.records[uid] = record
         self.canon[uid] = canon
+        for device in record.claim.held_devices:
+            self.holders.setdefault(device, {})[uid] = None
         self._forget_drop(uid)
 
     def remove(self, uid: str) -> None:
+        self._release(uid)
         self.records.pop(uid, None)
         self.canon.pop(uid, None)
         self._forget_drop(uid)
+
+    def _release(self, uid: str) -> None:
+        """Take ``uid`` off the holders of the devices its current record holds."""
+        record = self.records.get(uid)
+        if record is None:
+            return
+        for device in record.claim.held_devices:
+            held = self.holders.get(device)
+            if held is not None:
+                held.pop(uid, None)
+                if not held:
+                    del self.holders[device]
 
     @property
     def dropped(self) -> list[str]:
@@ -607,6 +626,7 @@ class State:
         self.reasons.pop(uid, None)
 
     def _drop(self, uid: str, reason: str) -> None:
+        self._release(uid)
         self.records.pop(uid, None)
         self.canon.pop(uid, None)
         self.reasons[uid] = reason

@@ -443,6 +443,7 @@ class Checkpoint:
             version=fileformat.VERSION,
             records=self._state.records,
             canon=self._state.canon,
+            holders=self._state.holders,
             structured=True,
             snapshot_bytes=len(data),
             end=len(data),
@@ -560,6 +561,13 @@ class Checkpoint:
         with self._lock:
             self._refresh()
             return self._state.records.get(uid)
+
+    def holding(self, device: str) -> list[ClaimRecord]:
+        """The records of the claims holding ``device`` (see `PreparedClaim.held_devices`)."""
+        with self._lock:
+            self._refresh()
+            state = self._state
+            return [state.records[uid] for uid in state.holders.get(device, ())]
 
     def from_previous_boot(self) -> dict[str, ClaimRecord]:
         """The records written before the current boot (their device state is gone)."""

@@ -553,8 +553,7 @@ class ClaimService:
 
     def _prepared_claims(self, ref: ClaimRef) -> PreparedClaims:
         """The view of the claims recorded prepared (or started) other than ``ref``."""
-        records = self.checkpoint.records().values()
-        return PreparedClaims(tuple(r.claim for r in records if r.claim.ref.uid != ref.uid))
+        return _RecordedClaims(self.checkpoint, ref.uid)
 
     def _record(
         self, claim: PreparedClaim, phase: Literal["started", "completed"], *, durable: bool
@@ -847,6 +846,25 @@ class ClaimService:
                     self._reconcile_step(
                         report, report.released_gone_claims, uid, partial(self._roll_back, record)
                     )
+
+
+class _RecordedClaims(PreparedClaims):
+    """The claims the checkpoint records but one, read when asked: `holding` looks the device
+    up in the checkpoint's index, so a check costs the same with 5 or 500 claims prepared."""
+
+    def __init__(self, checkpoint: Checkpoint, excluded_uid: str) -> None:
+        super().__init__()
+        self._checkpoint = checkpoint
+        self._excluded = excluded_uid
+
+    @property
+    def claims(self) -> tuple[PreparedClaim, ...]:
+        records = self._checkpoint.records()
+        return tuple(r.claim for uid, r in records.items() if uid != self._excluded)
+
+    def holding(self, device: str) -> tuple[PreparedClaim, ...]:
+        records = self._checkpoint.holding(device)
+        return tuple(r.claim for r in records if r.uid != self._excluded)
 
 
 def _origin(error: BaseException) -> dict[str, str]:
