@@ -1,7 +1,8 @@
 """The claim service's work per prepare and unprepare does not grow with the claims it holds.
 
-Counted, not timed: the bytes the agent writes to files and the flushes (fsync, fdatasync) it
-asks for, for one prepare and one unprepare with no other claim prepared and with 500.
+Counted, not timed: the bytes the agent writes to files, the flushes (fsync, fdatasync) it
+asks for and the prepared claims it looks at, for one prepare and one unprepare with no other
+claim prepared and with 500.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dra_core.cdi import CdiSpecs
 from dra_core.checkpoint import Checkpoint
 from dra_core.hookspecs import NodeContext
 from dra_core.kube.claims import claim_path
-from dra_core.model import ClaimRef, ClaimResult
+from dra_core.model import ClaimRef, ClaimResult, PreparedClaim, PreparedClaims
 from dra_core.node.lock import DriverLock
 from dra_core.node.service import ClaimService
 from dra_core.plugins import from_objects
@@ -43,6 +44,12 @@ class Backend:
     @hookimpl
     def dra_unprepare(self, claim: Any) -> bool:
         return True
+
+    @hookimpl
+    def dra_check_allocation(self, claim: Any, prepared: PreparedClaims) -> None:
+        """As a backend with exclusive devices checks: the claims holding each device."""
+        for device in claim.devices:
+            assert not prepared.holding(device.device)
 
 
 class Claims:
@@ -69,13 +76,14 @@ class Claims:
 @contextmanager
 def counting() -> Iterator[dict[str, int]]:
     """Bytes written with os.write, and flushes requested (not performed: only counted)."""
-    counts = {"bytes": 0, "syncs": 0, "unlinks": 0}
+    counts = {"bytes": 0, "syncs": 0, "unlinks": 0, "claims looked at": 0}
     real_write, real_fsync, real_fdatasync, real_unlink = (
         os.write,
         os.fsync,
         os.fdatasync,
         Path.unlink,
     )
+    real_held = PreparedClaim.held_devices
 
     def write(fd: int, data: Any) -> int:
         written = real_write(fd, data)
@@ -89,13 +97,19 @@ def counting() -> Iterator[dict[str, int]]:
         counts["unlinks"] += 1
         real_unlink(self, missing_ok=missing_ok)
 
+    def held(self: PreparedClaim) -> frozenset[str]:
+        counts["claims looked at"] += 1
+        return real_held.__get__(self)  # type: ignore[attr-defined, no-any-return]
+
     os.write, os.fsync, os.fdatasync = write, sync, sync  # type: ignore[assignment]
     Path.unlink = unlink  # type: ignore[method-assign]
+    PreparedClaim.held_devices = property(held)  # type: ignore[method-assign, assignment]
     try:
         yield counts
     finally:
         os.write, os.fsync, os.fdatasync = real_write, real_fsync, real_fdatasync
         Path.unlink = real_unlink  # type: ignore[method-assign]
+        PreparedClaim.held_devices = real_held  # type: ignore[method-assign]
 
 
 def _service(root: Path, claims: Claims, backend: object | None = None) -> ClaimService:
@@ -145,6 +159,9 @@ def test_prepare_and_unprepare_cost_the_same_with_none_or_500_claims_held(tmp_pa
     assert prepare_0["bytes"] == prepare_n["bytes"]
     assert unprepare_0["bytes"] == unprepare_n["bytes"]
     assert prepare_n["bytes"] < 4096, "a few lines and a CDI spec, not the whole checkpoint"
+    # The check of the devices' holders looks at the holders, not at every claim prepared.
+    assert prepare_0["claims looked at"] == prepare_n["claims looked at"]
+    assert unprepare_0["claims looked at"] == unprepare_n["claims looked at"]
 
 
 def test_unprepare_removes_the_spec_once(tmp_path: Path) -> None:
