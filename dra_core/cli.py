@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -559,12 +559,14 @@ def _build_parser(
     return parser
 
 
-def _load_hooks(name: str | None) -> Any:
-    from dra_core.plugins import load  # only commands that need a backend
+def _load_hooks(name: str | None, backends: Mapping[str, object]) -> Any:
+    from dra_core.plugins import from_objects, load  # only commands that need a backend
 
     if not name:
         msg = f"no backend chosen: pass --backend NAME or set {BACKEND_ENV}"
         raise CliError(msg)
+    if name in backends:
+        return from_objects(name, backends[name])
     return load(name)
 
 
@@ -873,9 +875,16 @@ _WITHOUT_BACKEND: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dra-core``; returns the exit status."""
+def main(argv: Sequence[str] | None = None, *, backends: Mapping[str, object] | None = None) -> int:
+    """Entry point of ``dra-core``; returns the exit status.
+
+    ``backends`` maps backend names to backend objects (as `dra_core.plugins.from_objects`
+    takes them) used instead of the installed backends of those names: for a program that runs
+    ``dra-core`` with a backend built in it, e.g. a test's agent process whose backend writes to
+    a fake kernel (see `dra_core.testing.agent.RunningAgent.argv`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    backends = backends or {}
     from dra_core.checkpoint import CheckpointError
     from dra_core.errors import FatalError
     from dra_core.model import ModelError
@@ -889,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known, _ = _build_parser().parse_known_args(quiet)
         backend = getattr(known, "backend", None)
         if known.command in _WITH_BACKEND and backend:
-            hooks = _load_hooks(backend)
+            hooks = _load_hooks(backend, backends)
             backend_options = hooks.backend_options()
         args = _build_parser(backend_options, known.command).parse_args(argv)
         configure_logging(args.log_level, args.log_format)
@@ -899,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _WITHOUT_BACKEND:
             return _WITHOUT_BACKEND[args.command](args)
         if hooks is None:
-            hooks = _load_hooks(args.backend)
+            hooks = _load_hooks(args.backend, backends)
         return _WITH_BACKEND[args.command](args, hooks)
     except (CliError, PluginLoadError, HookError, CheckpointError, ModelError, FatalError) as exc:
         print(f"dra-core: error: {exc}", file=sys.stderr)

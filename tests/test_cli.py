@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dra_core import __version__
+from dra_core import BackendIdentity, Device, Inventory, __version__, hookimpl
+from dra_core.cli import main
 
 
 def dra_core(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -318,3 +319,30 @@ def test_run_says_why_it_cannot_start(tmp_path, problem):
     assert "Traceback" not in result.stderr
     assert "dra-core: error: the node agent cannot start" in result.stderr
     assert str(tmp_path / plugins) in result.stderr
+
+
+class _OwnBackend:
+    """A backend that exists only in the program that runs `main`."""
+
+    @hookimpl
+    def dra_backend_identity(self) -> BackendIdentity:
+        return BackendIdentity("own.dra-core.dev", "dra-core.dev", "own")
+
+    @hookimpl
+    def dra_discover(self) -> Inventory:
+        return Inventory(devices=(Device("own-0"),))
+
+
+def test_main_runs_backend_objects_given_in_place_of_an_installed_backend(capsys):
+    # A program that runs dra-core with a backend built in it (a test's agent process whose
+    # backend writes to a fake kernel) hands its objects to `main` under a name.
+    assert (
+        main(["discover", "--backend", "own", "--node-name", "n"], backends={"own": _OwnBackend()})
+        == 0
+    )
+    (body,) = yaml.safe_load_all(capsys.readouterr().out)
+    assert body["spec"]["driver"] == "own.dra-core.dev"
+    assert [d["name"] for d in body["spec"]["devices"]] == ["own-0"]
+    # Without it, the name is looked up among the installed backends, and is not there.
+    assert main(["discover", "--backend", "own", "--node-name", "n"]) == 2
+    assert "own" in capsys.readouterr().err

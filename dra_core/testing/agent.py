@@ -89,8 +89,9 @@ class RunningAgent:
         return self.root / "agent.log"
 
     def argv(self, program: Sequence[str] = DRA_CORE_PROGRAM) -> list[str]:
-        """The command line of the agent as a process; ``program`` replaces ``-m dra_core``
-        (e.g. ``-c`` and a program that wraps ``dra_core.cli.main``)."""
+        """The command line of the agent as a process; ``program`` replaces ``-m dra_core``:
+        a script that calls ``dra_core.cli.main(backends={name: objects})`` runs the agent with
+        backend objects built in it (a backend writing to a fake kernel the test serves)."""
         s = self.settings
         flags = [
             "--node-name", s.node_name,

@@ -18,10 +18,7 @@ import errno
 import json
 import os
 import shutil
-import signal
 import socketserver
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -37,6 +34,7 @@ from dra_backend_i915.testing import GIB, FakeKernel, FakeSysfs
 from backends.i915.tests import controlplane_helpers as cp
 from dra_core import ClaimRef
 from dra_core.checkpoint import Checkpoint
+from dra_core.testing.agent import RunningAgent, start_agent
 from dra_core.testing.kubelet import FakeKubelet
 from dra_core.testing.scenario import create_ready_node
 from tests.controlplane import helpers
@@ -250,55 +248,10 @@ class KernelServer:
         self.server.server_close()
 
 
-class AgentProcess:
-    """The i915 agent of ``vf_crash_agent.py`` in its own process, restartable."""
-
-    def __init__(self, root: Path, kubeconfig: str, fs: FakeSysfs, kernel_socket: Path) -> None:
-        self.root = root
-        self.args = [str(root), kubeconfig, CRASH_NODE, str(fs.sys), str(fs.dev)]
-        self.args.append(str(kernel_socket))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, crash_at: str | None = None) -> None:
-        path = [p for p in (os.environ.get("PYTHONPATH"), os.getcwd()) if p]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-        env.pop("CRASH_AT", None)
-        if crash_at:
-            env["CRASH_AT"] = crash_at
-        with (self.root / "agent.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(CRASH_AGENT), *self.args], env=env, stdout=log, stderr=log
-            )
-        helpers.wait_for(self._answers, 30, "the agent to answer on its registration socket")
-
-    def _answers(self) -> bool:
-        """True once the registration socket answers (a dead agent leaves a stale one)."""
-        assert self.proc is not None
-        assert self.proc.poll() is None, self.log()
-        with FakeKubelet(self.root / "registry" / f"{cp.DRIVER}-reg.sock") as peer:
-            peer.get_info()
-        return True
-
-    def log(self) -> str:
-        return (self.root / "agent.log").read_text()[-4000:]
-
-    def kubelet(self) -> FakeKubelet:
-        peer = FakeKubelet(self.root / "registry" / f"{cp.DRIVER}-reg.sock")
-        peer.register()
-        return peer
-
-    def wait_exit(self) -> int:
-        assert self.proc is not None
-        return self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-
-    def phases(self) -> dict[str, str]:
-        checkpoint = Checkpoint.open(self.root / "plugins" / cp.DRIVER / "checkpoint.json")
-        return {uid: record.phase for uid, record in checkpoint.records().items()}
+def phases(agent: RunningAgent) -> dict[str, str]:
+    """The phase of each claim the agent's checkpoint records."""
+    path = agent.settings.plugin_dir(agent.driver) / "checkpoint.json"
+    return {uid: record.phase for uid, record in Checkpoint.open(path).records().items()}
 
 
 @pytest.fixture
@@ -309,35 +262,49 @@ def crash_node(kube_api, dra_kube_client, classes) -> Iterator[str]:
 
 
 def test_agent_dies_between_the_vf_write_and_the_record(
-    control_plane, kube_api, namespace, crash_node
+    control_plane, kube_api, namespace, crash_node, monkeypatch
 ):
     root = Path(tempfile.mkdtemp(prefix="dra-i915-crash-", dir="/tmp"))
     node = flex_node(root / "node")
     kernel = node.kernel(delay=0.05)
-    process = AgentProcess(root, str(control_plane.kubeconfig_path), node, root / "kernel.sock")
+    monkeypatch.setenv("I915_TEST_KERNEL", str(root / "kernel.sock"))
+    agent = start_agent(
+        "i915",
+        root=root,
+        node=crash_node,
+        kubeconfig=str(control_plane.kubeconfig_path),
+        options={"sysfs_root": str(node.sys), "devfs_root": str(node.dev)},
+        process=True,
+        driver=cp.DRIVER,
+        start=False,
+    )
+    program = (str(CRASH_AGENT),)
     try:
         with KernelServer(kernel, root / "kernel.sock"):
-            process.start(crash_at="after-sriov-numvfs")
+            monkeypatch.setenv("CRASH_AT", "after-sriov-numvfs")
+            agent.start(program=program)
             helpers.wait_for(
                 lambda: partitioned_flex_published(kube_api, crash_node), 30, "the slices"
             )
             ref = vf_claim(kube_api, namespace, "crash", node=crash_node)
             (device,) = cp.allocated_devices(kube_api, ref)
-            with process.kubelet() as kubelet, pytest.raises(grpc.RpcError):  # the agent died
+            with agent.kubelet() as kubelet, pytest.raises(grpc.RpcError):  # the agent died
                 kubelet.prepare([ref])
-            assert process.wait_exit() == 137, process.log()
+            assert agent.proc is not None
+            assert agent.proc.wait(30) == 137, agent.log_tail()
             kernel.join()  # the kernel finishes the VFs the dead agent asked for
             assert cp.numvfs(node) == 8
             assert saved_state(root)["created"] == {
                 cp.FLEX: {"profile": "flex170_m8", "numVfs": 8, "complete": False}
             }, "the intent to make the VFs was on disk before sriov_numvfs was written"
-            assert process.phases() == {ref.uid: "started"}
+            assert phases(agent) == {ref.uid: "started"}
 
             # Restarted: the claim half prepared is rolled back, and with it go the VFs,
             # which the agent knows as its own (an administrator's would stay).
-            process.start()
+            monkeypatch.delenv("CRASH_AT")
+            agent.start(program=program)
             helpers.wait_for(
-                lambda: process.phases() == {} and cp.numvfs(node) == 0,
+                lambda: phases(agent) == {} and cp.numvfs(node) == 0,
                 30,
                 "the interrupted claim rolled back and its VFs removed",
             )
@@ -345,9 +312,9 @@ def test_agent_dies_between_the_vf_write_and_the_record(
             assert partitioned_flex_published(kube_api, crash_node)
 
             # The kubelet's retry makes them again; released, they go.
-            with process.kubelet() as kubelet:
+            with agent.kubelet() as kubelet:
                 answer = kubelet.prepare([ref])[ref.uid]
-                assert answer.error == "", process.log()
+                assert answer.error == "", agent.log_tail()
                 assert [d.device_name for d in answer.devices] == [device]
                 assert cp.numvfs(node) == 8
                 assert saved_state(root)["created"][cp.FLEX]["complete"] is True
@@ -360,8 +327,8 @@ def test_agent_dies_between_the_vf_write_and_the_record(
                 "0",
             ]
             cp.release(kube_api, ref)
-            process.stop()
+            agent.stop()
     finally:
-        process.stop()
+        agent.stop()
         kernel.join()
         shutil.rmtree(root, ignore_errors=True)

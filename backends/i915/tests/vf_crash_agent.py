@@ -1,10 +1,12 @@
-"""An i915 node agent in its own process, which dies (os._exit) right after writing sriov_numvfs.
+"""``dra-core`` with an i915 backend whose sysfs writes go to a fake kernel in the test process,
+and which dies (os._exit) right after writing sriov_numvfs when asked to.
 
-Run as ``python vf_crash_agent.py ROOT KUBECONFIG NODE SYSFS DEVFS KERNEL_SOCKET``, with
-``CRASH_AT=after-sriov-numvfs`` to die once a non-zero ``sriov_numvfs`` write has gone through,
-before anything after it is recorded. Sysfs writes go to a fake kernel served by the test
-process on KERNEL_SOCKET (see ``KernelServer`` in test_vf_lifetime_controlplane.py), so the
-kernel outlives the agent and finishes making the VFs it was asked for, as a real kernel does.
+Run as ``python vf_crash_agent.py <dra-core arguments>`` (`RunningAgent.start` with this file as
+its program), with ``I915_TEST_KERNEL`` the unix socket of the test's fake kernel (see
+``KernelServer`` in test_vf_lifetime_controlplane.py), so that the kernel outlives the agent
+and finishes making the VFs it was asked for, as a real kernel does; with
+``CRASH_AT=after-sriov-numvfs`` it dies once a non-zero ``sriov_numvfs`` write has gone
+through, before anything after it is recorded.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ from dra_backend_i915 import plugin
 from dra_backend_i915.memory import DrmMemoryQuery
 from dra_backend_i915.testing import FakeDrmIoctl
 
-from dra_core.kube.client import load_client
-from dra_core.logs import configure_logging
-from dra_core.plugins import from_objects
-from dra_core.runtime import Agent, AgentSettings
+from dra_core import cli
 
 
 class RemoteKernel:
@@ -45,20 +44,14 @@ class RemoteKernel:
             os._exit(137)
 
 
-def main() -> None:
-    root, kubeconfig, node, sysfs, devfs, kernel = sys.argv[1:7]
-    configure_logging("DEBUG")
+def main() -> int:
     backend = plugin.I915Backend(
-        writer=RemoteKernel(kernel), memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})), poll=0.01
+        writer=RemoteKernel(os.environ["I915_TEST_KERNEL"]),
+        memory_query=DrmMemoryQuery(ioctl=FakeDrmIoctl({})),
+        poll=0.01,
     )
-    settings = AgentSettings.below(
-        Path(root),
-        node,
-        poll_interval=0.5,
-        backend_options={"sysfs_root": sysfs, "devfs_root": devfs},
-    )
-    Agent(settings, from_objects("i915", backend), client=load_client(kubeconfig)).run()
+    return cli.main(backends={"i915": backend})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
