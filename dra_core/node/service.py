@@ -667,7 +667,10 @@ class ClaimService:
     def _act_on(self, error: BaseException) -> Consequence:
         """What ``error`` means; the agent is told to stop when it must (once)."""
         kind = consequence(error)
-        if kind == "bug" and isinstance(error, CheckpointError | OSError | ModelError):
+        core = isinstance(error, CheckpointError | OSError | ModelError)
+        # The checkpoint read for a hook's view of the prepared claims fails within the hook.
+        viewed = isinstance(error, HookError) and isinstance(error.__cause__, CheckpointError)
+        if kind == "bug" and (core or viewed):
             kind = "claim"  # the core's own errors: the message says what to do
         if kind == "stop" and self.fatal is None:
             self.fatal = error

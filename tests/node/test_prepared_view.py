@@ -3,9 +3,12 @@ others, not the claim being checked, and still after the agent restarts."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+from loguru import logger
 
 from dra_core import AllocationError, PreparedClaims, hookimpl
 from dra_core.model import AllocatedDevice, ClaimRef, PreparedClaim, PreparedDevice
@@ -58,3 +61,34 @@ def test_admin_access_holds_nothing() -> None:
     assert PreparedClaims((monitor,)).holding("dev-0") == ()
     assert PreparedClaims((monitor, user)).holding("dev-0") == (user,)
     assert PreparedClaims((user,)).holding("dev-1") == ()
+
+
+class DamagingBackend(Backend):
+    """Cuts the checkpoint file short (as something else writing it would) before it asks the
+    view about a device."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    @hookimpl
+    def dra_check_allocation(self, claim: Any, prepared: PreparedClaims) -> None:
+        os.truncate(self.checkpoint, 10)
+        prepared.holding(claim.devices[0].device)
+
+
+def test_a_checkpoint_the_view_cannot_read_fails_the_claim_as_the_cores_error(tmp_path: Path):
+    api = ApiClaims()
+    backend = DamagingBackend(tmp_path / "plugin" / "checkpoint.json")
+    service = claim_service(tmp_path, api, backend)
+    ref = api.add(ClaimRef("default", "first", str(uuid.uuid4())))
+    logged: list[tuple[str, str]] = []
+    sink = logger.add(lambda m: logged.append((m.record["level"].name, m.record["message"])))
+    try:
+        error = service.prepare([ref])[ref.uid].error
+    finally:
+        logger.remove(sink)
+    assert f"checkpoint {backend.checkpoint}" in error and "shrank" in error
+    assert "unexpected error" not in error  # not the backend's bug: the message says what to do
+    (level,) = [lv for lv, m in logged if m.startswith(f"prepare of claim {ref} failed")]
+    assert level == "WARNING"
