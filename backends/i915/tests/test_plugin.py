@@ -151,3 +151,22 @@ def test_module_cli_prints_inventory(tmp_path, capsys, backend):
     out = capsys.readouterr().out
     assert "gpu-0000-03-00-0-vf7" in out and "counterSets" in out
     assert cli.main(["--sysfs-root", str(tmp_path / "none")]) == 1
+
+
+def test_an_unchanged_node_reuses_its_inventory_and_any_change_rebuilds_it(hooks, fs, context):
+    fs.add_gpu("0000:03:00.0", "0x56a0", lmem_total_bytes=16 * GIB)
+    first = hooks.discover(context)
+    assert hooks.discover(context) is first, "nothing changed: not built and validated again"
+
+    fs.add_gpu("0000:04:00.0", "0x56a0", lmem_total_bytes=16 * GIB)  # sysfs changed
+    second = hooks.discover(context)
+    assert [d.name for d in second.devices] == ["gpu-0000-03-00-0", "gpu-0000-04-00-0"]
+
+    shared = node_context(fs, context.state_dir, shared_gpus="0000:04:00.0")  # settings changed
+    third = hooks.discover(shared)
+    assert third is not second
+    assert {d.name: d.allow_multiple_allocations for d in third.devices} == {
+        "gpu-0000-03-00-0": False,
+        "gpu-0000-04-00-0": True,
+    }
+    assert hooks.discover(shared) is third
