@@ -1,8 +1,8 @@
 """dra-core: a framework for Kubernetes Dynamic Resource Allocation drivers.
 
-This module is the public facade for backend authors: the hook marker, the model and the
-errors. Everything a backend needs is importable from here; the rest of the package is the
-core's own business.
+This module is the public facade for backend authors: the hook marker, the model, the
+errors and the logger (loguru's, loaded when first used: `dra_core.lazylog`). Everything a
+backend needs is importable from here; the rest of the package is the core's own business.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dra_core.fileio import (
     read_regular_text,
 )
 from dra_core.hookspecs import BackendOption, CheckStatus, DoctorCheck, NodeContext, hookimpl
+from dra_core.lazylog import logger
 from dra_core.model import (
     LIMITS,
     AllocatedClaim,
@@ -95,6 +96,7 @@ __all__ = (
     "describe_validation_error",
     "format_bytes",
     "hookimpl",
+    "logger",
     "parse_quantity",
     "read_regular_file",
     "read_regular_text",

@@ -35,8 +35,6 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from dra_core.errors import ClaimError
 from dra_core.fileio import (
     BoundedReadError,
@@ -45,6 +43,7 @@ from dra_core.fileio import (
     read_regular_file,
     remove_stale_temps,
 )
+from dra_core.lazylog import logger
 from dra_core.model import (
     BackendIdentity,
     ContainerEdits,

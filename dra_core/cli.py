@@ -181,8 +181,7 @@ def _add_kubeconfig(parser: argparse.ArgumentParser) -> None:
 
 def _add_rate_arguments(parser: argparse.ArgumentParser) -> None:
     """``--kube-api-qps`` and ``--kube-api-burst``: the client-side bound on API requests."""
-    from dra_core.kube.client import BURST_ENV, QPS_ENV
-    from dra_core.kube.ratelimit import parse_burst, parse_qps
+    from dra_core.kube.ratelimit import BURST_ENV, QPS_ENV, parse_burst, parse_qps
 
     def checked(parse: Callable[[str], object]) -> Callable[[str], object]:
         def convert(text: str) -> object:

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -54,7 +53,8 @@ TEMP_SUFFIX = ".tmp"
 
 
 def _temp_name(target: Path) -> str:
-    return f".{target.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
+    # os.urandom, as secrets.token_hex does, without importing secrets (and OpenSSL) at start
+    return f".{target.name}.{os.urandom(8).hex()}{TEMP_SUFFIX}"
 
 
 def temp_target(candidate: str) -> str | None:

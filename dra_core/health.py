@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from loguru import logger
-
 from dra_core import metrics
 from dra_core.kubelet.health import DeviceHealthState, HealthBoard
+from dra_core.lazylog import logger
 from dra_core.model import Device, DeviceHealth, Inventory, Taint
 
 __all__ = ("HealthTracker", "unhealthy_taint_key")

@@ -38,9 +38,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from loguru import logger
-
 from dra_core import strictjson
+from dra_core.lazylog import logger
 from dra_core.strictjson import JsonLimitError
 
 __all__ = (

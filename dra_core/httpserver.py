@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from loguru import logger
-
 from dra_core import metrics
 from dra_core.httpbase import BackgroundServer, Handler, HttpLimits, LimitedHTTPServer
+from dra_core.lazylog import logger
 
 __all__ = ("STATUS_LIMITS", "StatusServer")
 

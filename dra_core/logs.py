@@ -5,15 +5,21 @@ as ``extra`` fields (``logger.bind(claim=...)``); the plain format shows them, a
 them as fields. Records of the standard `logging`
 module (a backend's, a library's) go the same way, at the same level, with the name of their
 logger as the ``logger`` field.
+
+The set-up is applied when loguru is loaded (`dra_core.lazylog`), which is at the first message.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from loguru import logger
+from dra_core import lazylog
+from dra_core.lazylog import logger
+
+if TYPE_CHECKING:
+    from loguru import Logger
 
 __all__ = ("LogFormat", "configure_logging")
 
@@ -67,9 +73,13 @@ class _StandardLogging(logging.Handler):
 def configure_logging(level: str = "INFO", fmt: LogFormat = "plain") -> None:
     """Send logs to stderr at ``level`` in the chosen format; replaces earlier set-up."""
     logging.basicConfig(handlers=[_StandardLogging()], level=level.upper(), force=True)
-    logger.remove()
-    if fmt == "json":
-        logger.add(_CurrentStderr(), level=level.upper(), serialize=True)
-    else:
-        logger.configure(patcher=_context)
-        logger.add(_CurrentStderr(), level=level.upper(), format=_PLAIN, colorize=None)
+
+    def setup(loguru: Logger) -> None:
+        loguru.remove()
+        if fmt == "json":
+            loguru.add(_CurrentStderr(), level=level.upper(), serialize=True)
+        else:
+            loguru.configure(patcher=_context)
+            loguru.add(_CurrentStderr(), level=level.upper(), format=_PLAIN, colorize=None)
+
+    lazylog.configure(setup)

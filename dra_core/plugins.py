@@ -21,11 +21,11 @@ from typing import Any, Final
 
 import importlib_metadata
 import pluggy
-from loguru import logger
 
-from dra_core import hookspecs
+from dra_core import hookspecs, lazylog
 from dra_core.errors import consequence
 from dra_core.hookspecs import BackendOption, DoctorCheck, NodeContext
+from dra_core.lazylog import logger
 from dra_core.model import (
     AllocatedClaim,
     AttributeValue,
@@ -251,6 +251,7 @@ def _register(pm: pluggy.PluginManager, name: str, obj: object) -> None:
     except pluggy.PluginValidationError as exc:
         msg = f"plugin {name!r} does not fit the dra-core contract: {exc}"
         raise PluginLoadError(msg) from exc
+    lazylog.settle()  # a plugin that imported loguru itself logs in the configured format
 
 
 class Hooks:

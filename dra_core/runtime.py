@@ -25,8 +25,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from dra_core.checkpoint import BOOT_ID_PATH, FILE_NAME, Checkpoint, current_boot_id
 from dra_core.errors import TransientError, consequence
 from dra_core.fileio import make_directories
@@ -35,6 +33,7 @@ from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS
 from dra_core.kubelet.health import HealthBoard
 from dra_core.kubelet.server import KubeletPlugin, KubeletPluginSettings
 from dra_core.kubelet.sockets import DEFAULT_PLUGINS_DIR, DEFAULT_REGISTRATION_DIR
+from dra_core.lazylog import logger
 from dra_core.model import (
     BackendIdentity,
     ClaimRef,
@@ -566,8 +565,12 @@ class Agent:
         """Start, serve until SIGTERM or SIGINT, then stop; raise the error that stopped the
         agent when one did (`FatalError`)."""
 
+        received: list[int] = []
+
         def on_signal(signum: int, _frame: FrameType | None) -> None:
-            logger.info("received {}, stopping", signal.Signals(signum).name)
+            # Not logged here: the handler may run while this thread loads the logger
+            # (dra_core.lazylog), whose lock it holds; the loop below logs it.
+            received.append(signum)
             self.stop_event.set()
 
         # Python runs a handler in the main thread, when that thread runs Python code, but the
@@ -588,6 +591,8 @@ class Agent:
                     with contextlib.suppress(BlockingIOError):
                         while os.read(wake_r, 64):
                             pass
+                if received:
+                    logger.info("received {}, stopping", signal.Signals(received[0]).name)
             finally:
                 self.stop()
         finally:

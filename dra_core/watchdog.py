@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final, Generic, TypeVar
 
-from loguru import logger
-
 from dra_core.errors import ClaimError, FatalError, TransientError
+from dra_core.lazylog import logger
 from dra_core.model import ClaimRef
 from dra_core.validation import describe_validation_error
 

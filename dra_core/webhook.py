@@ -36,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
 from prometheus_client import Counter
 
 from dra_core import metrics
@@ -53,6 +52,7 @@ from dra_core.httpbase import (
     LimitedHTTPServer,
     parse_json,
 )
+from dra_core.lazylog import logger
 from dra_core.model import LIMITS
 from dra_core.plugins import HookError, Hooks
 

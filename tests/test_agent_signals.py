@@ -66,3 +66,38 @@ def test_signal_to_another_thread_stops_the_agent(tmp_path: Path, signum: int) -
             agent.communicate(timeout=15)
     assert agent.returncode == 0, output
     assert f"received {signal.Signals(signum).name}, stopping" in output
+
+
+#: Runs ``dra-core run`` whose import of loguru signals the agent itself with SIGTERM: the
+#: handler runs in the main thread while it loads the logger (dra_core.lazylog).
+SIGNALLED_WHILE_LOADING_THE_LOGGER = """
+import importlib.abc, os, signal, sys
+
+class SignalAtLoguru(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "loguru":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None  # the real finders import it
+
+sys.meta_path.insert(0, SignalAtLoguru())
+from dra_core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_while_the_agent_loads_its_logger_stops_it(tmp_path: Path) -> None:
+    """The SIGTERM handler does not log: it may run while the main thread holds the logger's
+    loading lock, which a message from the handler would wait for forever."""
+    agent = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_WHILE_LOADING_THE_LOGGER, "run", "--backend", "fake",
+         "--no-publish", "--http-port", "0", "--registration-dir", str(tmp_path / "reg"),
+         "--plugins-dir", str(tmp_path / "plugins"), "--cdi-dir", str(tmp_path / "cdi")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert agent.returncode == 0, agent.stderr
+    assert "received SIGTERM, stopping" in agent.stderr
+    assert "stopped (pid" in agent.stderr

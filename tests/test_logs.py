@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 from loguru import logger
 
@@ -66,3 +69,69 @@ def test_standard_logging_records_take_the_agents_format_and_level(capsys):
     err = capsys.readouterr().err
     assert "hidden" not in err
     assert "[logger=acme.backend] shown" in err
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a new interpreter: what it imports at start is its own."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_loguru_is_loaded_by_the_first_message_in_the_format_set_before():
+    proc = _python(
+        """
+        import sys
+        from dra_core import logger
+        from dra_core.logs import configure_logging
+
+        configure_logging("INFO", "json")
+        print("loaded before the first message:", "loguru" in sys.modules)
+        logger.bind(claim="0b7f0c7e").info("first")
+        logger.debug("hidden at INFO")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "loaded before the first message: False"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines  # loguru's own default handler was never used
+    record = json.loads(lines[0])["record"]
+    assert (record["message"], record["extra"]["claim"]) == ("first", "0b7f0c7e")
+
+
+def test_a_plugin_that_imports_loguru_itself_logs_in_the_format_set_once_registered():
+    proc = _python(
+        """
+        from dra_core.logs import configure_logging
+        from dra_core.plugins import from_objects
+
+        configure_logging("INFO", "json")
+        from loguru import logger  # the plugin module's own import
+
+        class Plugin:
+            pass
+
+        from_objects("acme", Plugin())
+        logger.info("from the plugin")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stderr.strip().splitlines()[-1])["record"]
+    assert record["message"] == "from the plugin"
+
+
+def test_a_set_up_made_after_loguru_is_loaded_applies_at_once(capsys):
+    """The usual case in one process: a second configure_logging changes the format now."""
+    from dra_core import logger
+
+    configure_logging("INFO", "plain")
+    logger.info("plain")
+    configure_logging("INFO", "json")
+    logger.info("json")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].endswith("plain") and not lines[0].startswith("{")
+    assert json.loads(lines[1])["record"]["message"] == "json"

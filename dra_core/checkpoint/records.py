@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from loguru import logger
-
 from dra_core.fileio import read_regular_file
+from dra_core.lazylog import logger
 from dra_core.model import (
     AllocatedDevice,
     ClaimRef,

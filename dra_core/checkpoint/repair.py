@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from loguru import logger
-
 from dra_core.checkpoint import fileformat
 from dra_core.checkpoint.fileformat import VERSION
 from dra_core.checkpoint.records import FILE_MODE, CheckpointError, ClaimRecord
 from dra_core.checkpoint.store import exclusive, read_bounded
 from dra_core.fileio import atomic_write, fsync_directory
+from dra_core.lazylog import logger
 
 __all__ = (
     "InspectReport",

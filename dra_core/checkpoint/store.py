@@ -37,8 +37,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from loguru import logger
-
 from dra_core.checkpoint import fileformat
 from dra_core.checkpoint.records import (
     _PHASES,
@@ -50,6 +48,7 @@ from dra_core.checkpoint.records import (
     current_boot_id,
 )
 from dra_core.fileio import atomic_write_locked, make_directories, remove_stale_temps
+from dra_core.lazylog import logger
 
 __all__ = ("COMPACT_BYTES", "Checkpoint", "exclusive", "read_bounded")
 

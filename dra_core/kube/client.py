@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
-from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS, TokenBucket, seconds_left
+from dra_core.kube.ratelimit import (
+    BURST_ENV,
+    DEFAULT_BURST,
+    DEFAULT_QPS,
+    QPS_ENV,
+    TokenBucket,
+    seconds_left,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kubernetes.client import ApiClient
@@ -46,10 +53,6 @@ __all__ = (
     "request_verb",
 )
 
-#: Environment variables overriding the client-side request rate (requests a second, and the
-#: burst); a QPS of 0 disables the limit.
-QPS_ENV = "DRA_KUBE_API_QPS"
-BURST_ENV = "DRA_KUBE_API_BURST"
 #: The shortest time a request bounded by its caller's deadline is given.
 _MIN_REQUEST_SECONDS = 0.05
 #: Seconds a pooled connection may stay unused before it is closed (shorter than the API

@@ -12,9 +12,8 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from loguru import logger
-
 from dra_core.kube.client import ApiError, KubeClient
+from dra_core.lazylog import logger
 
 __all__ = ("EventRecorder", "ObjectRef")
 

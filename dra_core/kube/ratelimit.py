@@ -22,8 +22,10 @@ from contextvars import ContextVar
 from dra_core.errors import TransientError
 
 __all__ = (
+    "BURST_ENV",
     "DEFAULT_BURST",
     "DEFAULT_QPS",
+    "QPS_ENV",
     "RateLimitTimeout",
     "TokenBucket",
     "parse_burst",
@@ -38,6 +40,10 @@ __all__ = (
 DEFAULT_QPS = 50.0
 #: Requests that may go out at once after a quiet period.
 DEFAULT_BURST = 100
+#: Environment variables overriding the client-side request rate (requests a second, and the
+#: burst); a QPS of 0 disables the limit.
+QPS_ENV = "DRA_KUBE_API_QPS"
+BURST_ENV = "DRA_KUBE_API_BURST"
 
 #: The time (on the buckets' clock) by which a request of this context must have its token.
 _WAIT_DEADLINE: ContextVar[float | None] = ContextVar("dra_rate_limit_deadline", default=None)

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from loguru import logger
-
 from dra_core.kube.client import ApiError
+from dra_core.lazylog import logger
 
 __all__ = ("Backoff", "call_with_retries")
 

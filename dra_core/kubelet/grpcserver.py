@@ -49,7 +49,6 @@ from h2.events import (
 from h2.exceptions import H2Error, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
-from loguru import logger
 
 from dra_core.kubelet.grpcwire import (
     CONTENT_TYPE,
@@ -61,6 +60,7 @@ from dra_core.kubelet.grpcwire import (
     parse_timeout,
     split_messages,
 )
+from dra_core.lazylog import logger
 
 __all__ = ["CallContext", "GrpcServer", "GrpcServerError"]
 

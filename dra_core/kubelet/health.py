@@ -21,10 +21,10 @@ from types import ModuleType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from google.protobuf.descriptor import ServiceDescriptor
-from loguru import logger
 
 from dra_core.kubelet.grpcserver import CallContext, GrpcServer
 from dra_core.kubelet.proto import health_v1_pb2, health_v1alpha1_pb2
+from dra_core.lazylog import logger
 
 __all__ = [
     "HEALTH_CHECK_TIMEOUT_SECONDS",

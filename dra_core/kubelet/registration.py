@@ -11,10 +11,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loguru import logger
-
 from dra_core.kubelet.grpcserver import CallContext
 from dra_core.kubelet.proto import pluginregistration_pb2
+from dra_core.lazylog import logger
 
 __all__ = [
     "DRA_PLUGIN_TYPE",
@@ -73,7 +72,9 @@ class RegistrationServicer:
     def GetInfo(
         self, request: pluginregistration_pb2.InfoRequest, context: CallContext
     ) -> pluginregistration_pb2.PluginInfo:
-        logger.debug("kubelet GetInfo: answering {}", list(self._info.supported_versions))
+        # Not logged: the kubelet calls it as soon as the socket appears, while the agent still
+        # starts and may not have loaded its logger (dra_core.lazylog); the kubelet's
+        # NotifyRegistrationStatus that follows is logged.
         info = pluginregistration_pb2.PluginInfo()
         info.CopyFrom(self._info)
         return info

@@ -12,8 +12,6 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from loguru import logger
-
 from dra_core.kubelet.grpcclient import unary_call
 from dra_core.kubelet.grpcserver import GrpcServer
 from dra_core.kubelet.grpcwire import RpcError, Status
@@ -34,6 +32,7 @@ from dra_core.kubelet.sockets import (
     prepare_socket,
     remove_socket,
 )
+from dra_core.lazylog import logger
 
 __all__ = ["KubeletPlugin", "KubeletPluginError", "KubeletPluginSettings"]
 

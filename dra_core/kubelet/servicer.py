@@ -18,12 +18,11 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, Final
 
-from loguru import logger
-
 from dra_core.errors import RETRY_NOTE, consequence
 from dra_core.kubelet.grpcserver import CallContext, GrpcServer
 from dra_core.kubelet.proto import dra_v1_pb2, dra_v1beta1_pb2
 from dra_core.kubelet.service import NodeService
+from dra_core.lazylog import logger
 from dra_core.model import ClaimRef, ClaimResult, ModelError, validate_claim_ref
 
 __all__ = ["DRAv1Servicer", "DRAv1beta1Servicer", "add_dra_servicers", "answer_by"]

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Final, Literal
 
-from loguru import logger
-
 from dra_core import metrics
 from dra_core.cdi import CdiSpecs
 from dra_core.checkpoint import Checkpoint, CheckpointError, ClaimRecord
@@ -45,6 +43,7 @@ from dra_core.kube.client import ApiError, KubeClient
 from dra_core.kube.events import EventRecorder, ObjectRef
 from dra_core.kube.ratelimit import RateLimitTimeout, waits_end_by
 from dra_core.kube.retry import Backoff, call_with_retries
+from dra_core.lazylog import logger
 from dra_core.model import (
     AllocatedClaim,
     ClaimRef,

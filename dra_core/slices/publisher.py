@@ -44,11 +44,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from loguru import logger
-
 from dra_core import metrics
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.kube.retry import Backoff, call_with_retries
+from dra_core.lazylog import logger
 from dra_core.model import Inventory, validate_inventory
 from dra_core.slices.build import build_slices
 from dra_core.slices.compare import (

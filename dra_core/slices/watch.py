@@ -23,10 +23,9 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from loguru import logger
-
 from dra_core.kube.client import ApiError, KubeClient
 from dra_core.kube.retry import Backoff
+from dra_core.lazylog import logger
 
 __all__ = ("RELIST", "SLICES_PATH", "SliceWatcher", "open_stream")
 

@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from loguru import logger
 from pydantic import ValidationError
 
 from dra_backend_fake.files import load_yaml_file
 from dra_backend_fake.schema import ControlSpec
-from dra_core import describe_validation_error
+from dra_core import describe_validation_error, logger
 
 __all__ = (
     "MAX_BYTES",

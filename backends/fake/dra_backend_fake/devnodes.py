@@ -15,9 +15,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from loguru import logger
-
-from dra_core import DeviceNode
+from dra_core import DeviceNode, logger
 
 __all__ = (
     "CONTAINER_DIR",

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
 from dra_backend_fake import CDI_CLASS, CDI_VENDOR, DRIVER_NAME, devnodes
 from dra_core import (
     AllocatedClaim,
@@ -39,6 +37,7 @@ from dra_core import (
     PreparedDevice,
     PrepareError,
     hookimpl,
+    logger,
     validate_inventory,
 )
 

@@ -30,11 +30,10 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from loguru import logger
-
 from dra_backend_i915.memory import MemoryQuery
 from dra_backend_i915.pciids import ModelInfo, lookup, normalize_device_id
 from dra_backend_i915.sysfs import SysfsError, link_name, read_int, read_str
+from dra_core import logger
 
 __all__ = (
     "DRM_DRIVERS",

@@ -30,9 +30,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from loguru import logger
-
-from dra_core import ContainerEdits, DeviceNode, QuantityError, parse_quantity
+from dra_core import ContainerEdits, DeviceNode, QuantityError, logger, parse_quantity
 
 __all__ = ("drm_edits", "mei_edits")
 

@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from loguru import logger
-
 from dra_backend_i915.discovery import address_of, drm_nodes
 from dra_backend_i915.sysfs import SysfsError, link_name, read_int, read_str
-from dra_core import DeviceHealth, Inventory
+from dra_core import DeviceHealth, Inventory, logger
 
 __all__ = ("FunctionHealth", "HealthMonitor")
 

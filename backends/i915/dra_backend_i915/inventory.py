@@ -25,8 +25,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from loguru import logger
-
 from dra_backend_i915.config import NodeSettings
 from dra_backend_i915.discovery import Discovery, Gpu, device_name, vf_address, vf_name
 from dra_backend_i915.profiles import PROFILES, Profile, choose, profiles_for
@@ -42,6 +40,7 @@ from dra_core import (
     RequestPolicy,
     ValidRange,
     format_bytes,
+    logger,
     validate_inventory,
 )
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from loguru import logger
+from dra_core import logger
 
 __all__ = (
     "DRM_IOCTL_I915_QUERY",

@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from dra_backend_i915 import CDI_CLASS, CDI_VENDOR, DRIVER_NAME
 from dra_backend_i915.config import GpuConfig, NodeSettings, decode_opaque, settings_from
 from dra_backend_i915.discovery import Discoverer, Discovery, Gpu, drm_nodes, vf_name
@@ -42,6 +40,7 @@ from dra_core import (
     PreparedDevice,
     PrepareError,
     hookimpl,
+    logger,
 )
 
 __all__ = ("OPTIONS", "I915Backend", "device_classes")

@@ -31,13 +31,11 @@ import errno
 import time
 from pathlib import Path
 
-from loguru import logger
-
 from dra_backend_i915.discovery import Gpu
 from dra_backend_i915.inventory import detect_ecc
 from dra_backend_i915.profiles import Profile
 from dra_backend_i915.sysfs import SysfsError, SysfsWriter, read_int, read_str
-from dra_core import PrepareError
+from dra_core import PrepareError, logger
 
 __all__ = ("I915_QUOTA_ORDER", "VfProvisioner", "quota_writes")
 

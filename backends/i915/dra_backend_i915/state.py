@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
+from dra_core import logger
 
 __all__ = ("STATE_FILE", "CreatedVfs", "State", "StateStore")
 

@@ -1,0 +1,66 @@
+"""``dra-core run`` serves the kubelet's registration socket before it imports what only the
+later steps need: the sooner the kubelet can register the driver, the sooner its prepares
+come, and they wait at the agent's gate until the backend has started.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from dra_core.checkpoint import FILE_NAME, Checkpoint
+from dra_core.runtime import AgentSettings
+
+#: Modules an agent that restarts must not import before its registration socket serves:
+#: loguru (and asyncio, which it imports) until the first message, the API client and the
+#: claim service until the backend has started, the metrics until then too.
+LATER = (
+    "asyncio",
+    "loguru",
+    "kubernetes",
+    "pydantic",
+    "prometheus_client",
+    "yaml",
+    "dra_core.kube.client",
+    "dra_core.node.service",
+    "dra_core.cdi",
+    "dra_core.metrics",
+)
+
+#: Runs ``dra-core run`` and, once its registration server has started, prints which of
+#: LATER are imported, and exits.
+AGENT = """
+import json, os, sys
+from dra_core.kubelet import grpcserver
+
+serve = grpcserver.GrpcServer.start
+
+def start(server):
+    serve(server)
+    if server._name == "registration":
+        print(json.dumps(sorted(set(sys.argv[1].split(",")) & set(sys.modules))), flush=True)
+        os._exit(0)
+
+grpcserver.GrpcServer.start = start
+from dra_core.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_a_restarted_agent_serves_the_kubelet_before_it_imports_the_later_steps(tmp_path):
+    settings = AgentSettings.below(tmp_path, "node-a")
+    checkpoint = settings.plugin_dir("fake.dra-core.dev") / FILE_NAME
+    Checkpoint.open(checkpoint)  # the agent's earlier run made it
+    argv = ["run", "--backend", "fake", "--http-port", "0", "--no-publish"]
+    argv += ["--node-name", "node-a", "--registration-dir", str(settings.registration_dir)]
+    argv += ["--plugins-dir", str(settings.plugins_dir), "--cdi-dir", str(settings.cdi_dir)]
+    proc = subprocess.run(
+        [sys.executable, "-c", AGENT, ",".join(LATER), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [], proc.stderr
