@@ -52,6 +52,7 @@ from run import (
     cluster_kubeconfig,
     compile_bytecode,
     git_commit,
+    installed_agent,
     percentile,
     rss_mib,
     stop_process,
@@ -170,7 +171,7 @@ class Agent:
     """One of the two agents: how to run it, where its files are."""
 
     name: str
-    binary: Path | None  # goref; None for dra-core (this interpreter)
+    program: tuple[str, ...]  # goref's binary, or dra-core's ``run --backend fake`` command
     root: Path
     node: str
     devices: int
@@ -192,10 +193,10 @@ class Agent:
 
     def argv(self, kubeconfig: str) -> list[str]:
         common = ["--kubeconfig", kubeconfig, *agent_dirs(self.root, self.node)]
-        if self.binary is None:
-            return [*FAKE_AGENT, "--devices", str(self.devices), *common]
+        if self.name == DRA_CORE:  # reads the rate limit from the environment
+            return [*self.program, "--devices", str(self.devices), *common]
         return [
-            str(self.binary),
+            *self.program,
             "--devices",
             str(self.devices),
             "--kube-api-qps",
@@ -579,7 +580,12 @@ def _trace_fsyncs(setup: Setup, results: Results, claims: int, root: Path) -> No
 
 
 def make_setup(
-    stack: ExitStack, args: argparse.Namespace, kubeconfig: str, root: Path, go: Path
+    stack: ExitStack,
+    args: argparse.Namespace,
+    kubeconfig: str,
+    root: Path,
+    go: Path,
+    dra_core: tuple[str, ...],
 ) -> Setup:
     client = load_client(kubeconfig, timeout=30)
     wait_for_api(client)
@@ -594,7 +600,7 @@ def make_setup(
     for name in (DRA_CORE, GOREF):
         agent = Agent(
             name=name,
-            binary=None if name == DRA_CORE else go / "goref",
+            program=dra_core if name == DRA_CORE else (str(go / "goref"),),
             root=root / name,
             node=f"compare-{name}-{suffix}",
             devices=devices,
@@ -631,14 +637,21 @@ def run(args: argparse.Namespace, results: Results, progress: Callable[[str], No
     progress("building benchmarks/goref ...")
     go = build_go()
     results.info["goref_binary"] = str(go)
-    # The Go programs are built before they are timed; dra-core is compiled as an install is.
-    compile_bytecode()
+    # The Go programs are built before they are timed; dra-core is installed as the image
+    # installs it, or (--from-source) compiled as an install is.
+    if args.from_source:
+        compile_bytecode()
+        dra_core = FAKE_AGENT
+    else:
+        progress("installing dra-core as the image does ...")
+        dra_core = installed_agent()
+    results.info["dra_core_program"] = dra_core[0]
     root = Path(tempfile.mkdtemp(prefix="dra-compare-", dir="/tmp"))  # short socket paths
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, root, ignore_errors=True)
         kubeconfig = cluster_kubeconfig(stack, args.kubeconfig, progress)
         progress(f"allocating 2 x {args.claims + args.parallel} claims ...")
-        setup = make_setup(stack, args, kubeconfig, root, go)
+        setup = make_setup(stack, args, kubeconfig, root, go, dra_core)
         for n in range(args.rounds):
             order = setup.agents if n % 2 == 0 else setup.agents[::-1]
             for agent in order:
@@ -668,6 +681,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--qps", type=float, default=1000.0, help="Go client QPS (client-go)")
     parser.add_argument("--burst", type=int, default=1000, help="Go client burst (client-go)")
     parser.add_argument("--kubeconfig", help="use this cluster instead of the test control plane")
+    parser.add_argument(
+        "--from-source",
+        action="store_true",
+        help="run dra-core with this interpreter from this checkout instead of installed in a "
+        "virtual environment as the image installs it (quicker to set up; its start includes "
+        "what the development environment adds)",
+    )
     parser.add_argument("--note", help="free text kept in the JSON (info.note)")
     parser.add_argument("--json", action="store_true", help="print the JSON on stdout")
     parser.add_argument(

@@ -24,6 +24,7 @@ control plane. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -229,6 +230,53 @@ def start_once(root: Path, timeout: float = 30.0) -> tuple[float, float]:
         finally:
             stop_process(proc)
     return elapsed, rss
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Where the benchmarks keep what they build (the virtual environment of `installed_agent`).
+BENCH_CACHE = Path(os.environ.get("DRA_TEST_CACHE") or Path.home() / ".cache/dra-core") / "bench"
+
+
+def installed_agent() -> tuple[str, ...]:
+    """`FAKE_AGENT` as the image installs it (deploy/Dockerfile): the ``dra-core`` script of a
+    virtual environment that holds dra-core and the fake backend, built from this checkout,
+    and their dependencies only. A development environment adds to every start what an
+    installed agent never does (the finders of editable installs, the ``.pth`` files and entry
+    points of every other distribution).
+
+    The environment with the dependencies is made once per Python and pyproject files, under
+    `BENCH_CACHE` (a minute, from pip's cache or PyPI); the two distributions are built from the
+    checkout and installed again at each call (a few seconds).
+    """
+    pyprojects = (ROOT / "pyproject.toml", ROOT / "backends" / "fake" / "pyproject.toml")
+    digest = hashlib.sha256(sys.version.encode())
+    for path in pyprojects:
+        digest.update(path.read_bytes())
+    venv = BENCH_CACHE / f"venv-{digest.hexdigest()[:16]}"
+    pip = (str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet")
+    pip += ("--disable-pip-version-check",)
+    with tempfile.TemporaryDirectory() as tmp:
+        # What the Dockerfile copies, without build leftovers: setuptools builds in the source
+        # tree, and a module deleted from the checkout must not be installed from build/.
+        source = Path(tmp)
+        left_out = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+        for tree in ("dra_core", "backends/fake"):
+            shutil.copytree(ROOT / tree, source / tree, ignore=left_out)
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            shutil.copy2(ROOT / name, source / name)
+        sources = (str(source), str(source / "backends" / "fake"))
+        made = venv / ".made"  # written last: a venv cut off while being made is made again
+        if not made.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            # setuptools and wheel build the checkout in the venv itself (no isolated build).
+            subprocess.run([*pip, "setuptools>=65", "wheel", *sources], check=True)
+            made.touch()
+        subprocess.run(
+            [*pip, "--no-deps", "--force-reinstall", "--no-build-isolation", *sources],
+            check=True,
+        )
+    return (str(venv / "bin" / "dra-core"), *FAKE_AGENT[3:])
 
 
 def compile_bytecode() -> None:
