@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from compare import DRA_CORE, DRIVERS, GOREF, Agent, build_go, cpu_seconds, settle
 from run import (
+    FAKE_AGENT,
     RESOURCE_API,
     Cluster,
     add_cluster_options,
@@ -219,7 +220,7 @@ def spawn(agent: Agent, kubeconfig: str, limits: Mapping[str, str] | None = None
     for sub in ("registry", "plugins", "cdi"):
         (agent.root / sub).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if agent.binary is None:
+    if agent.name == DRA_CORE:
         env.pop(QPS_ENV, None)
         env.pop(BURST_ENV, None)
         env.update(limits or {})
@@ -293,7 +294,7 @@ def measure(
     agents = [
         Agent(
             name=side,
-            binary=setup.go / "goref" if side == GOREF else None,
+            program=(str(setup.go / "goref"),) if side == GOREF else FAKE_AGENT,
             root=setup.root / f"{side}-{suffix}-{i}",
             node=f"agents-{side}-{suffix}-{i}",
             devices=DEVICES,

@@ -28,6 +28,7 @@ from pathlib import Path
 from agents import ApiServer, spawn, wait_started
 from compare import DRA_CORE, Agent
 from run import (
+    FAKE_AGENT,
     Cluster,
     Report,
     add_cluster_options,
@@ -98,7 +99,7 @@ def storm(
     suffix = uuid.uuid4().hex[:6]
     agent = Agent(
         name=DRA_CORE,
-        binary=None,
+        program=FAKE_AGENT,
         root=root / "agent",
         node=f"storm-{suffix}",
         devices=claims,
