@@ -253,8 +253,8 @@ def installed_agent() -> tuple[str, ...]:
     for path in pyprojects:
         digest.update(path.read_bytes())
     venv = BENCH_CACHE / f"venv-{digest.hexdigest()[:16]}"
-    pip = (str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet")
-    pip += ("--disable-pip-version-check",)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    pip.append("--disable-pip-version-check")
     with tempfile.TemporaryDirectory() as tmp:
         # What the Dockerfile copies, without build leftovers: setuptools builds in the source
         # tree, and a module deleted from the checkout must not be installed from build/.
