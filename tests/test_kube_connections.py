@@ -2,7 +2,9 @@
 
 HTTP/1.1 cannot send a request on a connection a watch streams on, so requests made while the
 watch runs open a second connection; the client closes it once unused for ``idle_timeout``.
-The connections are counted by the kernel's table of this process (``/proc``).
+The connections are counted by the kernel's table of this process (``/proc``): those opened
+since the test began, as other tests' clients in this process open and close theirs at times
+of their own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pytest
 
 from dra_core.kube.client import KubeClient, load_client
 from dra_core.testing.controlplane import ControlPlane
-from dra_core.testing.proc import connections
+from dra_core.testing.proc import established_to, socket_inodes
 
 pytestmark = pytest.mark.controlplane
 
@@ -27,17 +29,28 @@ def _client(control_plane: ControlPlane, idle_timeout: float | None) -> KubeClie
     return KubeClient(api, timeout=10, idle_timeout=idle_timeout)
 
 
-def _count(client: KubeClient) -> int:
+def _held(client: KubeClient) -> set[int]:
+    """The sockets (inodes) of this process connected to the client's API server."""
     port = urlsplit(client.api.configuration.host).port
     assert port is not None
-    return connections(os.getpid(), port)
+    return socket_inodes(os.getpid()) & established_to(os.getpid(), port)
 
 
-def _settles_at(client: KubeClient, want: int, seconds: float) -> int:
-    deadline = time.monotonic() + seconds
-    while (seen := _count(client)) != want and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return seen
+class _Opened:
+    """Counts the connections to the API server opened since it was made."""
+
+    def __init__(self, client: KubeClient) -> None:
+        self.client = client
+        self.earlier = _held(client)
+
+    def count(self) -> int:
+        return len(_held(self.client) - self.earlier)
+
+    def settles_at(self, want: int, seconds: float) -> int:
+        deadline = time.monotonic() + seconds
+        while (seen := self.count()) != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return seen
 
 
 @pytest.fixture
@@ -46,14 +59,14 @@ def watch_then_request(control_plane: ControlPlane) -> Iterator[Any]:
     the test."""
     responses = []
 
-    def start(idle_timeout: float | None) -> tuple[KubeClient, int]:
+    def start(idle_timeout: float | None) -> tuple[KubeClient, _Opened]:
         client = _client(control_plane, idle_timeout)
-        before = _count(client)
+        opened = _Opened(client)
         client.get("/version")
         query = {"watch": "1", "timeoutSeconds": "60"}
         responses.append(client.stream("/api/v1/namespaces", query, read_timeout=90))
         client.get("/version")
-        return client, before
+        return client, opened
 
     yield start
     for response in responses:
@@ -62,15 +75,15 @@ def watch_then_request(control_plane: ControlPlane) -> Iterator[Any]:
 
 
 def test_request_connection_closed_when_unused_watch_kept(watch_then_request: Any) -> None:
-    client, before = watch_then_request(0.5)
-    assert _count(client) == before + 2, "a watch and a request beside it: two connections"
-    assert _settles_at(client, before + 1, 10) == before + 1, "only the watch's stays open"
+    client, opened = watch_then_request(0.5)
+    assert opened.count() == 2, "a watch and a request beside it: two connections"
+    assert opened.settles_at(1, 10) == 1, "only the watch's stays open"
     client.get("/version")  # the closed connection is opened again for the next request
-    assert _count(client) == before + 2
-    assert _settles_at(client, before + 1, 10) == before + 1
+    assert opened.count() == 2
+    assert opened.settles_at(1, 10) == 1
 
 
 def test_without_idle_timeout_the_request_connection_stays(watch_then_request: Any) -> None:
-    client, before = watch_then_request(None)
+    _client, opened = watch_then_request(None)
     time.sleep(1.5)
-    assert _count(client) == before + 2
+    assert opened.count() == 2
