@@ -69,11 +69,13 @@ def configure(setup: Setup) -> None:
     call replaces a set-up not yet applied)."""
     global _pending
     with _lock:
-        if _loaded is None and "loguru" not in sys.modules:
+        loaded = _loaded
+        if loaded is None:
             _pending = setup
-            return
-    _load()  # loaded elsewhere (a backend's own import): apply what is pending, then this
-    setup(cast("Logger", _loaded))
+    if loaded is None:
+        settle()  # loguru imported elsewhere (a backend's own import): apply it now
+    else:
+        setup(loaded)
 
 
 def settle() -> None:
