@@ -301,14 +301,37 @@ def _add_webhook_address(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The commands that take the backend's options.
+_WITH_BACKEND_OPTIONS = ("run", "discover", "doctor", "demo", "render")
+
+
 def _build_parser(
     backend_options: Sequence[Any] = (), command: str | None = None
 ) -> argparse.ArgumentParser:
-    """The parser; ``backend_options`` and ``command`` (when known) add their own flags.
+    """The parser; ``backend_options`` and ``command`` (when known) add their own flags."""
+    parser, commands = _command_parsers()
+    _add_late_flags(commands, command, backend_options)
+    return parser
 
-    Flags whose defaults live in modules slow to import (doctor's, the webhook's) are added
-    only when their command runs, so that the other commands start without importing them.
-    """
+
+def _add_late_flags(
+    commands: Mapping[str, argparse.ArgumentParser],
+    command: str | None,
+    backend_options: Sequence[Any],
+) -> None:
+    """Add the flags known only once the command line's command and backend are: the backend's
+    options, and the flags whose defaults live in modules slow to import (doctor's, the
+    webhook's), added only when their command runs so that the others start without them."""
+    for name in _WITH_BACKEND_OPTIONS:
+        _add_backend_options(commands[name], backend_options)
+    if command == "doctor":
+        _add_runtime_files(commands["doctor"])
+    elif command == "webhook":
+        _add_webhook_address(commands["webhook"])
+
+
+def _command_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser without the late flags (`_add_late_flags`), and its commands' parsers."""
     parser = argparse.ArgumentParser(
         prog="dra-core",
         description=_DESCRIPTION,
@@ -446,17 +469,12 @@ def _build_parser(
     _add_node_arguments(doctor)
     _add_kubeconfig(doctor)
     _add_directories(doctor)
-    if command == "doctor":
-        _add_runtime_files(doctor)
     doctor.add_argument(
         "--output",
         choices=("text", "json"),
         default="text",
         help="text for people (default), or JSON",
     )
-
-    for sub in (run, discover, doctor):
-        _add_backend_options(sub, backend_options)
 
     demo = commands.add_parser(
         "demo",
@@ -476,7 +494,6 @@ def _build_parser(
         help="the backend to demonstrate (fake needs no hardware)",
     )
     _add_driver_name(demo)
-    _add_backend_options(demo, backend_options)
 
     backends = commands.add_parser(
         "backends",
@@ -499,7 +516,6 @@ def _build_parser(
         "gates (and --feature-gates) are printed, the others are named in a comment with the "
         "gate they need. Default: every class",
     )
-    _add_backend_options(render, backend_options)  # the classes may depend on them
 
     webhook = commands.add_parser(
         "webhook",
@@ -513,8 +529,6 @@ def _build_parser(
     )
     _add_backend_argument(webhook)
     _add_driver_name(webhook)
-    if command == "webhook":
-        _add_webhook_address(webhook)
     for flag, env, what in (
         (
             "--tls-cert-file",
@@ -555,7 +569,7 @@ def _build_parser(
             help=f"the checkpoint file, <plugins dir>/<driver>/{FILE_NAME} (e.g. "
             f"{AgentSettings.plugins_dir}/gpu.intel.com/{FILE_NAME})",
         )
-    return parser
+    return parser, dict(commands.choices)
 
 
 def _load_hooks(name: str | None, backends: Mapping[str, object]) -> Any:
@@ -846,15 +860,17 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 
 
 def _cmd_checkpoint(args: argparse.Namespace) -> int:
-    from dra_core import checkpoint
+    from dra_core.checkpoint.repair import inspect as inspect_checkpoint
+    from dra_core.checkpoint.repair import render_inspect, render_repair
+    from dra_core.checkpoint.repair import repair as repair_checkpoint
 
     if args.checkpoint_command == "inspect":
-        inspected = checkpoint.inspect(args.path)
-        print(checkpoint.render_inspect(inspected))
+        inspected = inspect_checkpoint(args.path)
+        print(render_inspect(inspected))
         return 0 if inspected.ok else 1
     if args.checkpoint_command == "repair":
         print(f"repairing {args.path} ...", file=sys.stderr)
-        print(checkpoint.render_repair(checkpoint.repair(args.path)))
+        print(render_repair(repair_checkpoint(args.path)))
         return 0
     msg = "checkpoint needs an action: inspect or repair"
     raise CliError(msg)
@@ -894,15 +910,17 @@ def main(argv: Sequence[str] | None = None, *, backends: Mapping[str, object] | 
         backend_options: Sequence[Any] = ()
         # The backend adds options, so find the command and backend before the full parse.
         quiet = [a for a in argv if a not in ("-h", "--help", "--version")]
-        known, _ = _build_parser().parse_known_args(quiet)
+        parser, commands = _command_parsers()
+        known, _ = parser.parse_known_args(quiet)
         backend = getattr(known, "backend", None)
         if known.command in _WITH_BACKEND and backend:
             hooks = _load_hooks(backend, backends)
             backend_options = hooks.backend_options()
-        args = _build_parser(backend_options, known.command).parse_args(argv)
+        _add_late_flags(commands, known.command, backend_options)
+        args = parser.parse_args(argv)
         configure_logging(args.log_level, args.log_format)
         if args.command is None:
-            _build_parser().print_help()
+            parser.print_help()
             return 2
         if args.command in _WITHOUT_BACKEND:
             return _WITHOUT_BACKEND[args.command](args)

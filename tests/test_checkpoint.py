@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -523,3 +525,24 @@ def test_repair_refuses_newer_version_unless_forced(ckpt_path: Path) -> None:
 def test_repair_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="nothing to repair"):
         repair(tmp_path / "none.json")
+
+
+def test_the_repair_names_of_the_package_load_on_first_use() -> None:
+    """An agent imports the checkpoint package without its repair module, and the package's
+    repair names are still there for programs: ``repair`` the function, not the module."""
+    program = """
+import sys
+import dra_core.checkpoint as cp
+assert "dra_core.checkpoint.repair" not in sys.modules
+from dra_core.checkpoint import inspect, repair
+assert callable(repair) and cp.repair is repair and cp.inspect is inspect
+assert cp.render_repair.__module__ == "dra_core.checkpoint.repair"
+print(repair.__name__, cp.InspectReport.__name__)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["repair", "InspectReport"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        cp.nothing  # noqa: B018 - the attribute access is the test

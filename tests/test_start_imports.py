@@ -14,7 +14,8 @@ from dra_core.runtime import AgentSettings
 
 #: Modules an agent that restarts must not import before its registration socket serves:
 #: loguru (and asyncio, which it imports) until the first message, the API client and the
-#: claim service until the backend has started, the metrics until then too.
+#: claim service until the backend has started, the metrics until then too, the checkpoint's
+#: repair (the ``dra-core checkpoint`` command's) at all.
 LATER = (
     "asyncio",
     "loguru",
@@ -26,6 +27,7 @@ LATER = (
     "dra_core.node.service",
     "dra_core.cdi",
     "dra_core.metrics",
+    "dra_core.checkpoint.repair",
 )
 
 #: Runs ``dra-core run`` and, once its registration server has started, prints which of

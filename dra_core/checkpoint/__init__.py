@@ -31,6 +31,9 @@ appended (or reloads the file it replaced) before answering.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from dra_core.checkpoint import fileformat
 from dra_core.checkpoint.fileformat import FILE_NAME, KIND, VERSION, decode_record, encode_record
 from dra_core.checkpoint.records import (
@@ -42,15 +45,34 @@ from dra_core.checkpoint.records import (
     Phase,
     current_boot_id,
 )
-from dra_core.checkpoint.repair import (
-    InspectReport,
-    RepairReport,
-    inspect,
-    render_inspect,
-    render_repair,
-    repair,
-)
 from dra_core.checkpoint.store import Checkpoint
+
+if TYPE_CHECKING:
+    from dra_core.checkpoint.repair import (
+        InspectReport,
+        RepairReport,
+        inspect,
+        render_inspect,
+        render_repair,
+        repair,
+    )
+
+#: What the ``dra-core checkpoint`` command uses, imported on first use: an agent starting on
+#: its node serves the kubelet without it.
+_REPAIR_NAMES = frozenset(
+    ("InspectReport", "RepairReport", "inspect", "render_inspect", "render_repair", "repair")
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REPAIR_NAMES:
+        # Importing the submodule binds the package's ``repair`` to it: bind the names again.
+        module = importlib.import_module("dra_core.checkpoint.repair")
+        globals().update((each, getattr(module, each)) for each in _REPAIR_NAMES)
+        return globals()[name]
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
 
 __all__ = (
     "BOOT_ID_PATH",
