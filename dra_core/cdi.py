@@ -376,8 +376,11 @@ class CdiSpecs:
                 same = read_regular_file(path, len(data)) == data
                 if same and stat.S_IMODE(path.stat().st_mode) == SPEC_MODE:
                     return ids
-            make_directories(self._directory, _DIR_MODE)
-            atomic_write(path, data, SPEC_MODE, durable=False)
+            try:
+                atomic_write(path, data, SPEC_MODE, durable=False)
+            except FileNotFoundError:  # the directory is not there (yet, or any more)
+                make_directories(self._directory, _DIR_MODE)
+                atomic_write(path, data, SPEC_MODE, durable=False)
         except OSError as exc:
             msg = (
                 f"CDI spec {path}: claim {uid}: cannot write it: {exc}; check that "

@@ -7,6 +7,7 @@ integer conversion error. Errors are :class:`JsonLimitError` (a ``ValueError``) 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -40,12 +41,7 @@ def check_shape(raw: bytes, max_depth: int, max_number_digits: int) -> None:
     iteration only (no Python code per character): about 0.2 s for 4 MiB of brackets.
     """
     bare = _STRING.sub(b'""', raw)
-    # Only runs of number characters longer than the limit can hold too many digits.
-    # (Anchored at the start of a run, or every shorter run would be rescanned from each of
-    # its characters.)
-    chars = re.escape(_NUMBER_CHARS)
-    long_run = re.compile(b"(?<![%s])[%s]{%d,}" % (chars, chars, max_number_digits + 1))
-    for match in long_run.finditer(bare):
+    for match in _long_number_runs(max_number_digits).finditer(bare):
         digits = len(match.group().translate(None, b".eE+-"))
         if digits > max_number_digits:
             msg = f"the JSON has a number of {digits} digits, over the limit of {max_number_digits}"
@@ -55,6 +51,15 @@ def check_shape(raw: bytes, max_depth: int, max_number_digits: int) -> None:
     if deepest > max_depth:
         msg = f"the JSON is nested {deepest} levels deep, over the limit of {max_depth}"
         raise JsonLimitError(msg)
+
+
+@functools.cache
+def _long_number_runs(max_number_digits: int) -> re.Pattern[bytes]:
+    """Runs of number characters longer than ``max_number_digits``: only those can hold too
+    many digits. (Anchored at the start of a run, or every shorter run would be rescanned
+    from each of its characters.)"""
+    chars = re.escape(_NUMBER_CHARS)
+    return re.compile(b"(?<![%s])[%s]{%d,}" % (chars, chars, max_number_digits + 1))
 
 
 def _strict_constant(name: str) -> Any:

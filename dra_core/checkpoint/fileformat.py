@@ -473,11 +473,14 @@ def decode_record(uid: str, raw: object) -> ClaimRecord:
         raise ValueError(msg) from None
 
 
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical(value: object) -> str:
     """The canonical JSON of ``value``; TypeError or ValueError when it is not plain JSON."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    return _CANONICAL.encode(value)
 
 
 def checksum(value: object) -> str:

@@ -68,8 +68,7 @@ class DriverLock:
         if not self._thread_lock.acquire(timeout=timeout):
             raise self.busy(time.monotonic() - started)
         try:
-            make_directories(self.path.parent, 0o750)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = self._open()
             try:
                 if not _flock(fd, deadline):
                     waited = time.monotonic() - started
@@ -86,6 +85,15 @@ class DriverLock:
                 os.close(fd)  # closing releases the flock
         finally:
             self._thread_lock.release()
+
+    def _open(self) -> int:
+        """The lock file, opened (and created, with its directory, when missing)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags, 0o600)
+        except FileNotFoundError:  # the directory is not there (yet, or any more)
+            make_directories(self.path.parent, 0o750)
+            return os.open(self.path, flags, 0o600)
 
     def busy(self, waited: float) -> DriverLockBusy:
         """The error of a call of this agent that waited ``waited`` seconds in vain."""

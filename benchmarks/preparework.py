@@ -1,0 +1,137 @@
+"""The work of a prepare and an unprepare in dra-core's claim service, in instructions.
+
+`compare.py` times prepares end to end, and on a shared machine its figures move by a third
+from one hour to the next. This benchmark counts what the Python side of a prepare costs, the
+same for the same code whatever else the machine does: an agent (``Agent`` with the fake
+backend, no publishing) on real files (checkpoint, CDI specs, lock) prepares a claim and
+unprepares it, one claim at a time, through its claim service, the claims read from memory
+instead of the API server (the read's HTTP and the kubelet's gRPC are not counted). It runs
+twice under ``valgrind --tool=callgrind``, with few and with many claims; the difference,
+divided by the difference in claims, is the work of one prepare and its unprepare, start-up
+and the warm-up excluded.
+
+Usage: ``python3 benchmarks/preparework.py [--claims 20 120] [--json]``. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from startwork import instructions
+
+#: Claims prepared (and unprepared) before the counted part: caches, threads, first imports.
+WARM_UP = 20
+#: The devices of the agent, as many in both runs (discovery is not part of the count).
+DEVICES = 1000
+NODE = "node-1"
+
+
+class ClaimsInMemory:
+    """The API server as far as a prepare reads it: allocated ResourceClaims by path."""
+
+    timeout = 10.0
+
+    def __init__(self) -> None:
+        self.claims: dict[str, dict[str, Any]] = {}
+
+    def get(self, path: str, query: Any = None, *, timeout: float | None = None) -> Any:
+        return self.claims[path]
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:  # events the agent records
+        return {}
+
+
+def work(claims: int, root: Path) -> None:
+    """Prepare and unprepare WARM_UP + ``claims`` claims, one at a time, one per call."""
+    from dra_core.kube.claims import claim_path
+    from dra_core.logs import configure_logging
+    from dra_core.model import ClaimRef
+    from dra_core.plugins import load
+    from dra_core.runtime import Agent, AgentSettings
+
+    configure_logging("INFO")
+    total = WARM_UP + claims
+    if total > DEVICES:
+        msg = f"at most {DEVICES - WARM_UP} claims: the agent has {DEVICES} devices"
+        raise ValueError(msg)
+    settings = AgentSettings.below(
+        root, NODE, publish=False, http_port=0, backend_options={"devices": str(DEVICES)}
+    )
+    api = ClaimsInMemory()
+    agent = Agent(settings, load("fake"), client=api)  # type: ignore[arg-type]
+    agent.start()
+    service = agent.service
+    assert service is not None
+    refs = []
+    for index in range(total):
+        ref = ClaimRef("default", f"claim-{index}", str(uuid.uuid4()))
+        result = {"request": "dev", "driver": agent.driver, "pool": NODE, "device": f"dev-{index}"}
+        api.claims[claim_path(ref)] = {
+            "metadata": {"name": ref.name, "namespace": ref.namespace, "uid": ref.uid},
+            "status": {"allocation": {"devices": {"results": [result]}}},
+        }
+        refs.append(ref)
+    for ref in refs:
+        answer = service.prepare([ref])[ref.uid]
+        if answer.error:
+            raise RuntimeError(answer.error)
+        error = service.unprepare([ref])[ref.uid]
+        if error:
+            raise RuntimeError(error)
+    agent.stop()
+
+
+def per_claim(low: int, high: int) -> float:
+    """Instructions per claim: (run with ``high`` claims - run with ``low``) / (high - low)."""
+    counts = []
+    for claims in (low, high):
+        with tempfile.TemporaryDirectory(prefix="dra-preparework-", dir="/tmp") as tmp:
+            argv = [sys.executable, __file__, "--child", str(claims), tmp]
+            counts.append(instructions(argv, Path(__file__).parent))
+    return (counts[1] - counts[0]) / (high - low)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--claims",
+        nargs=2,
+        type=int,
+        default=(20, 120),
+        metavar=("FEW", "MANY"),
+        help="claims of the two runs (default 20 120)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("root", nargs="?", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        work(args.child, args.root)
+        return 0
+    if shutil.which("valgrind") is None:
+        print(
+            "preparework.py: valgrind is not installed (apt-get install valgrind)", file=sys.stderr
+        )
+        return 1
+    low, high = args.claims
+    if not 0 <= low < high <= DEVICES - WARM_UP:
+        parser.error(f"--claims: FEW must be below MANY, and MANY at most {DEVICES - WARM_UP}")
+    count = round(per_claim(low, high))
+    if args.json:
+        print(json.dumps({"python": sys.executable, "prepare_and_unprepare": count}, indent=2))
+    else:
+        print(f"instructions per claim prepared and unprepared ({sys.executable}):")
+        print(f"  {count / 1e6:.2f} M")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
