@@ -13,7 +13,16 @@ from typing import Any
 
 import grpc
 import pytest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.events import (
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
 from hyperframe.frame import Frame, GoAwayFrame
 
 from dra_core.kubelet.grpcclient import unary_call
@@ -328,6 +337,69 @@ def test_a_client_breaking_http2_gets_a_goaway_and_the_server_goes_on(
         received = received[9 + length :]
     goaway = [f for f in frames if isinstance(f, GoAwayFrame)]
     assert goaway and goaway[0].error_code == ErrorCodes.PROTOCOL_ERROR
+    assert get_info(path).name == "x"
+
+
+def _h2_call(path: Path, headers: list[tuple[bytes, bytes]], body: bytes) -> dict[bytes, bytes]:
+    """One request with exactly ``headers`` (h2 told not to check or fix them), by a client
+    of its own; the response's headers and trailers (the grpc-status) and its data."""
+    client = H2Connection(
+        H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+    )
+    client.initiate_connection()
+    client.send_headers(1, headers)
+    client.send_data(1, body, end_stream=True)
+    answer: dict[bytes, bytes] = {b"data": b""}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(client.data_to_send())
+        ended = False
+        while not ended and (chunk := sock.recv(65536)):
+            for event in client.receive_data(chunk):
+                if isinstance(event, ResponseReceived | TrailersReceived):
+                    answer.update(event.headers)
+                elif isinstance(event, DataReceived):
+                    answer[b"data"] += event.data
+                ended = ended or isinstance(event, StreamEnded | StreamReset)
+            sock.sendall(client.data_to_send())
+    return answer
+
+
+def test_headers_http2_frowns_on_do_not_matter_and_those_the_server_uses_are_checked(
+    serve: Callable[..., tuple[GrpcServer, Path]],
+) -> None:
+    """The server reads what it needs of a request's headers (h2 does not validate them)."""
+    _, path = serve((REGISTRATION, Registration()))
+    request = frame_message(pluginregistration_pb2.InfoRequest().SerializeToString())
+    grpc_headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", GET_INFO.encode()),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+    ]
+    # A connection-specific header and an upper-case name: against HTTP/2's rules, harmless.
+    odd = [*grpc_headers, (b"connection", b"keep-alive"), (b"X-Odd", b"1")]
+    answer = _h2_call(path, odd, request)
+    assert answer[b"grpc-status"] == b"0"
+    (message,) = split_messages(answer[b"data"])
+    assert pluginregistration_pb2.PluginInfo.FromString(message).name == "x"
+
+    without_path = [h for h in grpc_headers if h[0] != b":path"]
+    answer = _h2_call(path, without_path, request)
+    assert answer[b"grpc-status"] == str(Status.UNIMPLEMENTED.value).encode()
+    assert answer[b"grpc-message"].startswith(b"unknown method")
+
+    as_get = [(b":method", b"GET"), *grpc_headers[1:]]
+    answer = _h2_call(path, as_get, request)
+    assert answer[b"grpc-status"] == str(Status.UNIMPLEMENTED.value).encode()
     assert get_info(path).name == "x"
 
 
