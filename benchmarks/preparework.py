@@ -10,14 +10,20 @@ twice under ``valgrind --tool=callgrind``, with few and with many claims; the di
 divided by the difference in claims, is the work of one prepare and its unprepare, start-up
 and the warm-up excluded.
 
-Usage: ``python3 benchmarks/preparework.py [--claims 20 120] [--json]``. See benchmarks/README.md.
+The kubelet's calls are counted the same way, on their own: the kubelet plugin's gRPC server
+(`dra_core.kubelet.grpcserver`: HTTP/2, protobuf, dispatch) answering NodePrepareResources
+calls of one claim each, from a grpcio client in another process, with a servicer that answers
+at once; each prepare and each unprepare costs one such call besides the claim service's work.
+
+Usage: ``python3 benchmarks/preparework.py [--claims 20 120] [--json]`` (about two minutes).
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -25,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from startwork import instructions
+from startwork import instructions, show
 
 #: Claims prepared (and unprepared) before the counted part: caches, threads, first imports.
 WARM_UP = 20
@@ -89,6 +95,77 @@ def work(claims: int, root: Path) -> None:
     agent.stop()
 
 
+def serve_calls(calls: int, path: Path) -> None:
+    """Serve the DRA service on ``path`` until ``calls`` calls are answered, then exit."""
+    import os
+    import threading
+    import time
+
+    from dra_core.kubelet.grpcserver import CallContext, GrpcServer
+    from dra_core.kubelet.proto import dra_v1_pb2
+
+    answered = threading.Semaphore(0)
+
+    class Servicer:
+        def NodePrepareResources(
+            self, request: Any, context: CallContext
+        ) -> dra_v1_pb2.NodePrepareResourcesResponse:
+            response = dra_v1_pb2.NodePrepareResourcesResponse()
+            for claim in request.claims:
+                device = response.claims[claim.uid].devices.add()
+                device.request_names.append("dev")
+                device.pool_name, device.device_name = NODE, "dev-0"
+                device.cdi_device_ids.append(f"k8s.fake.dra-core.dev/claim={claim.uid}-dev-0")
+            answered.release()
+            return response
+
+        def NodeUnprepareResources(
+            self, request: Any, context: CallContext
+        ) -> dra_v1_pb2.NodeUnprepareResourcesResponse:
+            return dra_v1_pb2.NodeUnprepareResourcesResponse()
+
+    server = GrpcServer("dra", workers=8)
+    server.add_service(dra_v1_pb2.DESCRIPTOR.services_by_name["DRAPlugin"], Servicer())
+    server.listen(path)
+    server.start()
+    for _ in range(calls):
+        answered.acquire()
+    time.sleep(0.2)  # the last answer goes out (a process at rest runs no instructions)
+    os._exit(0)
+
+
+def make_calls(calls: int, path: Path) -> None:
+    """``calls`` NodePrepareResources calls of one claim each, one after the other."""
+    import time
+
+    import grpc
+
+    from dra_core.kubelet.proto import dra_v1_pb2, dra_v1_pb2_grpc
+
+    while not path.exists():
+        time.sleep(0.05)
+    with grpc.insecure_channel(f"unix://{path}") as channel:
+        stub = dra_v1_pb2_grpc.DRAPluginStub(channel)
+        for index in range(calls):
+            claim = dra_v1_pb2.Claim(namespace="default", name=f"c{index}", uid=str(uuid.uuid4()))
+            request = dra_v1_pb2.NodePrepareResourcesRequest(claims=[claim])
+            stub.NodePrepareResources(request, timeout=120)
+
+
+def per_call(low: int, high: int) -> float:
+    """Instructions of the server per call: the same differencing as `per_claim`."""
+    counts = []
+    for calls in (low, high):
+        with tempfile.TemporaryDirectory(prefix="dra-preparework-", dir="/tmp") as tmp:
+            path = Path(tmp) / "dra.sock"
+            client = [sys.executable, __file__, "--calls", str(calls), str(path)]
+            with subprocess.Popen(client) as caller:
+                server = [sys.executable, __file__, "--serve", str(calls), str(path)]
+                counts.append(instructions(server, Path(__file__).parent))
+                caller.wait(60)
+    return (counts[1] - counts[0]) / (high - low)
+
+
 def per_claim(low: int, high: int) -> float:
     """Instructions per claim: (run with ``high`` claims - run with ``low``) / (high - low)."""
     counts = []
@@ -111,10 +188,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--calls", type=int, help=argparse.SUPPRESS)
     parser.add_argument("root", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         work(args.child, args.root)
+        return 0
+    if args.serve is not None:
+        serve_calls(WARM_UP + args.serve, args.root)
+        return 0
+    if args.calls is not None:
+        make_calls(WARM_UP + args.calls, args.root)
         return 0
     if shutil.which("valgrind") is None:
         print(
@@ -124,12 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     low, high = args.claims
     if not 0 <= low < high <= DEVICES - WARM_UP:
         parser.error(f"--claims: FEW must be below MANY, and MANY at most {DEVICES - WARM_UP}")
-    count = round(per_claim(low, high))
-    if args.json:
-        print(json.dumps({"python": sys.executable, "prepare_and_unprepare": count}, indent=2))
-    else:
-        print(f"instructions per claim prepared and unprepared ({sys.executable}):")
-        print(f"  {count / 1e6:.2f} M")
+    counts = {
+        "claim service, prepare and unprepare": round(per_claim(low, high)),
+        "gRPC server, one call": round(per_call(low, high)),
+    }
+    show(counts, "instructions per claim", sys.executable, as_json=args.json)
     return 0
 
 

@@ -94,13 +94,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         python = str(Path(installed_agent()[0]).with_name("python"))
     with tempfile.TemporaryDirectory(prefix="dra-startwork-", dir="/tmp") as tmp:
         counts = measure(python, Path(tmp))
-    if args.json:
-        print(json.dumps({"python": python, "instructions": counts}, indent=2))
-    else:
-        print(f"instructions until the registration socket serves ({python}):")
-        for key, count in counts.items():
-            print(f"  {key.replace('_', ' '):13} {count / 1e6:8.1f} M")
+    show(counts, "instructions until the registration socket serves", python, as_json=args.json)
     return 0
+
+
+def show(counts: dict[str, int], heading: str, python: str, *, as_json: bool) -> None:
+    """Print instruction counts, as JSON or as a table in millions."""
+    if as_json:
+        print(json.dumps({"python": python, "instructions": counts}, indent=2))
+        return
+    print(f"{heading} ({python}):")
+    width = max(map(len, counts))
+    for key, count in counts.items():
+        print(f"  {key.replace('_', ' '):{width}} {count / 1e6:8.2f} M")
 
 
 if __name__ == "__main__":
