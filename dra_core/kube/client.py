@@ -297,8 +297,8 @@ class KubeClient:
             url += "?" + urlencode(query)
         try:
             # Straight to urllib3's pool, which the kubernetes client set up from the
-            # configuration (TLS, client certificate, proxy): its own request path costs a
-            # third more CPU per claim read, and its retries are off (ours back off).
+            # configuration (TLS, client certificate, proxy): its own request path adds work
+            # to every request. No retries here: the callers' back off and honour Retry-After.
             response = self.api.rest_client.pool_manager.urlopen(
                 method,
                 url,
