@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 import select
 import signal
@@ -563,7 +564,8 @@ class Agent:
 
     def run(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then stop; raise the error that stopped the
-        agent when one did (`FatalError`)."""
+        agent when one did (`FatalError`). Runs the process: besides the signal handlers, it
+        freezes what the start loaded out of the garbage collector's full passes."""
 
         received: list[int] = []
 
@@ -583,6 +585,11 @@ class Agent:
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
             self.start()
+            # What the start loaded (the API client's modules above all) lives as long as the
+            # process: kept out of the collector's full passes, each of which paused a prepare
+            # for 20-35 ms. (Not collected first: a collection here found nothing, in 30 ms.)
+            # Here, as the process's, like the signal handlers.
+            gc.freeze()
             try:
                 while not self.stop_event.is_set():
                     # Handlers run when select returns. No timeout: an idle agent does not
