@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class ClaimsInMemory:
 
 
 def work(claims: int, root: Path) -> None:
-    """Prepare and unprepare WARM_UP + ``claims`` claims, one at a time, one per call."""
+    """Prepare and unprepare ``claims`` claims, one at a time, one per call."""
     from dra_core.kube.claims import claim_path
     from dra_core.logs import configure_logging
     from dra_core.model import ClaimRef
@@ -64,9 +64,8 @@ def work(claims: int, root: Path) -> None:
     from dra_core.runtime import Agent, AgentSettings
 
     configure_logging("INFO")
-    total = WARM_UP + claims
-    if total > DEVICES:
-        msg = f"at most {DEVICES - WARM_UP} claims: the agent has {DEVICES} devices"
+    if claims > DEVICES:
+        msg = f"at most {DEVICES} claims: the agent has {DEVICES} devices"
         raise ValueError(msg)
     settings = AgentSettings.below(
         root, NODE, publish=False, http_port=0, backend_options={"devices": str(DEVICES)}
@@ -77,7 +76,7 @@ def work(claims: int, root: Path) -> None:
     service = agent.service
     assert service is not None
     refs = []
-    for index in range(total):
+    for index in range(claims):
         ref = ClaimRef("default", f"claim-{index}", str(uuid.uuid4()))
         result = {"request": "dev", "driver": agent.driver, "pool": NODE, "device": f"dev-{index}"}
         api.claims[claim_path(ref)] = {
@@ -152,28 +151,30 @@ def make_calls(calls: int, path: Path) -> None:
             stub.NodePrepareResources(request, timeout=120)
 
 
-def per_call(low: int, high: int) -> float:
-    """Instructions of the server per call: the same differencing as `per_claim`."""
-    counts = []
-    for calls in (low, high):
-        with tempfile.TemporaryDirectory(prefix="dra-preparework-", dir="/tmp") as tmp:
-            path = Path(tmp) / "dra.sock"
-            client = [sys.executable, __file__, "--calls", str(calls), str(path)]
-            with subprocess.Popen(client) as caller:
-                server = [sys.executable, __file__, "--serve", str(calls), str(path)]
-                counts.append(instructions(server, Path(__file__).parent))
-                caller.wait(60)
-    return (counts[1] - counts[0]) / (high - low)
-
-
-def per_claim(low: int, high: int) -> float:
-    """Instructions per claim: (run with ``high`` claims - run with ``low``) / (high - low)."""
+def differenced(low: int, high: int, count: Callable[[int, Path], int]) -> float:
+    """Instructions per claim: (``count`` of ``high`` claims - of ``low``) / (high - low),
+    each run in a temporary directory of its own."""
     counts = []
     for claims in (low, high):
         with tempfile.TemporaryDirectory(prefix="dra-preparework-", dir="/tmp") as tmp:
-            argv = [sys.executable, __file__, "--child", str(claims), tmp]
-            counts.append(instructions(argv, Path(__file__).parent))
+            counts.append(count(claims, Path(tmp)))
     return (counts[1] - counts[0]) / (high - low)
+
+
+def count_claims(claims: int, tmp: Path) -> int:
+    """The instructions of `work` for ``claims`` claims."""
+    argv = [sys.executable, __file__, "--child", str(claims), str(tmp)]
+    return instructions(argv, Path(__file__).parent)
+
+
+def count_calls(calls: int, tmp: Path) -> int:
+    """The instructions of `serve_calls` answering ``calls`` calls of `make_calls`."""
+    path = tmp / "dra.sock"
+    with subprocess.Popen([sys.executable, __file__, "--calls", str(calls), str(path)]) as caller:
+        server = [sys.executable, __file__, "--serve", str(calls), str(path)]
+        count = instructions(server, Path(__file__).parent)
+        caller.wait(60)
+    return count
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        work(args.child, args.root)
+        work(WARM_UP + args.child, args.root)
         return 0
     if args.serve is not None:
         serve_calls(WARM_UP + args.serve, args.root)
@@ -210,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 <= low < high <= DEVICES - WARM_UP:
         parser.error(f"--claims: FEW must be below MANY, and MANY at most {DEVICES - WARM_UP}")
     counts = {
-        "claim service, prepare and unprepare": round(per_claim(low, high)),
-        "gRPC server, one call": round(per_call(low, high)),
+        "claim service, prepare and unprepare": round(differenced(low, high, count_claims)),
+        "gRPC server, one call": round(differenced(low, high, count_calls)),
     }
     show(counts, "instructions per claim", sys.executable, as_json=args.json)
     return 0
