@@ -56,7 +56,8 @@ from run import (
     warnings_only,
 )
 
-from dra_core.kube.client import BURST_ENV, QPS_ENV, KubeClient, load_client
+from dra_core.kube.client import KubeClient, load_client
+from dra_core.kube.ratelimit import BURST_ENV, QPS_ENV
 from dra_core.testing.kubelet import FakeKubelet
 from dra_core.testing.proc import connections, running_ms
 

@@ -641,7 +641,7 @@ def run(args: argparse.Namespace, results: Results, progress: Callable[[str], No
     # installs it, or (--from-source) compiled as an install is.
     if args.from_source:
         compile_bytecode()
-        dra_core = FAKE_AGENT
+        dra_core: tuple[str, ...] = FAKE_AGENT
     else:
         progress("installing dra-core as the image does ...")
         dra_core = installed_agent()

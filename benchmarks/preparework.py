@@ -41,12 +41,14 @@ NODE = "node-1"
 
 
 class ClaimsInMemory:
-    """The API server as far as a prepare reads it: allocated ResourceClaims by path."""
+    """The API server as far as an agent without publishing reads it: allocated
+    ResourceClaims by path, and ``/version``, which reconciliation asks first (were it
+    missing, the agent would retry, and log the failure, every 2 s while it is counted)."""
 
     timeout = 10.0
 
     def __init__(self) -> None:
-        self.claims: dict[str, dict[str, Any]] = {}
+        self.claims: dict[str, dict[str, Any]] = {"/version": {"gitVersion": "v1.37.2"}}
 
     def get(self, path: str, query: Any = None, *, timeout: float | None = None) -> Any:
         return self.claims[path]

@@ -292,6 +292,7 @@ def compile_bytecode() -> None:
     import dra_core
 
     for package in (dra_core, dra_backend_fake):
+        assert package.__file__ is not None  # both are regular packages
         compileall.compile_dir(Path(package.__file__).parent, quiet=1)
 
 

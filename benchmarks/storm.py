@@ -41,8 +41,8 @@ from run import (
     warnings_only,
 )
 
-from dra_core.kube.client import BURST_ENV, QPS_ENV, load_client
-from dra_core.kube.ratelimit import DEFAULT_BURST, DEFAULT_QPS
+from dra_core.kube.client import load_client
+from dra_core.kube.ratelimit import BURST_ENV, DEFAULT_BURST, DEFAULT_QPS, QPS_ENV
 from dra_core.model import ClaimRef
 from dra_core.testing.kubelet import FakeKubelet
 

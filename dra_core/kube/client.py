@@ -47,9 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from kubernetes.client import ApiClient
 
 __all__ = (
-    "BURST_ENV",
     "IDLE_CONNECTION_SECONDS",
-    "QPS_ENV",
     "ApiError",
     "IdleCloser",
     "KubeClient",
