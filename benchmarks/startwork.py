@@ -28,23 +28,7 @@ from pathlib import Path
 
 from run import FAKE_AGENT, agent_dirs, compile_bytecode, installed_agent
 
-#: Runs ``dra-core run`` (its arguments after the program's) and exits once the registration
-#: server has started.
-UNTIL_SERVING = """
-import os, sys
-from dra_core.kubelet import grpcserver
-
-serve = grpcserver.GrpcServer.start
-
-def start(server):
-    serve(server)
-    if server._name == "registration":
-        os._exit(0)
-
-grpcserver.GrpcServer.start = start
-from dra_core.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+from dra_core.testing.startup import until_serving
 
 
 def instructions(argv: Sequence[str], cwd: Path) -> int:
@@ -64,10 +48,16 @@ def instructions(argv: Sequence[str], cwd: Path) -> int:
     return int(found.group(1))
 
 
+def start_command(python: str, root: Path) -> list[str]:
+    """``dra-core run --backend fake --no-publish`` with ``python``, its directories below
+    ``root``, until its registration server has started."""
+    args = [*FAKE_AGENT[3:], "--no-publish", *agent_dirs(root, "startwork")]
+    return until_serving(args, python=python)
+
+
 def measure(python: str, root: Path) -> dict[str, int]:
     """Instructions of the interpreter alone, of a first start and of a restart."""
-    run = [python, "-c", UNTIL_SERVING, *FAKE_AGENT[3:], "--no-publish"]
-    run += agent_dirs(root, "startwork")
+    run = start_command(python, root)
     return {
         "python_alone": instructions([python, "-c", "pass"], root),
         "first_start": instructions(run, root),

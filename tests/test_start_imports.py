@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from dra_core.checkpoint import FILE_NAME, Checkpoint
 from dra_core.runtime import AgentSettings
+from dra_core.testing.startup import until_serving
 
 #: Modules an agent that restarts must not import before its registration socket serves:
 #: loguru (and asyncio, which it imports) until the first message, the API client and the
@@ -30,25 +30,6 @@ LATER = (
     "dra_core.checkpoint.repair",
 )
 
-#: Runs ``dra-core run`` and, once its registration server has started, prints which of
-#: LATER are imported, and exits.
-AGENT = """
-import json, os, sys
-from dra_core.kubelet import grpcserver
-
-serve = grpcserver.GrpcServer.start
-
-def start(server):
-    serve(server)
-    if server._name == "registration":
-        print(json.dumps(sorted(set(sys.argv[1].split(",")) & set(sys.modules))), flush=True)
-        os._exit(0)
-
-grpcserver.GrpcServer.start = start
-from dra_core.cli import main
-main(sys.argv[2:])
-"""
-
 
 def test_a_restarted_agent_serves_the_kubelet_before_it_imports_the_later_steps(tmp_path):
     settings = AgentSettings.below(tmp_path, "node-a")
@@ -58,7 +39,7 @@ def test_a_restarted_agent_serves_the_kubelet_before_it_imports_the_later_steps(
     argv += ["--node-name", "node-a", "--registration-dir", str(settings.registration_dir)]
     argv += ["--plugins-dir", str(settings.plugins_dir), "--cdi-dir", str(settings.cdi_dir)]
     proc = subprocess.run(
-        [sys.executable, "-c", AGENT, ",".join(LATER), *argv],
+        until_serving(argv, report=LATER),
         capture_output=True,
         text=True,
         timeout=60,

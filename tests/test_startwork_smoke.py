@@ -21,9 +21,7 @@ def test_the_restart_of_an_agent_is_counted_until_it_serves(tmp_path, monkeypatc
     import startwork
 
     Checkpoint.open(tmp_path / "plugins" / "fake.dra-core.dev" / FILE_NAME)  # a restart
-    argv = [sys.executable, "-c", startwork.UNTIL_SERVING, *startwork.FAKE_AGENT[3:]]
-    argv += ["--no-publish", *startwork.agent_dirs(tmp_path, "startwork")]
-    restart = startwork.instructions(argv, tmp_path)
+    restart = startwork.instructions(startwork.start_command(sys.executable, tmp_path), tmp_path)
     alone = startwork.instructions([sys.executable, "-c", "pass"], tmp_path)
     assert 0 < alone < restart
     assert list((tmp_path / "registry").glob("*-reg.sock")), "it stopped before serving"
