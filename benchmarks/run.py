@@ -246,36 +246,40 @@ def installed_agent() -> tuple[str, ...]:
 
     The environment with the dependencies is made once per Python and pyproject files, under
     `BENCH_CACHE` (a minute, from pip's cache or PyPI); the two distributions are built from the
-    checkout and installed again at each call (a few seconds).
+    checkout and installed again at each call (a few seconds). As in the image, the environment
+    holds no pip, setuptools or wheel (their entry points would be scanned at every start):
+    this interpreter's pip builds the wheels and installs them into it.
     """
     pyprojects = (ROOT / "pyproject.toml", ROOT / "backends" / "fake" / "pyproject.toml")
-    digest = hashlib.sha256(sys.version.encode())
+    digest = hashlib.sha256(sys.version.encode() + b"without pip")
     for path in pyprojects:
         digest.update(path.read_bytes())
     venv = BENCH_CACHE / f"venv-{digest.hexdigest()[:16]}"
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
-    pip.append("--disable-pip-version-check")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
     with tempfile.TemporaryDirectory() as tmp:
         # What the Dockerfile copies, without build leftovers: setuptools builds in the source
         # tree, and a module deleted from the checkout must not be installed from build/.
-        source = Path(tmp)
+        source, wheels = Path(tmp) / "src", Path(tmp) / "wheels"
         left_out = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
         for tree in ("dra_core", "backends/fake"):
             shutil.copytree(ROOT / tree, source / tree, ignore=left_out)
         for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy2(ROOT / name, source / name)
         sources = (str(source), str(source / "backends" / "fake"))
+        subprocess.run(
+            [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), *sources],
+            check=True,
+        )
+        built = [str(path) for path in sorted(wheels.glob("*.whl"))]
+        install = [*pip, "--python", str(venv / "bin" / "python"), "install"]
         made = venv / ".made"  # written last: a venv cut off while being made is made again
         if not made.exists():
             shutil.rmtree(venv, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            # setuptools and wheel build the checkout in the venv itself (no isolated build).
-            subprocess.run([*pip, "setuptools>=65", "wheel", *sources], check=True)
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            subprocess.run([*install, *built], check=True)
             made.touch()
-        subprocess.run(
-            [*pip, "--no-deps", "--force-reinstall", "--no-build-isolation", *sources],
-            check=True,
-        )
+        else:
+            subprocess.run([*install, "--no-deps", "--force-reinstall", *built], check=True)
     return (str(venv / "bin" / "dra-core"), *FAKE_AGENT[3:])
 
 
