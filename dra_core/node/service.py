@@ -90,6 +90,15 @@ _MIN_READ_SECONDS: Final = 0.05
 _CLAIMS_NAMED: Final = 3
 
 
+#: How an unprepare that failed leaves its claim, unless said otherwise.
+_STAYS_PREPARED = "the claim stays prepared"
+#: How an unprepare whose removal from the checkpoint could not be flushed leaves its claim.
+_NOT_FLUSHED = (
+    "its devices were released and its CDI spec removed, but its removal from the checkpoint "
+    "may not be on disk; it is flushed again at the kubelet's next call"
+)
+
+
 class _NoTimeLeft(TransientError):
     """The call's deadline came before the claim could be read."""
 
@@ -112,6 +121,16 @@ class _Unflushed:
     queued: _Queued
     prepared: PreparedClaim
     started_at: float
+
+
+@dataclass
+class _Removed:
+    """A claim of an unprepare call undone, its removal from the checkpoint not yet flushed."""
+
+    ref: ClaimRef
+    started_at: float
+    #: Whether the checkpoint recorded it (else only an orphaned CDI spec was looked for).
+    recorded: bool
 
 
 @dataclass
@@ -636,18 +655,24 @@ class ClaimService:
         return ClaimResult(error=f"{action} of claim {ref} failed: {message}")
 
     def _failure(
-        self, ref: ClaimRef, action: Literal["prepare", "unprepare"], error: Exception, doing: str
+        self,
+        ref: ClaimRef,
+        action: Literal["prepare", "unprepare"],
+        error: Exception,
+        doing: str,
+        left: str = _STAYS_PREPARED,
     ) -> str:
         """What the failed ``action`` of ``ref`` tells the user, once the service acted on what
         ``error`` means (`dra_core.errors`): the failure is counted and logged once, at
         WARNING, or at ERROR with the traceback when it is unexpected; a fatal one stops the
-        agent. ``doing`` says what was being done, when the error does not."""
+        agent. ``doing`` says what was being done, when the error does not; ``left``, for an
+        unprepare, in what state the claim is left."""
         kind = self._act_on(error)
         text = str(error) if kind != "bug" or isinstance(error, HookError) else describe(error)
         if doing:
             text = f"{doing}: {text}"
         if action == "unprepare":
-            text += "; the claim stays prepared"
+            text += f"; {left}"
         if kind == "retry" and RETRY_NOTE not in text:
             text += f"{' and' if action == 'unprepare' else ';'} {RETRY_NOTE}"
         elif kind == "stop":
@@ -689,32 +714,49 @@ class ClaimService:
         lock; when it is not free by then, every claim fails and stays prepared.
         """
         results: dict[str, str] = {}
+        removed: list[_Removed] = []
         try:
             with self.lock.held(deadline, _purpose("unprepare", claims)):
                 for ref in claims:
                     if ref.uid not in results:
-                        results[ref.uid] = self._unprepare_locked(ref)
-                self._flush_removals(claims, results)
+                        outcome = self._unprepare_locked(ref)
+                        if isinstance(outcome, _Removed):
+                            removed.append(outcome)
+                            outcome = ""
+                        results[ref.uid] = outcome
+                self._flush_removals(removed, results)
         except Exception as exc:  # noqa: BLE001 - every claim of the call must be answered
             for ref in claims:
                 if ref.uid not in results:
                     results[ref.uid] = self._unprepare_failed(ref, exc)
         return results
 
-    def _unprepare_failed(self, ref: ClaimRef, error: Exception) -> str:
-        return f"unprepare of claim {ref} failed: {self._failure(ref, 'unprepare', error, '')}"
+    def _unprepare_failed(
+        self, ref: ClaimRef, error: Exception, left: str = _STAYS_PREPARED
+    ) -> str:
+        failure = self._failure(ref, "unprepare", error, "", left)
+        return f"unprepare of claim {ref} failed: {failure}"
 
-    def _flush_removals(self, claims: Sequence[ClaimRef], results: dict[str, str]) -> None:
-        """Flush the removals of a call's claims at once; on failure, their unprepare fails."""
+    def _flush_removals(self, removed: Sequence[_Removed], results: dict[str, str]) -> None:
+        """Flush the removals of a call's claims at once, then count and log them; when the
+        flush fails, their unprepare fails (the kubelet calls again)."""
         try:
             self.checkpoint.flush()
         except CheckpointError as exc:
-            for ref in claims:
-                if results.get(ref.uid) == "":
-                    results[ref.uid] = self._unprepare_failed(ref, exc)
+            for claim in removed:
+                results[claim.ref.uid] = self._unprepare_failed(claim.ref, exc, _NOT_FLUSHED)
+            return
+        for claim in removed:
+            metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
+            metrics.UNPREPARE_SECONDS.observe(time.monotonic() - claim.started_at)
+            if claim.recorded:
+                logger.bind(claim=claim.ref.uid).info("unprepared claim {}", claim.ref)
+        if removed:
+            metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
 
-    def _unprepare_locked(self, ref: ClaimRef) -> str:
-        log = logger.bind(claim=ref.uid)
+    def _unprepare_locked(self, ref: ClaimRef) -> _Removed | str:
+        """Undo ``ref``'s prepare, its removal from the checkpoint not flushed yet; the error
+        message when it failed."""
         started_at = time.monotonic()
         try:
             validate_claim_ref(ref)
@@ -731,12 +773,7 @@ class ClaimService:
                 self._roll_back(record, durable=False)  # flushed with the call's others
         except Exception as exc:  # noqa: BLE001 - this claim's failure; the others go on
             return self._unprepare_failed(ref, exc)
-        metrics.UNPREPARE_TOTAL.labels(result=metrics.RESULT_SUCCESS).inc()
-        metrics.UNPREPARE_SECONDS.observe(time.monotonic() - started_at)
-        metrics.PREPARED_CLAIMS.set(len(self.checkpoint))
-        if record is not None:
-            log.info("unprepared claim {}", ref)
-        return ""
+        return _Removed(ref, started_at, recorded=record is not None)
 
     def _roll_back(self, record: ClaimRecord | None, *, durable: bool = True) -> None:
         """Undo a (possibly partial) prepare: backend, CDI spec, then the checkpoint entry
