@@ -10,6 +10,7 @@ import errno
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from loguru import logger
 
 from dra_core import metrics
 from dra_core.model import ClaimRef
+from dra_core.node.service import ClaimService
 from tests.node.claimservice import ApiClaims, Backend, claim_service
 
 
@@ -36,14 +38,30 @@ def _succeeded() -> float:
     return value or 0.0
 
 
-def test_an_unprepare_whose_removal_cannot_be_flushed_fails_and_is_not_logged_as_done(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, info_lines: list[str]
-) -> None:
+@dataclass
+class Prepared:
+    """A claim service on real files with one claim prepared, and the unprepares counted
+    successful before it is unprepared."""
+
+    service: ClaimService
+    backend: Backend
+    ref: ClaimRef
+    succeeded: float
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Prepared:
     api, backend = ApiClaims(), Backend()
     service = claim_service(tmp_path, api, backend)
     ref = api.add(ClaimRef("team-a", "claim-a", str(uuid.uuid4())))
     assert service.prepare([ref])[ref.uid].error == ""
-    succeeded = _succeeded()
+    return Prepared(service, backend, ref, _succeeded())
+
+
+def test_an_unprepare_whose_removal_cannot_be_flushed_fails_and_is_not_logged_as_done(
+    prepared: Prepared, monkeypatch: pytest.MonkeyPatch, info_lines: list[str]
+) -> None:
+    service, ref = prepared.service, prepared.ref
 
     def disk_error(fd: int) -> Any:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -54,28 +72,24 @@ def test_an_unprepare_whose_removal_cannot_be_flushed_fails_and_is_not_logged_as
 
     assert "cannot flush it to disk" in error and os.strerror(errno.EIO) in error, error
     assert "devices were released" in error and "stays prepared" not in error, error
-    assert backend.unprepared == [ref.uid]
+    assert prepared.backend.unprepared == [ref.uid]
     assert not any(line.startswith("unprepared claim") for line in info_lines), info_lines
-    assert _succeeded() == succeeded
+    assert _succeeded() == prepared.succeeded
     # The kubelet calls again: the removal reaches the disk, and the call succeeds.
     assert service.unprepare([ref]) == {ref.uid: ""}
-    assert _succeeded() == succeeded + 1
+    assert _succeeded() == prepared.succeeded + 1
     assert service.checkpoint.get(ref.uid) is None
 
 
 def test_an_unprepare_is_logged_and_counted_once_flushed(
-    tmp_path: Path, info_lines: list[str]
+    prepared: Prepared, info_lines: list[str]
 ) -> None:
-    api, backend = ApiClaims(), Backend()
-    service = claim_service(tmp_path, api, backend)
-    ref = api.add(ClaimRef("team-a", "claim-a", str(uuid.uuid4())))
-    assert service.prepare([ref])[ref.uid].error == ""
-    succeeded = _succeeded()
+    ref = prepared.ref
 
-    assert service.unprepare([ref]) == {ref.uid: ""}
+    assert prepared.service.unprepare([ref]) == {ref.uid: ""}
 
     assert [line for line in info_lines if line.startswith("unprepared")] == [
         f"unprepared claim {ref}"
     ]
-    assert _succeeded() == succeeded + 1
-    assert backend.unprepared == [ref.uid]
+    assert _succeeded() == prepared.succeeded + 1
+    assert prepared.backend.unprepared == [ref.uid]
