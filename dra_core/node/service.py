@@ -660,18 +660,18 @@ class ClaimService:
         action: Literal["prepare", "unprepare"],
         error: Exception,
         doing: str,
-        left: str = _STAYS_PREPARED,
+        left: str = "",
     ) -> str:
         """What the failed ``action`` of ``ref`` tells the user, once the service acted on what
         ``error`` means (`dra_core.errors`): the failure is counted and logged once, at
         WARNING, or at ERROR with the traceback when it is unexpected; a fatal one stops the
-        agent. ``doing`` says what was being done, when the error does not; ``left``, for an
-        unprepare, in what state the claim is left."""
+        agent. ``doing`` says what was being done, when the error does not; ``left`` (an
+        unprepare's) in what state the claim is left."""
         kind = self._act_on(error)
         text = str(error) if kind != "bug" or isinstance(error, HookError) else describe(error)
         if doing:
             text = f"{doing}: {text}"
-        if action == "unprepare":
+        if left:
             text += f"; {left}"
         if kind == "retry" and RETRY_NOTE not in text:
             text += f"{' and' if action == 'unprepare' else ';'} {RETRY_NOTE}"
